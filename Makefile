@@ -7,13 +7,13 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,demo]"
 	touch $@
 
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) benchmarks/parity_demo.py
+	$(VENV)/bin/visionmamba demo
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -67,15 +67,19 @@ def adapt_state_dict(state: Dict[str, torch.Tensor], model: VisionMamba, *, drop
 
     * Official, ours and safetensors files use the same names: kept as they are.
     * ``pos_embed`` of another grid: resampled (class row kept at the middle; square source grid).
-    * ``head.*``: dropped when the model has no head (``num_classes=0``), or when ``drop_head`` is set
-      (fine-tuning a pretrained model with another number of classes).
+    * ``head.*``: dropped when the model has no head (``num_classes=0``), or, with ``drop_head``, when the
+      checkpoint's head has another number of classes (fine-tuning on a new label set).
     Anything else that does not fit is reported by :func:`load_checkpoint`.
     """
     state = dict(state)
     pos = state.get("pos_embed")
     if pos is not None and pos.dim() == 3 and pos.shape[1] != model.pos_embed.shape[1] and pos.shape[2] == model.embed_dim:
         state["pos_embed"] = pos_embed_resample(pos, grid_from_pos_embed(pos.shape[1]), model.patch_embed.grid_size)
-    if isinstance(model.head, nn.Identity) or drop_head:
+    head = model.head
+    other_classes = drop_head and isinstance(head, nn.Linear) and "head.weight" in state and (
+        tuple(state["head.weight"].shape) != tuple(head.weight.shape)
+    )
+    if isinstance(head, nn.Identity) or other_classes:
         for key in ("head.weight", "head.bias"):
             state.pop(key, None)
     return state
@@ -111,12 +115,13 @@ def load_checkpoint(
 ) -> Dict[str, List[str]]:
     """Load an official ``.pth``, one of ours, a bare/DDP state dict or a safetensors file into ``model``.
 
+    ``drop_head`` keeps the model's own (fresh) head when the checkpoint's has another class count.
     Returns ``{"missing": [...], "unexpected": [...]}`` (empty lists after a strict load). With
     ``strict=False`` mis-shaped tensors are skipped and reported as missing.
     """
     source = f"checkpoint {str(path)!r}"
     state = adapt_state_dict(extract_state_dict(read_file(path), use_ema=use_ema, source=source), model, drop_head=drop_head)
-    new_head = frozenset({"head.weight", "head.bias"}) if drop_head else frozenset()
+    new_head = frozenset({"head.weight", "head.bias"} - set(state)) if isinstance(model.head, nn.Linear) and drop_head else frozenset()
     if strict:
         check_keys(state, model, source, optional=new_head)
     else:

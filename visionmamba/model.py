@@ -240,7 +240,7 @@ class VisionMamba(nn.Module):
         """
         from .checkpoint import load_checkpoint
 
-        load_checkpoint(self, path, drop_head=self.num_classes != 1000)
+        load_checkpoint(self, path, drop_head=True)
 
     # ------------------------------------------------------------------------------------------ forward
     def cls_index(self, num_patches: int) -> int:
