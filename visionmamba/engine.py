@@ -48,19 +48,22 @@ def train_one_epoch(
     *,
     epoch: int,
     start_step: int = 0,
+    stats: Optional[EpochStats] = None,
     total_steps: Optional[int] = None,
-    on_step: Optional[Callable[[int], None]] = None,
+    on_step: Optional[Callable[[int, EpochStats], None]] = None,
     progress: bool = True,
 ) -> EpochStats:
     """Train over ``loader`` (already positioned after ``start_step`` batches of this epoch).
 
-    ``on_step(step_in_epoch)`` runs after every applied optimizer step (checkpointing hooks in there).
+    ``stats`` carries the sums of the batches before ``start_step`` (after a resume); the returned
+    stats are summed over all ranks. ``on_step(step_in_epoch, stats)`` runs after every optimizer step
+    (checkpointing hooks in there; ``reduce_stats`` gives the all-rank sums so far).
     Every rank takes the same decision on a non-finite loss: skip the step (``skip_nonfinite``) or
     raise :class:`NonFiniteLossError` before the optimizer touches the weights.
     """
     model.train()
-    stats = EpochStats()
-    start = time.perf_counter()
+    stats = stats if stats is not None else EpochStats()
+    start = time.perf_counter() - stats.seconds
     bar = tqdm(total=total_steps, initial=start_step, desc=f"epoch {epoch}", disable=not progress, dynamic_ncols=True)
     step = start_step
     for images, targets, skipped in loader:
@@ -109,12 +112,20 @@ def train_one_epoch(
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{ctx.optimizer.param_groups[0]['lr']:.2e}")
         bar.update(1)
         if on_step is not None:
-            on_step(step)
+            stats.seconds = time.perf_counter() - start
+            on_step(step, stats)
     bar.close()
     stats.seconds = time.perf_counter() - start
+    return reduce_stats(stats)
+
+
+def reduce_stats(stats: EpochStats) -> EpochStats:
+    """Image, loss and skip sums over all ranks (a collective: every rank must call it)."""
     totals = all_reduce_sum(torch.tensor([stats.loss_sum, stats.images, stats.skipped_images], dtype=torch.float64))
-    stats.loss_sum, stats.images, stats.skipped_images = totals[0].item(), int(totals[1].item()), int(totals[2].item())
-    return stats
+    return EpochStats(
+        loss_sum=totals[0].item(), images=int(totals[1].item()), steps=stats.steps,
+        skipped_steps=stats.skipped_steps, skipped_images=int(totals[2].item()), seconds=stats.seconds,
+    )
 
 
 @torch.no_grad()

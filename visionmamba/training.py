@@ -26,7 +26,7 @@ from . import __version__
 from .checkpoint import atomic_write, extract_state_dict, load_checkpoint, read_file
 from .data import ResumableSampler, SeededImageFolder, collate_skipping, imagenet_targets
 from .distributed import DistInfo, barrier, cleanup, init_distributed
-from .engine import StepContext, evaluate, peak_memory_mb, train_one_epoch
+from .engine import EpochStats, StepContext, evaluate, peak_memory_mb, reduce_stats, train_one_epoch
 
 
 @dataclass
@@ -235,6 +235,7 @@ class Run:
             )
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_top1 = -1.0
+        self.partial = EpochStats()  # all-rank sums of the current epoch's steps before the last checkpoint
 
     # ------------------------------------------------------------------------------------- checkpoints
     def checkpoint_state(self) -> Dict[str, Any]:
@@ -248,6 +249,7 @@ class Run:
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "best_top1": self.best_top1,
+            "epoch_stats": asdict(self.partial),
             "rng": _rng_state(),
             "model_name": self.cfg.model,
             "model_args": dict(num_classes=len(self.classes), img_size=self.cfg.img_size, **self.cfg.model_args),
@@ -276,6 +278,8 @@ class Run:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
         self.global_step, self.best_top1 = ckpt["global_step"], ckpt["best_top1"]
+        if self.dist.is_main:  # the other ranks start from zero: the sums are reduced at the epoch's end
+            self.partial = EpochStats(**ckpt["epoch_stats"])
         _set_rng_state(ckpt["rng"])
 
     # ------------------------------------------------------------------------------------------ records
@@ -323,17 +327,19 @@ class Run:
                 skip_nonfinite=cfg.skip_nonfinite,
             )
 
-            def on_step(step: int) -> None:
+            def on_step(step: int, stats: EpochStats) -> None:
                 self.step_in_epoch = step
                 self.global_step += 1
                 if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 and step < self.steps_per_epoch:
+                    self.partial = reduce_stats(stats)
                     self.save()
 
             stats = train_one_epoch(
                 self.ddp, self.loader(self.train_set, self.sampler, cfg.seed + epoch), ctx, epoch=epoch,
-                start_step=self.step_in_epoch, total_steps=self.steps_per_epoch, on_step=on_step,
-                progress=cfg.progress and self.dist.is_main,
+                start_step=self.step_in_epoch, stats=self.partial, total_steps=self.steps_per_epoch,
+                on_step=on_step, progress=cfg.progress and self.dist.is_main,
             )
+            self.partial = EpochStats()
             record = {
                 "epoch": epoch,
                 "lr": self.optimizer.param_groups[0]["lr"],
