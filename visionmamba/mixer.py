@@ -8,7 +8,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import scan
 
@@ -73,41 +72,20 @@ class BiMambaMixer(nn.Module):
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         self.dt_proj.bias._no_reinit = True
 
-    def _direction(
-        self,
-        x: torch.Tensor,
-        z: torch.Tensor,
-        conv1d: nn.Conv1d,
-        x_proj: nn.Linear,
-        dt_proj: nn.Linear,
-        A_log: torch.Tensor,
-        D: torch.Tensor,
-    ) -> torch.Tensor:
-        """One causal direction. x, z: (batch, E, L) -> gated scan output (batch, E, L)."""
-        length = x.shape[-1]
-        u = F.silu(conv1d(x)[..., :length])  # causal depthwise conv: keep the first L outputs
-        x_dbl = x_proj(u.transpose(1, 2))  # (batch, L, rank + 2N)
-        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # bias is added inside the scan
-        return scan.selective_scan(
-            u,
-            delta,
-            -torch.exp(A_log.float()),
-            B.transpose(1, 2),
-            C.transpose(1, 2),
-            D=D.float(),
-            z=z,
-            delta_bias=dt_proj.bias.float(),
-            delta_softplus=True,
-            backend=self.scan_backend,
-        )
-
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (batch, L, dim) -> (batch, L, dim)."""
         xz = self.in_proj(hidden).transpose(1, 2)  # (batch, 2E, L)
         x, z = xz.chunk(2, dim=1)
-        y_fwd = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
-        y_bwd = self._direction(
-            x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
-        ).flip(-1)
-        return self.out_proj(((y_fwd + y_bwd) / 2).transpose(1, 2))
+        y = scan.bidirectional(
+            x,
+            z,
+            torch.stack([self.conv1d.weight[:, 0], self.conv1d_b.weight[:, 0]]),
+            torch.stack([self.conv1d.bias, self.conv1d_b.bias]),
+            torch.stack([self.x_proj.weight, self.x_proj_b.weight]),
+            torch.stack([self.dt_proj.weight, self.dt_proj_b.weight]),
+            torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
+            -torch.exp(torch.stack([self.A_log, self.A_b_log]).float()),
+            torch.stack([self.D, self.D_b]).float(),
+            backend=self.scan_backend,
+        )
+        return self.out_proj(y.transpose(1, 2))
