@@ -94,3 +94,100 @@ def test_unknown_backend_and_environment_override(monkeypatch):
     monkeypatch.setenv(scan.BACKEND_ENV, "reference")
     assert scan.resolve_backend("auto", torch.device("cpu")) == "reference"
     assert "reference" in scan.available_backends()
+
+
+# ------------------------------------------------------------------------------------ kernel backends
+from scan_cases import check_against_reference, scan_inputs  # noqa: E402
+
+SHAPES = [(3, 1), (1, 63), (3, 70), (1, 197), (3, 1025)]  # (batch, L): length 1, odd, not a chunk multiple
+
+
+@pytest.mark.parametrize("backend", ["cpu", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, length", SHAPES)
+def test_backend_matches_reference_forward_and_every_gradient(backend, dtype, batch, length):
+    inputs = scan_inputs(batch, 37, length, 16, dtype)  # 37 channels: not a multiple of any tile
+    run = lambda **kw: scan.selective_scan(**kw, backend=backend)  # noqa: E731
+    check_against_reference(run, inputs, dtype)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "chunked"])
+def test_backend_optional_inputs_and_plain_delta(backend):
+    inputs = scan_inputs(2, 5, 40, 3, torch.float64)
+    for absent in ("D", "z", "delta_bias"):
+        inputs.pop(absent)
+    inputs["delta"] = inputs["delta"].abs()  # used as is (no softplus): a step size, so positive
+    from scan_cases import NAMES
+    run = lambda **kw: scan.selective_scan(**kw, backend=backend)  # noqa: E731
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    out = run(**leaves, delta_softplus=False)
+    ref_leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    ref = scan.selective_scan(**ref_leaves, backend="reference")
+    assert_close(out, ref, rtol_max=1e-12, name="forward")
+    for name, a, b in zip(NAMES, torch.autograd.grad(out.sum(), list(leaves.values())),
+                          torch.autograd.grad(ref.sum(), list(ref_leaves.values()))):
+        assert_close(a, b, rtol_max=1e-11, name=name)
+
+
+def test_chunked_is_safe_for_huge_delta():
+    """sum |delta A| over a chunk far beyond exp's range: no overflow, still exact."""
+    inputs = scan_inputs(1, 4, 100, 8, torch.float32, delta_scale=40.0)
+    out = scan.selective_scan(**inputs, delta_softplus=True, backend="chunked")
+    ref = scan.selective_scan(**{k: v.double() for k, v in inputs.items()}, delta_softplus=True, backend="reference")
+    assert torch.isfinite(out).all()
+    assert_close(out, ref, rtol_max=1e-5, name="huge delta")
+
+
+def test_cpu_backward_is_deterministic():
+    inputs = scan_inputs(2, 70, 50, 16, torch.float32)
+    def grads():
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        return torch.autograd.grad(scan.selective_scan(**leaves, delta_softplus=True, backend="cpu").sum(), list(leaves.values()))
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
+
+
+def test_auto_picks_the_compiled_cpu_kernel_and_falls_back_with_a_warning(monkeypatch):
+    from visionmamba.scan import cpu
+
+    assert scan.resolve_backend("auto", torch.device("cpu")) == "cpu"
+    monkeypatch.setattr(cpu, "available", lambda: False)
+    monkeypatch.setattr(cpu, "_build_error", "CalledProcessError: no compiler")
+    monkeypatch.setattr(scan, "_fallback_warned", False)
+    with pytest.warns(UserWarning, match="no compiler"):
+        assert scan.resolve_backend("auto", torch.device("cpu")) == "reference"
+    with pytest.raises(RuntimeError, match="'cpu' scan backend is unavailable"):
+        scan.resolve_backend("cpu", torch.device("cpu"))
+
+
+def test_model_argument_selects_the_backend(monkeypatch):
+    from helpers import tiny_vim
+    from visionmamba.scan import chunked
+
+    calls = []
+    original = chunked.forward
+    monkeypatch.setattr(chunked, "forward", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    model = tiny_vim(scan_backend="chunked").eval()
+    reference_model = tiny_vim(scan_backend="reference").eval()
+    reference_model.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(model(x), reference_model(x), atol=1e-5, name="chunked model")
+    assert len(calls) == 4  # 2 blocks x 2 directions
+
+
+def test_torch_compile_fullgraph_with_the_custom_op():
+    from helpers import tiny_vim
+
+    torch.manual_seed(0)
+    model = tiny_vim(depth=1, scan_backend="chunked")
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 3, 32, 32)
+    eager_out = model(x)
+    compiled_out = compiled(x)
+    assert_close(compiled_out, eager_out, atol=1e-5, name="compiled forward")
+    eager_grads = torch.autograd.grad(eager_out.sum(), list(model.parameters()))
+    compiled_grads = torch.autograd.grad(compiled(x).sum(), list(model.parameters()))
+    for a, b in zip(compiled_grads, eager_grads):
+        assert_close(a, b, atol=1e-5, rtol_max=1e-4, name="compiled grad")

@@ -96,12 +96,17 @@ def selective_scan_op(
     delta_softplus: bool,
     backend: str,
 ) -> torch.Tensor:
-    return kernel(backend).forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return _like(u, kernel(backend).forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus))
 
 
 @selective_scan_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
-    return torch.empty_like(u)
+    return torch.empty_like(u)  # outputs and gradients take the layout of the tensor they belong to
+
+
+def _like(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    target = torch.empty_like(t)
+    return value if value.stride() == target.stride() else target.copy_(value)
 
 
 @torch.library.custom_op("visionmamba::selective_scan_backward", mutates_args=())
@@ -120,7 +125,8 @@ def selective_scan_backward_op(
 ) -> List[torch.Tensor]:
     grads = kernel(backend).backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout.contiguous())
     # A custom op returns tensors only: absent inputs get empty placeholders, dropped again below.
-    return [g if g is not None else u.new_empty(0) for g in grads]
+    like = [u, delta, A, B, C, D, z, delta_bias]
+    return [_like(t, g) if g is not None else u.new_empty(0) for t, g in zip(like, grads)]
 
 
 @selective_scan_backward_op.register_fake

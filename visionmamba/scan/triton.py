@@ -99,6 +99,7 @@ def _scan_bwd_kernel(
     s_h_d, s_h_b, s_h_e, s_h_c,
     s_g_d, s_g_b, s_g_e, s_g_t,
     s_p_d, s_p_b, s_p_k, s_p_n,
+    s_dz_b, s_dz_e, s_dz_t,
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BIDIR: tl.constexpr,
 ):
@@ -167,7 +168,7 @@ def _scan_bwd_kernel(
                 sig = tl.sigmoid(b_z)
                 b_dy = b_do * b_z * sig
                 b_dz = b_do * b_y * sig * (1.0 + b_z * (1.0 - sig))
-                p_dz = dz + i_b * s_z_b + o_e * s_z_e + t * s_z_t
+                p_dz = dz + i_b * s_dz_b + o_e * s_dz_e + t * s_dz_t
                 if BIDIR:
                     tl.atomic_add(p_dz, b_dz, mask=m_e)
                 else:
@@ -323,6 +324,7 @@ def _launch_scan_bwd(u, delta, A, B, C, D, z, bias, softplus, states, dout):
         length, channels, state, n_chunks, 0.5 if ndir == 2 else 1.0,
         *_strides4(u), *_strides4(delta), *_strides4(B), *_strides4(C), *z_.stride(), *dout.stride(),
         *states.stride()[:4], *du.stride(), *(dB_part.stride()[:3] + (1,)),
+        *(dz.stride() if dz is not None else (0, 0, 0)),
         BLOCK_E=BLOCK_E, BLOCK_N=block_n, CHUNK=CHUNK,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, BIDIR=ndir == 2,
     )
