@@ -12,9 +12,25 @@ from helpers import assert_close
 SHARED_GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_outputs_and_gradients_match_official(case):
-    model, x, ref = load_case(case)
+@pytest.mark.parametrize(
+    "case, backend",
+    [("dev_ti224", "reference"), ("dev_s224", "reference"), ("dev_ti224", "cpu"), ("dev_s224", "cpu"), ("dev_ti224", "chunked")],
+)
+def test_outputs_and_gradients_match_official(case, backend):
+    check_case(case, backend, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run the whole model on a GPU only")
+def test_triton_backend_matches_official_on_gpu():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    check_case("dev_ti224", "triton", "cuda")
+
+
+def check_case(case, backend, device):
+    model, x, ref = load_case(case, scan_backend=backend)
+    model, x = model.to(device), x.to(device)
+    ref = {k: v.to(device) for k, v in ref.items()}
     model.eval()
     with torch.no_grad():
         tokens = model.forward_features(x)

@@ -1,0 +1,197 @@
+"""Selective-scan backends against the official reference formulation, measured in the same run.
+
+Prints three tables (CPU by default; --device cuda for the GPU kernels):
+1. scan: backend, shape, forward ms, forward+backward ms, ratio to the official formulation, and on a
+   GPU the achieved GB/s against a copy of the same bytes;
+2. memory: peak RSS of forward+backward at a long sequence, each point in a fresh process (CPU);
+3. model: whole Vim-Ti forward vs timm's DeiT-Ti at 224 and 512 (batch 8).
+
+    python benchmarks/bench_scan.py                 # the full CPU table (a few minutes on 2 cores)
+    python benchmarks/bench_scan.py --quick         # tiny shapes, seconds (CI smoke run)
+"""
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+import visionmamba
+from visionmamba import scan
+
+
+def official_formulation(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The formulation of the official code's reference scan: a loop that indexes deltaA[:, :, t] each step
+    (written here from its description; autograd then materialises a full-size gradient per step)."""
+    dtype = u.dtype
+    u, delta = u.float(), delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].float()
+    if delta_softplus:
+        delta = F.softplus(delta)
+    deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    deltaB_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B.float(), u)
+    x = A.new_zeros((u.shape[0], u.shape[1], A.shape[1]))
+    ys = []
+    for t in range(u.shape[2]):
+        x = deltaA[:, :, t] * x + deltaB_u[:, :, t]
+        ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, t].float()))
+    y = torch.stack(ys, dim=2)
+    out = y if D is None else y + u * D[:, None]
+    if z is not None:
+        out = out * F.silu(z.float())
+    return out.to(dtype)
+
+
+def make_inputs(batch, channels, length, state, device, dtype=torch.float32, grad=False):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    t = dict(u=r(batch, channels, length), delta=r(batch, channels, length) * 0.5 - 4, A=-torch.arange(1.0, state + 1).repeat(channels, 1),
+             B=r(batch, state, length), C=r(batch, state, length), D=torch.ones(channels), z=r(batch, channels, length),
+             delta_bias=torch.zeros(channels))
+    return {k: v.to(device=device, dtype=dtype if k in ("u", "delta", "B", "C", "z") else torch.float32).requires_grad_(grad) for k, v in t.items()}
+
+
+def timed(fn: Callable[[], None], device: str, repeats: int) -> float:
+    """Median milliseconds of ``repeats`` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def scan_table(shapes, backends, device, repeats, dtype) -> List[Dict]:
+    rows = []
+    for batch, channels, length, state in shapes:
+        base_fwd = base_bwd = None
+        copy_ms = None
+        if device == "cuda":
+            blob = torch.empty(_bytes(batch, channels, length, state, dtype) // 4, device=device)
+            copy_ms = timed(lambda: blob.clone(), device, repeats)
+        for name in ["official"] + backends:
+            fn = official_formulation if name == "official" else (lambda n: lambda **kw: scan.selective_scan(**kw, backend=n))(name)
+            inputs = make_inputs(batch, channels, length, state, device, dtype)
+            with torch.no_grad():
+                fwd = timed(lambda: fn(**inputs, delta_softplus=True), device, repeats)
+            grads = make_inputs(batch, channels, length, state, device, dtype, grad=True)
+            bwd_repeats = 1 if name == "official" else repeats
+            both = timed(lambda: fn(**grads, delta_softplus=True).sum().backward(), device, bwd_repeats)
+            if name == "official":
+                base_fwd, base_bwd = fwd, both
+            row = dict(backend=name, shape=f"B{batch} E{channels} L{length} N{state}", fwd_ms=fwd, fwd_bwd_ms=both,
+                       fwd_speedup=base_fwd / fwd, fwd_bwd_speedup=base_bwd / both)
+            if copy_ms is not None:
+                row["GB/s"] = _bytes(batch, channels, length, state, dtype) / fwd / 1e6
+                row["copy GB/s"] = _bytes(batch, channels, length, state, dtype) / copy_ms / 1e6
+            rows.append(row)
+    return rows
+
+
+def _bytes(batch, channels, length, state, dtype) -> int:
+    """Bytes a fused forward must move: u, delta, z in, y out (batch, E, L); B, C in (batch, N, L)."""
+    size = torch.finfo(dtype).bits // 8
+    return size * (4 * batch * channels * length + 2 * batch * state * length)
+
+
+def memory_point(backend: str, batch: int, channels: int, length: int, state: int) -> float:
+    """Peak resident memory (MB) of one forward+backward above what the process held before it, measured
+    in a fresh process: the kernel's peak-RSS counter (VmHWM) is reset just before the call."""
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
+from bench_scan import make_inputs, official_formulation
+from visionmamba import scan
+torch.set_num_threads(2)
+def status(key):
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)) / 1024
+inputs = make_inputs({batch}, {channels}, {length}, {state}, 'cpu', grad=True)
+if {backend!r} == 'cpu':
+    scan.selective_scan(**make_inputs(1, 2, 3, 2, 'cpu'), backend='cpu')  # build/load before measuring
+open('/proc/self/clear_refs', 'w').write('5')
+base = status('VmRSS:')
+fn = official_formulation if {backend!r} == 'official' else (lambda **kw: scan.selective_scan(**kw, backend={backend!r}))
+fn(**inputs, delta_softplus=True).sum().backward()
+print(status('VmHWM:') - base)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def model_table(resolutions, batch, repeats) -> List[Dict]:
+    import timm
+
+    rows = []
+    for res in resolutions:
+        vim = visionmamba.create_model("vim_tiny_patch16_224", img_size=res).eval()
+        deit = timm.create_model("deit_tiny_patch16_224", img_size=res).eval()
+        x = torch.randn(batch, 3, res, res)
+        with torch.no_grad():
+            deit_ms = timed(lambda: deit(x), "cpu", repeats)
+            vim_ms = timed(lambda: vim(x), "cpu", repeats)
+        rows.append(dict(res=res, tokens=(res // 16) ** 2 + 1, deit_tiny_ms=deit_ms, vim_tiny_ms=vim_ms, vim_over_deit=vim_ms / deit_ms))
+    return rows
+
+
+def print_table(title: str, rows: List[Dict]) -> None:
+    print(f"\n{title}")
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(f"{row[k]:.2f}" if isinstance(row[k], float) else str(row[k]) for k in keys) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes only (a smoke run)")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    print(f"visionmamba {visionmamba.__version__}, torch {torch.__version__}, {platform.machine()}, "
+          f"{torch.get_num_threads()} threads, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
+    if args.device == "cuda":
+        backends = ["chunked", "triton"] if scan.triton_available() else ["chunked"]
+        shapes = [(8, 384, 197, 16), (8, 384, 6085, 16)]
+    else:
+        backends = ["reference", "cpu", "chunked"]
+        shapes = [(8, 384, 197, 16), (8, 384, 1025, 16)]
+    if args.quick:
+        shapes, args.repeats = [(2, 16, 33, 4)], 1
+    results = {"scan": scan_table(shapes, backends, args.device, args.repeats, dtype)}
+    print_table("scan (ms; speed-up = official formulation time / backend time, same run)", results["scan"])
+    if args.device == "cpu":
+        mem_shape = (1, 8, 50, 4) if args.quick else (8, 384, 4097, 16)
+        mem = [dict(backend=b, shape="B{} E{} L{} N{}".format(*mem_shape), peak_mb=memory_point(b, *mem_shape))
+               for b in ("reference", "cpu", "chunked")]  # the official formulation needs the reference's memory and more
+        for row in mem:
+            row["fraction_of_reference"] = row["peak_mb"] / max(mem[0]["peak_mb"], 1e-9)
+        results["memory"] = mem
+        print_table("memory: peak RSS of forward+backward above the inputs (fresh process per row)", mem)
+        batch = 2 if args.quick else 8
+        results["model"] = model_table([64] if args.quick else [224, 512], batch, args.repeats)
+        print_table(f"model forward, batch {batch}, no grad (ms): Vim-Ti (scan 'auto') vs timm DeiT-Ti", results["model"])
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
