@@ -130,15 +130,15 @@ def bidirectional(
     x, z (batch, E, L); per direction, stacked on a leading axis of 2 (forward, backward):
     conv_weight (2, E, K), conv_bias (2, E), x_proj_weight (2, R + 2N, E), dt_proj_weight (2, E, R),
     dt_proj_bias (2, E), A (2, E, N) (= -exp(A_log)), D (2, E). Returns (batch, E, L) in x's dtype:
-    ``(y_fwd + flip(y_bwd(flip(x), flip(z)))) / 2``. The ``triton`` backend runs it as fused kernels
-    (both directions per launch, the backward one read in reverse, no flips); the others compose
+    ``(y_fwd + flip(y_bwd(flip(x), flip(z)))) / 2``. The ``triton`` and ``cpu`` backends run it as fused
+    kernels (both directions per call, the backward one read in reverse, no flips); the others compose
     :func:`selective_scan` exactly as the official code does.
     """
     name = resolve_backend(backend, x.device)
-    if name == "triton":
-        from . import triton as triton_backend
+    if name in ("triton", "cpu"):
+        from .common import kernel
 
-        return triton_backend.bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
+        return kernel(name).bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
     y_fwd = _direction(x, z, conv_weight[0], conv_bias[0], x_proj_weight[0], dt_proj_weight[0], dt_proj_bias[0], A[0], D[0], name)
     y_bwd = _direction(
         x.flip(-1), z.flip(-1), conv_weight[1], conv_bias[1], x_proj_weight[1], dt_proj_weight[1], dt_proj_bias[1], A[1], D[1], name

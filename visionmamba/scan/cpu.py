@@ -22,157 +22,162 @@ CHANNEL_BLOCK = 32
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
-// The whole contract of visionmamba.scan.selective_scan for one (batch, channel) row at a time.
-// u, delta, z: (Bsz, E, L); A: (E, N); Bt, Ct: (Bsz, L, N) (time-major: states contiguous);
-// D, bias: (E,) or null; y: (Bsz, E, L).
-// delta_t = softplus(raw_t + bias) (threshold 20) for a whole row, in a loop the compiler vectorises.
+// One (batch, channel) row of the scan. Sequence tensors are read through a pointer and a time stride,
+// so channel-major (B, E, L) and token-major (B, L, E) layouts both work without copies; B_t and C_t
+// are N contiguous values at B + t * sbc. With reverse, the row is walked from t = L-1 down to 0.
 template <typename T>
-static inline void deltas(const T* raw, T bias, bool softplus, T* out, int64_t L) {
-  if (softplus) {
+struct Row {
+  const T* u; int64_t su;
+  const T* delta; int64_t sd;
+  const T* B; const T* C; int64_t sbc;
+  const T* z; int64_t sz;  // z may be null
+  const T* A; T D; T bias;  // A: N values of this channel
+};
+
+// delta_t = softplus(raw_t + bias) (threshold 20), in a loop the compiler vectorises.
+template <typename T>
+static inline void deltas(const Row<T>& r, bool softplus, T* out, int64_t L) {
 #pragma omp simd
-    for (int64_t t = 0; t < L; ++t) {
-      const T x = raw[t] + bias;
-      out[t] = x > T(20) ? x : std::log(T(1) + std::exp(std::min(x, T(20))));
-    }
-  } else {
-#pragma omp simd
-    for (int64_t t = 0; t < L; ++t) out[t] = raw[t] + bias;
+  for (int64_t t = 0; t < L; ++t) {
+    const T x = r.delta[t * r.sd] + r.bias;
+    out[t] = !softplus ? x : (x > T(20) ? x : std::log(T(1) + std::exp(std::min(x, T(20)))));
   }
 }
 
-// sigmoid of a row (for the SiLU gate and the softplus derivative), vectorised.
 template <typename T>
-static inline void sigmoids(const T* x, T shift, T* out, int64_t L) {
+static inline void sigmoids(const T* x, int64_t sx, T shift, T* out, int64_t L) {
 #pragma omp simd
-  for (int64_t t = 0; t < L; ++t) out[t] = T(1) / (T(1) + std::exp(-std::max(x[t] + shift, T(-80))));
+  for (int64_t t = 0; t < L; ++t) out[t] = T(1) / (T(1) + std::exp(-std::max(x[t * sx] + shift, T(-80))));
 }
 
+// y_t = scale * (<h_t, C_t> + D u_t) * silu(z_t), written to y[t * sy] (added to it with accumulate).
 template <typename T>
-void scan_fwd(const T* u, const T* delta, const T* A, const T* Bt, const T* Ct, const T* D, const T* z,
-              const T* bias, bool softplus, T* y, int64_t Bsz, int64_t E, int64_t L, int64_t N) {
-  at::parallel_for(0, Bsz * E, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> h(N), dts(L), sig(L);
-    for (int64_t be = begin; be < end; ++be) {
-      const int64_t b = be / E, e = be % E;
-      const T* ub = u + be * L; const T* Ae = A + e * N;
-      const T* Bb = Bt + b * L * N; const T* Cb = Ct + b * L * N;
-      const T De = D ? D[e] : T(0);
-      T* yb = y + be * L;
-      deltas(delta + be * L, bias ? bias[e] : T(0), softplus, dts.data(), L);
-      if (z) sigmoids(z + be * L, T(0), sig.data(), L);
-      std::fill(h.begin(), h.end(), T(0));
-      T* hp = h.data();
-      for (int64_t t = 0; t < L; ++t) {
-        const T d = dts[t], du = d * ub[t];
-        const T* Bn = Bb + t * N; const T* Cn = Cb + t * N;
-        T acc = 0;
+void row_forward(const Row<T>& r, bool softplus, bool reverse, int64_t L, int64_t N, T* y, int64_t sy, T scale,
+                 bool accumulate, T* __restrict h, T* __restrict dts, T* __restrict sig) {
+  deltas(r, softplus, dts, L);
+  if (r.z) sigmoids(r.z, r.sz, T(0), sig, L);
+  std::fill(h, h + N, T(0));
+  const T* __restrict A = r.A;  // locals: stores to h cannot alias them, so the n-loop vectorises
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t t = reverse ? L - 1 - i : i;
+    const T d = dts[t], ut = r.u[t * r.su], du = d * ut;
+    const T* __restrict Bn = r.B + t * r.sbc;
+    const T* __restrict Cn = r.C + t * r.sbc;
+    T acc = 0;
 #pragma omp simd reduction(+:acc)
-        for (int64_t n = 0; n < N; ++n) {
-          const T hn = std::exp(d * Ae[n]) * hp[n] + du * Bn[n];
-          hp[n] = hn;
-          acc += Cn[n] * hn;
-        }
-        acc += De * ub[t];
-        if (z) acc *= z[be * L + t] * sig[t];
-        yb[t] = acc;
-      }
+    for (int64_t n = 0; n < N; ++n) {
+      const T hn = std::exp(d * A[n]) * h[n] + du * Bn[n];
+      h[n] = hn;
+      acc += Cn[n] * hn;
     }
-  });
+    acc = (acc + r.D * ut) * scale;
+    if (r.z) acc *= r.z[t * r.sz] * sig[t];
+    y[t * sy] = accumulate ? y[t * sy] + acc : acc;
+  }
 }
 
-// dout: (Bsz, E, L). Outputs: du, ddelta (w.r.t. the raw delta), dz: (Bsz, E, L); dA_part: (Bsz, E, N);
-// dD_part, dbias_part: (Bsz, E); dB_part, dC_part: (Bsz, nblk, L, N) partial sums over each channel block.
+// Gradients of row_forward given dout (time stride so). Writes du, ddelta (w.r.t. the raw delta) and dz
+// (added with accumulate_dz); adds dB_t, dC_t into dB/dC (time stride sdbc); returns dA (N), dD, dbias.
 template <typename T>
-void scan_bwd(const T* u, const T* delta, const T* A, const T* Bt, const T* Ct, const T* D, const T* z,
-              const T* bias, bool softplus, const T* dout,
-              T* du, T* ddelta, T* dz, T* dA_part, T* dB_part, T* dC_part, T* dD_part, T* dbias_part,
-              int64_t Bsz, int64_t E, int64_t L, int64_t N, int64_t blk) {
-  const int64_t nblk = (E + blk - 1) / blk;
-  at::parallel_for(0, Bsz * nblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> H(L * N), g(N), dAacc(N), dts(L), zsig(L), dsp(L);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nblk, k = task % nblk;
-      const T* Bb = Bt + b * L * N; const T* Cb = Ct + b * L * N;
-      T* dBb = dB_part + (b * nblk + k) * L * N; T* dCb = dC_part + (b * nblk + k) * L * N;
-      for (int64_t e = k * blk; e < std::min(E, (k + 1) * blk); ++e) {
-        const int64_t be = b * E + e;
-        const T* ub = u + be * L; const T* db = delta + be * L; const T* Ae = A + e * N; const T* dob = dout + be * L;
-        const T De = D ? D[e] : T(0), bias_e = bias ? bias[e] : T(0);
-        T* Hp = H.data(); T* dt = dts.data();
-        deltas(db, bias_e, softplus, dt, L);
-        if (z) sigmoids(z + be * L, T(0), zsig.data(), L);
-        if (softplus) sigmoids(db, bias_e, dsp.data(), L);
-        for (int64_t t = 0; t < L; ++t) {  // states h_t of this channel, recomputed
-          const T d = dt[t], dux = d * ub[t];
-          const T* Bn = Bb + t * N;
-          const T* prev = t > 0 ? Hp + (t - 1) * N : nullptr;
-          T* cur = Hp + t * N;
+void row_backward(const Row<T>& r, bool softplus, bool reverse, int64_t L, int64_t N, T scale,
+                  const T* dout, int64_t so, T* du, int64_t sdu, T* ddelta, int64_t sdd, T* dz, int64_t sdz,
+                  bool accumulate_dz, T* dB, T* dC, int64_t sdbc, T* __restrict dA, T* dD, T* dbias,
+                  T* __restrict H, T* __restrict g, T* __restrict dts, T* __restrict zsig, T* __restrict dsp) {
+  const T* __restrict A = r.A;
+  deltas(r, softplus, dts, L);
+  if (r.z) sigmoids(r.z, r.sz, T(0), zsig, L);
+  if (softplus) sigmoids(r.delta, r.sd, r.bias, dsp, L);
+  for (int64_t i = 0; i < L; ++i) {  // the states, recomputed; H[i] holds h after step i
+    const int64_t t = reverse ? L - 1 - i : i;
+    const T d = dts[t], dux = d * r.u[t * r.su];
+    const T* __restrict Bn = r.B + t * r.sbc;
+    T* __restrict cur = H + i * N;
+    if (i > 0) {
+      const T* __restrict prev = H + (i - 1) * N;
 #pragma omp simd
-          for (int64_t n = 0; n < N; ++n) cur[n] = std::exp(d * Ae[n]) * (prev ? prev[n] : T(0)) + dux * Bn[n];
-        }
-        std::fill(g.begin(), g.end(), T(0));
-        std::fill(dAacc.begin(), dAacc.end(), T(0));
-        T* gp = g.data(); T* dAp = dAacc.data();
-        T dD = 0, dbias = 0;
-        for (int64_t t = L - 1; t >= 0; --t) {  // adjoint walk: g = dL/dh_t through h_t = a_t h_{t-1} + delta_t u_t B_t
-          const T d = dt[t], ut = ub[t];
-          const T* Bn = Bb + t * N; const T* Cn = Cb + t * N;
-          const T* cur = Hp + t * N;
-          const T* prev = t > 0 ? Hp + (t - 1) * N : nullptr;
-          T dy = dob[t];
-          if (z) {
-            const T zt = z[be * L + t], sig = zsig[t];
-            T y = De * ut;
-            for (int64_t n = 0; n < N; ++n) y += Cn[n] * cur[n];
-            dz[be * L + t] = dy * y * sig * (T(1) + zt * (T(1) - sig));
-            dy *= zt * sig;
-          }
-          T* dBn = dBb + t * N; T* dCn = dCb + t * N;
-          T dd = 0, duu = 0;
-#pragma omp simd reduction(+:dd, duu)
-          for (int64_t n = 0; n < N; ++n) {
-            const T a = std::exp(d * Ae[n]);
-            const T hprev = prev ? prev[n] : T(0);
-            const T gn = gp[n] + dy * Cn[n];
-            dCn[n] += dy * cur[n];
-            dBn[n] += gn * d * ut;
-            dd += gn * (Ae[n] * a * hprev + ut * Bn[n]);
-            duu += gn * Bn[n];
-            dAp[n] += gn * d * a * hprev;
-            gp[n] = gn * a;
-          }
-          if (softplus && db[t] + bias_e <= T(20)) dd *= dsp[t];
-          ddelta[be * L + t] = dd;
-          du[be * L + t] = duu * d + dy * De;
-          dD += dy * ut;
-          dbias += dd;
-        }
-        for (int64_t n = 0; n < N; ++n) dA_part[be * N + n] = dAp[n];
-        dD_part[be] = dD;
-        dbias_part[be] = dbias;
-      }
+      for (int64_t n = 0; n < N; ++n) cur[n] = std::exp(d * A[n]) * prev[n] + dux * Bn[n];
+    } else {
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) cur[n] = dux * Bn[n];
     }
-  });
+  }
+  std::fill(g, g + N, T(0));
+  std::fill(dA, dA + N, T(0));
+  std::vector<T> zero_state(N, T(0));
+  const T* zeros = zero_state.data();  // h_{-1}
+  T accD = 0, accb = 0;
+  for (int64_t i = L - 1; i >= 0; --i) {  // adjoint walk: g = dL/dh through h_i = a_i h_{i-1} + delta u B
+    const int64_t t = reverse ? L - 1 - i : i;
+    const T d = dts[t], ut = r.u[t * r.su];
+    const T* __restrict Bn = r.B + t * r.sbc;
+    const T* __restrict Cn = r.C + t * r.sbc;
+    const T* __restrict cur = H + i * N;
+    const T* __restrict prev = i > 0 ? H + (i - 1) * N : zeros;
+    T dy = dout[t * so] * scale;
+    if (r.z) {
+      const T zt = r.z[t * r.sz], sg = zsig[t];
+      T y = r.D * ut;
+      for (int64_t n = 0; n < N; ++n) y += Cn[n] * cur[n];
+      const T dzt = dy * y * sg * (T(1) + zt * (T(1) - sg));
+      dz[t * sdz] = accumulate_dz ? dz[t * sdz] + dzt : dzt;
+      dy *= zt * sg;
+    }
+    T* __restrict dBn = dB + t * sdbc;
+    T* __restrict dCn = dC + t * sdbc;
+    T dd = 0, duu = 0;
+#pragma omp simd reduction(+:dd, duu)
+    for (int64_t n = 0; n < N; ++n) {
+      const T a = std::exp(d * A[n]);
+      const T hprev = prev[n];
+      const T gn = g[n] + dy * Cn[n];
+      dCn[n] += dy * cur[n];
+      dBn[n] += gn * d * ut;
+      dd += gn * (A[n] * a * hprev + ut * Bn[n]);
+      duu += gn * Bn[n];
+      dA[n] += gn * d * a * hprev;
+      g[n] = gn * a;
+    }
+    if (softplus && r.delta[t * r.sd] + r.bias <= T(20)) dd *= dsp[t];
+    ddelta[t * sdd] = dd;
+    du[t * sdu] = duu * d + dy * r.D;
+    accD += dy * ut;
+    accb += dd;
+  }
+  *dD = accD;
+  *dbias = accb;
 }
 
 template <typename T>
 static const T* opt(const torch::Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; }
 
+// ---------------------------------------------------------------- one direction, channel-major layout
+// u, delta, z: (Bsz, E, L); A: (E, N); Bt, Ct: (Bsz, L, N); D, bias: (E,) or empty.
 torch::Tensor forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bt, torch::Tensor Ct,
                       torch::Tensor D, torch::Tensor z, torch::Tensor bias, bool softplus) {
   auto y = torch::empty_like(u);
   const int64_t Bsz = u.size(0), E = u.size(1), L = u.size(2), N = A.size(1);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "visionmamba_scan_fwd", [&] {
-    scan_fwd<scalar_t>(u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
-                       Bt.data_ptr<scalar_t>(), Ct.data_ptr<scalar_t>(), opt<scalar_t>(D), opt<scalar_t>(z),
-                       opt<scalar_t>(bias), softplus, y.data_ptr<scalar_t>(), Bsz, E, L, N);
+    using T = scalar_t;
+    const T *pD = opt<T>(D), *pz = opt<T>(z), *pb = opt<T>(bias);
+    at::parallel_for(0, Bsz * E, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> h(N), dts(L), sig(L);
+      for (int64_t be = begin; be < end; ++be) {
+        const int64_t b = be / E, e = be % E;
+        Row<T> r{u.data_ptr<T>() + be * L, 1, delta.data_ptr<T>() + be * L, 1,
+                 Bt.data_ptr<T>() + b * L * N, Ct.data_ptr<T>() + b * L * N, N,
+                 pz ? pz + be * L : nullptr, 1, A.data_ptr<T>() + e * N, pD ? pD[e] : T(0), pb ? pb[e] : T(0)};
+        row_forward(r, softplus, false, L, N, y.data_ptr<T>() + be * L, 1, T(1), false, h.data(), dts.data(), sig.data());
+      }
+    });
   });
   return y;
 }
 
+// Gradients; dB and dC are summed over channels through per-block partial buffers (fixed order).
 std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bt,
                                     torch::Tensor Ct, torch::Tensor D, torch::Tensor z, torch::Tensor bias,
                                     bool softplus, torch::Tensor dout, int64_t blk) {
@@ -185,15 +190,196 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta, torch:
   auto dB_part = torch::zeros({Bsz, nblk, L, N}, u.options());
   auto dC_part = torch::zeros({Bsz, nblk, L, N}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "visionmamba_scan_bwd", [&] {
-    scan_bwd<scalar_t>(u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
-                       Bt.data_ptr<scalar_t>(), Ct.data_ptr<scalar_t>(), opt<scalar_t>(D), opt<scalar_t>(z),
-                       opt<scalar_t>(bias), softplus, dout.data_ptr<scalar_t>(),
-                       du.data_ptr<scalar_t>(), ddelta.data_ptr<scalar_t>(),
-                       dz.numel() ? dz.data_ptr<scalar_t>() : nullptr,
-                       dA_part.data_ptr<scalar_t>(), dB_part.data_ptr<scalar_t>(), dC_part.data_ptr<scalar_t>(),
-                       dD_part.data_ptr<scalar_t>(), dbias_part.data_ptr<scalar_t>(), Bsz, E, L, N, blk);
+    using T = scalar_t;
+    const T *pD = opt<T>(D), *pz = opt<T>(z), *pb = opt<T>(bias);
+    at::parallel_for(0, Bsz * nblk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> H(L * N), g(N), dts(L), zsig(L), dsp(L);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / nblk, k = task % nblk;
+        for (int64_t e = k * blk; e < std::min(E, (k + 1) * blk); ++e) {
+          const int64_t be = b * E + e;
+          Row<T> r{u.data_ptr<T>() + be * L, 1, delta.data_ptr<T>() + be * L, 1,
+                   Bt.data_ptr<T>() + b * L * N, Ct.data_ptr<T>() + b * L * N, N,
+                   pz ? pz + be * L : nullptr, 1, A.data_ptr<T>() + e * N, pD ? pD[e] : T(0), pb ? pb[e] : T(0)};
+          row_backward(r, softplus, false, L, N, T(1), dout.data_ptr<T>() + be * L, 1,
+                       du.data_ptr<T>() + be * L, 1, ddelta.data_ptr<T>() + be * L, 1,
+                       pz ? dz.data_ptr<T>() + be * L : nullptr, 1, false,
+                       dB_part.data_ptr<T>() + (b * nblk + k) * L * N, dC_part.data_ptr<T>() + (b * nblk + k) * L * N, N,
+                       dA_part.data_ptr<T>() + be * N, dD_part.data_ptr<T>() + be, dbias_part.data_ptr<T>() + be,
+                       H.data(), g.data(), dts.data(), zsig.data(), dsp.data());
+        }
+      }
+    });
   });
   return {du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part};
+}
+
+// ------------------------------------------------------------------------------------ both directions
+// u, delta: (2, Bsz, E, L); B: (2, Bsz, L, N) through strides (sB_d, sB_b, sB_t), with N contiguous
+// values per step and C_t at B_t + c_off (column slices of x_proj's output, as they are); z: (Bsz, E, L)
+// through strides (a view of in_proj's output); A: (2, E, N); D, bias: (2, E). out (Bsz, E, L) = (y_forward + y_backward) / 2, the backward
+// direction walking t = L-1 .. 0.
+torch::Tensor bi_forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bv, int64_t c_off,
+                         int64_t sB_d, int64_t sB_b, int64_t sB_t,
+                         torch::Tensor D, torch::Tensor z, int64_t sz_b, int64_t sz_e, int64_t sz_t, torch::Tensor bias) {
+  const int64_t Bsz = u.size(1), E = u.size(2), L = u.size(3), N = A.size(2);
+  auto out = torch::empty({Bsz, E, L}, u.options());
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "visionmamba_biscan_fwd", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, Bsz * E, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> h(N), dts(L), sig(L);
+      for (int64_t be = begin; be < end; ++be) {
+        const int64_t b = be / E, e = be % E;
+        for (int64_t dir = 0; dir < 2; ++dir) {
+          const int64_t row = (dir * Bsz + b) * E + e;
+          const T* bc = Bv.data_ptr<T>() + dir * sB_d + b * sB_b;
+          Row<T> r{u.data_ptr<T>() + row * L, 1, delta.data_ptr<T>() + row * L, 1, bc, bc + c_off, sB_t,
+                   z.data_ptr<T>() + b * sz_b + e * sz_e, sz_t, A.data_ptr<T>() + (dir * E + e) * N,
+                   D.data_ptr<T>()[dir * E + e], bias.data_ptr<T>()[dir * E + e]};
+          row_forward(r, true, dir == 1, L, N, out.data_ptr<T>() + be * L, 1, T(0.5), dir == 1,
+                      h.data(), dts.data(), sig.data());
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Gradients of bi_forward; dB and dC go to per-channel-block partials of x_proj's output layout (2N columns).
+std::vector<torch::Tensor> bi_backward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bv,
+                                       int64_t c_off, int64_t sB_d, int64_t sB_b, int64_t sB_t,
+                                       torch::Tensor D, torch::Tensor z, int64_t sz_b, int64_t sz_e,
+                                       int64_t sz_t, torch::Tensor bias, torch::Tensor dout, int64_t blk) {
+  const int64_t Bsz = u.size(1), E = u.size(2), L = u.size(3), N = A.size(2);
+  const int64_t nblk = (E + blk - 1) / blk;
+  auto du = torch::empty_like(u), ddelta = torch::empty_like(u);
+  auto dz = torch::empty({Bsz, E, L}, u.options());
+  auto dA_part = torch::empty({Bsz, 2, E, N}, u.options());
+  auto dD_part = torch::empty({Bsz, 2, E}, u.options()), dbias_part = torch::empty({Bsz, 2, E}, u.options());
+  auto dBC_part = torch::zeros({nblk, 2, Bsz, L, 2 * N}, u.options());
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "visionmamba_biscan_bwd", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, Bsz * nblk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> H(L * N), g(N), dts(L), zsig(L), dsp(L);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / nblk, k = task % nblk;
+        for (int64_t e = k * blk; e < std::min(E, (k + 1) * blk); ++e) {
+          for (int64_t dir = 0; dir < 2; ++dir) {
+            const int64_t row = (dir * Bsz + b) * E + e;
+            const T* bc = Bv.data_ptr<T>() + dir * sB_d + b * sB_b;
+            Row<T> r{u.data_ptr<T>() + row * L, 1, delta.data_ptr<T>() + row * L, 1, bc, bc + c_off, sB_t,
+                     z.data_ptr<T>() + b * sz_b + e * sz_e, sz_t, A.data_ptr<T>() + (dir * E + e) * N,
+                     D.data_ptr<T>()[dir * E + e], bias.data_ptr<T>()[dir * E + e]};
+            T* dbc = dBC_part.data_ptr<T>() + ((k * 2 + dir) * Bsz + b) * L * 2 * N;
+            const int64_t i = (b * 2 + dir) * E + e;
+            row_backward(r, true, dir == 1, L, N, T(0.5), dout.data_ptr<T>() + (b * E + e) * L, 1,
+                         du.data_ptr<T>() + row * L, 1, ddelta.data_ptr<T>() + row * L, 1,
+                         dz.data_ptr<T>() + (b * E + e) * L, 1, dir == 1, dbc, dbc + N, 2 * N,
+                         dA_part.data_ptr<T>() + i * N, dD_part.data_ptr<T>() + i, dbias_part.data_ptr<T>() + i,
+                         H.data(), g.data(), dts.data(), zsig.data(), dsp.data());
+          }
+        }
+      }
+    });
+  });
+  return {du, ddelta, dz, dA_part, dBC_part, dD_part, dbias_part};
+}
+
+// Depthwise conv (K taps) + SiLU for both directions: causal for 0, anti-causal for 1, no flipped copies.
+// x: (Bsz, L, E) with row stride sx_t; w: (2, K, E) (taps major: contiguous over channels); bias: (2, E)
+// -> u: (2, Bsz, L, E).
+template <typename T>
+void conv_fwd_impl(const T* px, int64_t sx_b, int64_t sx_t, const T* pw, const T* pb, T* pu,
+                   int64_t Bsz, int64_t L, int64_t E, int64_t K) {
+  at::parallel_for(0, 2 * Bsz * L, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t dir = row / (Bsz * L), b = (row / L) % Bsz, t = row % L;
+      const int64_t sign = dir == 0 ? 1 : -1;
+      T* out = pu + row * E;
+      for (int64_t e = 0; e < E; ++e) out[e] = pb[dir * E + e];
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t src = t + sign * (k - (K - 1));
+        if (src < 0 || src >= L) continue;
+        const T* xs = px + b * sx_b + src * sx_t;
+        const T* wk = pw + (dir * K + k) * E;
+#pragma omp simd
+        for (int64_t e = 0; e < E; ++e) out[e] += wk[e] * xs[e];
+      }
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) out[e] = out[e] / (T(1) + std::exp(-std::max(out[e], T(-80))));
+    }
+  });
+}
+
+torch::Tensor conv_forward(torch::Tensor x, int64_t sx_b, int64_t sx_t, torch::Tensor w, torch::Tensor bias, int64_t Bsz, int64_t L) {
+  const int64_t K = w.size(1), E = w.size(2);
+  auto u = torch::empty({2, Bsz, L, E}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "visionmamba_conv_fwd", [&] {
+    conv_fwd_impl<scalar_t>(x.data_ptr<scalar_t>(), sx_b, sx_t, w.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+                            u.data_ptr<scalar_t>(), Bsz, L, E, K);
+  });
+  return u;
+}
+
+template <typename T>
+void conv_bwd_impl(const T* px, int64_t sx_b, int64_t sx_t, const T* pw, const T* pb, const T* pdu, T* pg, T* pdx,
+                   T* pdw, T* pdb, int64_t Bsz, int64_t L, int64_t E, int64_t K) {
+  at::parallel_for(0, Bsz, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> pre(E);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t dir = 0; dir < 2; ++dir) {
+        const int64_t sign = dir == 0 ? 1 : -1;
+        for (int64_t t = 0; t < L; ++t) {  // g = du * silu'(pre-activation), then dw, db and dx
+          for (int64_t e = 0; e < E; ++e) pre[e] = pb[dir * E + e];
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t src = t + sign * (k - (K - 1));
+            if (src < 0 || src >= L) continue;
+            const T* xs = px + b * sx_b + src * sx_t;
+            const T* wk = pw + (dir * K + k) * E;
+#pragma omp simd
+            for (int64_t e = 0; e < E; ++e) pre[e] += wk[e] * xs[e];
+          }
+          const int64_t row = (dir * Bsz + b) * L + t;
+          T* gr = pg + row * E;
+          T* db = pdb + (b * 2 + dir) * E;
+#pragma omp simd
+          for (int64_t e = 0; e < E; ++e) {
+            const T sg = T(1) / (T(1) + std::exp(-std::max(pre[e], T(-80))));
+            gr[e] = pdu[row * E + e] * sg * (T(1) + pre[e] * (T(1) - sg));
+            db[e] += gr[e];
+          }
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t src = t + sign * (k - (K - 1));
+            if (src < 0 || src >= L) continue;
+            const T* xs = px + b * sx_b + src * sx_t;
+            T* dxs = pdx + (b * L + src) * E;
+            T* dw = pdw + ((b * 2 + dir) * K + k) * E;
+            const T* wk = pw + (dir * K + k) * E;
+#pragma omp simd
+            for (int64_t e = 0; e < E; ++e) {
+              dw[e] += gr[e] * xs[e];
+              dxs[e] += wk[e] * gr[e];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Returns dx (Bsz, L, E), dw_part (Bsz, 2, K, E), db_part (Bsz, 2, E) (partial sums over the batch).
+std::vector<torch::Tensor> conv_backward(torch::Tensor x, int64_t sx_b, int64_t sx_t, torch::Tensor w, torch::Tensor bias,
+                                         torch::Tensor du, int64_t Bsz, int64_t L) {
+  const int64_t K = w.size(1), E = w.size(2);
+  auto gpre = torch::empty({2, Bsz, L, E}, w.options());
+  auto dx = torch::zeros({Bsz, L, E}, w.options());
+  auto dw_part = torch::zeros({Bsz, 2, K, E}, w.options()), db_part = torch::zeros({Bsz, 2, E}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "visionmamba_conv_bwd", [&] {
+    conv_bwd_impl<scalar_t>(x.data_ptr<scalar_t>(), sx_b, sx_t, w.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+                            du.data_ptr<scalar_t>(), gpre.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
+                            dw_part.data_ptr<scalar_t>(), db_part.data_ptr<scalar_t>(), Bsz, L, E, K);
+  });
+  return {dx, dw_part, db_part};
 }
 """
 
@@ -215,13 +401,14 @@ def _load():
             _extension = load_inline(
                 name=f"visionmamba_scan_cpu_{digest}",
                 cpp_sources=_SOURCE,
-                functions=["forward", "backward"],
+                functions=["forward", "backward", "bi_forward", "bi_backward", "conv_forward", "conv_backward"],
                 extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 verbose=bool(os.environ.get("VISIONMAMBA_VERBOSE_BUILD")),
             )
         except Exception as err:  # no compiler, no ninja, headers missing: reported once by the dispatcher
-            _build_error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+            lines = str(err).strip().splitlines() or [""]
+            _build_error = f"{type(err).__name__}: " + next((line for line in lines if "error" in line), lines[-1])
         finally:
             quiet.setLevel(level)
     if _extension is None:
@@ -264,3 +451,77 @@ def backward(u, delta, A, B, C, D, z, delta_bias, softplus, dout):
         None if D is None else dD_part.sum(0).to(D.dtype), None if z is None else dz.to(z.dtype),
         None if delta_bias is None else dbias_part.sum(0).to(delta_bias.dtype),
     )
+
+
+# ------------------------------------------------------------------------- both directions, fused
+class _ConvSiLU(torch.autograd.Function):
+    """x (b, L, E) token-major (a strided view is fine); w (2, E, K); bias (2, E) -> u (2, b, L, E)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias):
+        taps_major = w.transpose(1, 2).contiguous()  # (2, K, E)
+        ctx.save_for_backward(x, taps_major, bias)
+        return _load().conv_forward(x, x.stride(0), x.stride(1), taps_major, bias.contiguous(), x.shape[0], x.shape[1])
+
+    @staticmethod
+    def backward(ctx, du):
+        x, taps_major, bias = ctx.saved_tensors
+        dx, dw_part, db_part = _load().conv_backward(
+            x, x.stride(0), x.stride(1), taps_major, bias.contiguous(), du.contiguous(), x.shape[0], x.shape[1]
+        )
+        return dx, dw_part.sum(0).transpose(1, 2), db_part.sum(0)
+
+
+class _BiScan(torch.autograd.Function):
+    """Both directions: u, delta (2, b, E, L); B, C views (2, b, L, N) into x_proj's (2, b, L, P) output;
+    z (b, E, L) (a strided view is fine); A (2, E, N); D, bias (2, E) -> (y_fwd + y_bwd) / 2 (b, E, L)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, bias):
+        ctx.save_for_backward(u, delta, A, B, C, D, z, bias)
+        return _load().bi_forward(u, delta, A, B, _c_offset(B, C), *B.stride()[:3], D, z, *z.stride(), bias)
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, bias = ctx.saved_tensors
+        state = A.shape[-1]
+        du, ddelta, dz, dA_part, dBC_part, dD_part, dbias_part = _load().bi_backward(
+            u, delta, A, B, _c_offset(B, C), *B.stride()[:3], D, z, *z.stride(), bias, dout.contiguous(), CHANNEL_BLOCK
+        )
+        dBC = dBC_part.sum(0)
+        return du, ddelta, dA_part.sum(0), dBC[..., :state], dBC[..., state:], dD_part.sum(0), dz, dbias_part.sum(0)
+
+
+def _c_offset(B: torch.Tensor, C: torch.Tensor) -> int:
+    """Elements from B_t to C_t: B and C are column slices of one (2, b, L, P) tensor (x_proj's output)."""
+    if B.stride() != C.stride() or B.stride(-1) != 1 or B.dtype != C.dtype:
+        raise ValueError("B and C must be column slices of one (2, batch, L, P) tensor with contiguous states")
+    return (C.data_ptr() - B.data_ptr()) // B.element_size()
+
+
+def bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D) -> torch.Tensor:
+    """The mixer core on the CPU: no flips. The conv and x_proj run token-major (vectorised over channels),
+    the scan channel-major (contiguous rows); delta comes out of its matmul channel-major directly.
+
+    Same arguments and result as :func:`visionmamba.scan.bidirectional` (x, z (b, E, L) -> (b, E, L)).
+    """
+    with torch.autocast("cpu", enabled=False):  # the kernels compute in float32 whatever autocast says
+        return _bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
+
+
+def _bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D) -> torch.Tensor:
+    dtype = x.dtype
+    ct = compute_dtype(dtype)
+    x_t = x.transpose(1, 2).to(ct)  # (b, L, E): a view of in_proj's output
+    if x_t.stride(2) != 1:
+        x_t = x_t.contiguous()
+    rank, state = dt_proj_weight.shape[-1], A.shape[-1]
+    u_t = _ConvSiLU.apply(x_t, conv_weight.to(ct), conv_bias.to(ct))  # (2, b, L, E)
+    batch, length = x_t.shape[:2]
+    x_dbl = torch.bmm(u_t.reshape(2, batch * length, -1), x_proj_weight.to(ct).transpose(1, 2))
+    x_dbl = x_dbl.reshape(2, batch, length, -1)  # (2, b, L, R + 2N)
+    delta = torch.matmul(dt_proj_weight.to(ct)[:, None], x_dbl[..., :rank].transpose(2, 3))  # (2, b, E, L)
+    B, C = x_dbl[..., rank : rank + state], x_dbl[..., rank + state :]
+    u = u_t.transpose(2, 3).contiguous()  # (2, b, E, L)
+    out = _BiScan.apply(u, delta, A.to(ct).contiguous(), B, C, D.to(ct).contiguous(), z.to(ct), dt_proj_bias.to(ct).contiguous())
+    return out.to(dtype)
