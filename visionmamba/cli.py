@@ -82,6 +82,75 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import list_images, load_for_inference, predict
+
+    loaded = load_for_inference(args.checkpoint, args.model, use_ema=args.ema, device=args.device)
+    results = predict(loaded, list_images(args.images), topk=args.topk, batch_size=args.batch_size, progress=False)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    width = max(len(r["path"]) for r in results)
+    for r in results:
+        for rank, pred in enumerate(r["predictions"], 1):
+            print(f"{r['path'] if rank == 1 else '':{width}s}  {rank}. {pred['score']:6.2%}  {pred['label']}")
+    return 0
+
+
+def _cmd_features(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .inference import list_images, load_for_inference, write_features
+
+    size = (args.img_size[0], args.img_size[-1])
+    loaded = load_for_inference(args.checkpoint, args.model, use_ema=args.ema, device=args.device)
+    summary = write_features(
+        loaded, list_images(args.images), Path(args.out), size=size, kind=args.kind, layers=args.layers,
+        batch_size=args.batch_size, per_batch=args.per_batch,
+        dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype],
+    )
+    shapes = ", ".join(f"{k} {tuple(v)}" for k, v in summary["shapes"].items())
+    print(f"wrote {summary['files']} file(s) for {summary['images']} image(s) to {args.out}: {shapes}; "
+          f"{summary['seconds']:.1f} s, peak memory {summary['peak_rss_mb']:.0f} MB")
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .benchmark import ratio_table, run_benchmark
+
+    points = run_benchmark(
+        args.models, args.res, batch=args.batch, device=args.device, dtype=args.dtype, train=args.train,
+        repeats=args.repeats, threads=args.threads, out=Path(args.out),
+    )
+    print(ratio_table(points))
+    print(f"CSV: {args.out}/benchmark.csv, plot: {args.out}/benchmark.png")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .export import export_onnx
+
+    for size in args.img_size:
+        out = Path(args.out)
+        target = out.with_name(f"{out.stem}_{size}{out.suffix}") if len(args.img_size) > 1 else out
+        report = export_onnx(args.model, target, img_size=size, checkpoint=args.checkpoint, use_ema=args.ema, check=args.check)
+        print(f"wrote {target} ({size}x{size})" + (f", onnxruntime max abs diff {report['max_abs_diff']:.2e}" if args.check else ""))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .info import model_card
+
+    print(model_card(args.name, args.img_size))
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import convert_to_safetensors
 
@@ -122,6 +191,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--epochs", type=int, default=None, help="override the demo's number of epochs")
     p.set_defaults(func=_cmd_demo)
+
+    def model_source(p: argparse.ArgumentParser, needs_checkpoint: bool) -> None:
+        p.add_argument("--model", help="model name (ours checkpoints carry it; needed for official .pth files)")
+        p.add_argument("--checkpoint", required=needs_checkpoint, help="our checkpoint or an official .pth / safetensors")
+        p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
+
+    p = sub.add_parser("predict", help="top-k labels of images (ImageNet names, or the class folders a model was trained on)")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    model_source(p, needs_checkpoint=False)
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("features", help="features at any resolution, written as safetensors")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    model_source(p, needs_checkpoint=False)
+    p.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="S", help="S, or H W; each divisible by the stride")
+    p.add_argument("--kind", choices=["pooled", "tokens", "map", "intermediates"], default="map")
+    p.add_argument("--layers", type=int, nargs="+", help="blocks for --kind intermediates (default: the last)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--per-batch", action="store_true", help="one file per batch (tensors named <index>.<kind>)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the stored features")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_features)
+
+    p = sub.add_parser("benchmark", help="images/s and peak memory vs resolution, with a table of ratios, CSV and plot")
+    p.add_argument("--models", nargs="+", default=["vim_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_patch16_224:naive"],
+                   help="timm names; ':naive' turns off fused attention")
+    p.add_argument("--res", type=int, nargs="+", default=[224, 512])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--train", action="store_true", help="time training steps instead of inference")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads per point")
+    p.add_argument("--out", default="runs/benchmark")
+    p.set_defaults(func=_cmd_benchmark)
+
+    p = sub.add_parser("export", help="export to ONNX (one fixed resolution per file)")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--model", required=True)
+    p.add_argument("--checkpoint")
+    p.add_argument("--ema", action="store_true")
+    p.add_argument("--img-size", type=int, nargs="+", default=[224], help="one file per size")
+    p.add_argument("--out", required=True, help="output .onnx file (suffixed _<size> when several sizes)")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True, help="compare with onnxruntime")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("info", help="model card: parameters, compute, eval transform, released weights")
+    p.add_argument("name")
+    p.add_argument("--img-size", type=int, default=224)
+    p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("convert", help="write the weights of a checkpoint (.pth, ours or official) as safetensors")
     p.add_argument("src", help="input checkpoint: official .pth, one of ours, a state dict, or safetensors")
