@@ -1,8 +1,5 @@
 """predict, features, benchmark, compile, ONNX export and info, end to end on CPU."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -136,7 +133,7 @@ def test_compute_count_matches_spec_formulas_and_a_flop_counter():
 
     model = tiny_vim(depth=2, scan_backend="reference").eval()
     cost = compute(model, (32, 48))
-    L, E, N, D, depth = 4 * 6 + 1, 64, 16, 32, 2
+    L, E, N, depth = 4 * 6 + 1, 64, 16, 2
     assert cost.scan == depth * 2 * (3 * L * E * N + L * E * N)  # Eq. 8 per direction
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.randn(1, 3, 32, 48))

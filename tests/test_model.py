@@ -4,7 +4,7 @@ import timm
 import torch
 
 import visionmamba
-from helpers import assert_close, tiny_vim
+from helpers import tiny_vim
 from visionmamba.model import pos_embed_resample
 
 PARAM_COUNTS = {

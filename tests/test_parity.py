@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import visionmamba
-from golden import CASES, load_case
+from golden import load_case
 from helpers import assert_close
 
 SHARED_GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"

@@ -1,7 +1,6 @@
 """The reference scan and the dispatch point against an independent float64 loop."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from helpers import assert_close
 from visionmamba import scan

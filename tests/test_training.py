@@ -15,7 +15,8 @@ from PIL import Image
 import visionmamba
 from helpers import tiny_vim
 from visionmamba.checkpoint import read_file
-from visionmamba.training import EvalConfig, eval_transform, evaluate_checkpoint
+from visionmamba.data import eval_transform
+from visionmamba.training import EvalConfig, evaluate_checkpoint
 
 TINY = ["--model-args", json.dumps({"depth": 2, "embed_dim": 32, "patch_size": 8, "stride": 8}), "--img-size", "32"]
 PLAIN = ["--auto-augment", "", "--reprob", "0", "--hflip", "0", "--mixup", "0", "--cutmix", "0", "--smoothing", "0",

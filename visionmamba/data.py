@@ -7,7 +7,7 @@ loader workers or processes and whether the run was interrupted and resumed.
 import logging
 import random
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -143,6 +143,16 @@ class ResumableSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.base) - self.start
+
+
+def eval_transform(data_config: Dict[str, Any]) -> Callable:
+    """The evaluation transform described by a timm data config (resize, centre crop, normalise)."""
+    from timm.data import create_transform
+
+    return create_transform(
+        data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
+        crop_pct=data_config["crop_pct"], mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
+    )
 
 
 def write_digits_folder(root: Path, *, test_fraction: float = 0.2, seed: int = 0) -> Tuple[int, int]:

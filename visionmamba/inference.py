@@ -11,13 +11,12 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import timm
 import torch
-import torch.nn as nn
-from timm.data import ImageNetInfo, create_transform, resolve_data_config
+from timm.data import ImageNetInfo, resolve_data_config
 from torchvision import transforms
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, read_file
-from .data import load_rgb
+from .data import eval_transform, load_rgb
 from .model import VisionMamba
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -29,8 +28,9 @@ class Loaded:
 
     model: VisionMamba
     data_config: Dict[str, Any]
-    labels: List[str]
+    labels: List[str]  # a name per output
     name: str
+    classes: Optional[List[str]] = None  # the class folders of a model trained by visionmamba train
 
 
 def load_for_inference(
@@ -50,6 +50,8 @@ def load_for_inference(
         load_checkpoint(model, checkpoint, use_ema=use_ema)
     model.eval().to(device)
     data_config = dict(meta["data_config"]) if meta.get("data_config") else resolve_data_config({}, model=model)
+    if img_size:
+        data_config["input_size"] = (3, img_size, img_size)
     if meta.get("classes"):
         labels = list(meta["classes"])
     elif model.num_classes == 1000:
@@ -57,14 +59,7 @@ def load_for_inference(
         labels = [info.index_to_description(i) for i in range(1000)]
     else:
         labels = [str(i) for i in range(model.num_classes)]
-    return Loaded(model=model, data_config=data_config, labels=labels, name=name)
-
-
-def eval_transform(data_config: Dict[str, Any]):
-    return create_transform(
-        data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
-        crop_pct=data_config["crop_pct"], mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
-    )
+    return Loaded(model=model, data_config=data_config, labels=labels, name=name, classes=meta.get("classes"))
 
 
 def resize_transform(size: Tuple[int, int], data_config: Dict[str, Any]):

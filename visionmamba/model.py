@@ -5,7 +5,7 @@ token, ``if_divide_out=True``) with identical state-dict keys, plus the timm mod
 """
 import math
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn

@@ -4,7 +4,6 @@ import contextlib
 import json
 import platform
 import random
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from . import __version__
 from .checkpoint import atomic_write, extract_state_dict, load_checkpoint, read_file
-from .data import ResumableSampler, SeededImageFolder, collate_skipping, imagenet_targets
+from .data import ResumableSampler, SeededImageFolder, collate_skipping, eval_transform, imagenet_targets
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .engine import EpochStats, StepContext, evaluate, peak_memory_mb, reduce_stats, train_one_epoch
 
@@ -121,17 +120,6 @@ def data_config(cfg: TrainConfig) -> Dict[str, Any]:
         crop_pct=cfg.crop_pct,
         mean=IMAGENET_DEFAULT_MEAN,
         std=IMAGENET_DEFAULT_STD,
-    )
-
-
-def eval_transform(dcfg: Dict[str, Any]):
-    return create_transform(
-        dcfg["input_size"],
-        is_training=False,
-        interpolation=dcfg["interpolation"],
-        crop_pct=dcfg["crop_pct"],
-        mean=tuple(dcfg["mean"]),
-        std=tuple(dcfg["std"]),
     )
 
 
@@ -440,35 +428,18 @@ class EvalConfig:
 
 def evaluate_checkpoint(cfg: EvalConfig) -> Dict[str, float]:
     """Top-1 / top-5 / loss of a checkpoint (ours or official) on a class-folder data set."""
+    from .inference import load_for_inference
+
     dist = init_distributed(cfg.device)
     try:
-        meta: Dict[str, Any] = {}
-        if cfg.checkpoint:
-            meta = read_file(cfg.checkpoint)
-        name = cfg.model or meta.get("model_name")
-        if not name:
-            raise ValueError("this checkpoint does not say which model it holds: pass --model NAME")
-        model_args = dict(meta.get("model_args") or {})
-        if cfg.img_size:
-            model_args["img_size"] = cfg.img_size
-        model = timm.create_model(name, **model_args)
-        if cfg.checkpoint:
-            load_checkpoint(model, cfg.checkpoint, use_ema=cfg.ema)
-        model.to(dist.device)
-        if meta.get("data_config"):
-            dcfg = dict(meta["data_config"])
-        else:
-            dcfg = timm.data.resolve_data_config({}, model=model)
-        if cfg.img_size:
-            dcfg["input_size"] = (3, cfg.img_size, cfg.img_size)
-        dataset = SeededImageFolder(cfg.data, eval_transform(dcfg), skip_corrupt=cfg.skip_corrupt)
-        if meta.get("classes") and dataset.classes != meta["classes"]:
+        loaded = load_for_inference(cfg.checkpoint, cfg.model, use_ema=cfg.ema, img_size=cfg.img_size, device=str(dist.device))
+        dataset = SeededImageFolder(cfg.data, eval_transform(loaded.data_config), skip_corrupt=cfg.skip_corrupt)
+        if loaded.classes and dataset.classes != loaded.classes:
             raise ValueError(
-                f"the folder's classes {dataset.classes[:5]}... differ from the checkpoint's {meta['classes'][:5]}..."
+                f"the folder's classes {dataset.classes[:5]}... differ from the checkpoint's {loaded.classes[:5]}..."
             )
-        head = model.get_classifier()
-        outputs = head.out_features if isinstance(head, nn.Linear) else 0
-        if outputs == 1000 and not meta.get("classes"):
+        outputs = loaded.model.num_classes
+        if outputs == 1000 and not loaded.classes:
             dataset.target_map = imagenet_targets(dataset.classes)  # an ImageNet val folder, or a subset of it
         if dataset.target_map is None and outputs != len(dataset.classes):
             raise ValueError(
@@ -480,7 +451,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> Dict[str, float]:
             dataset, batch_size=cfg.batch_size, sampler=shard, num_workers=cfg.workers, collate_fn=collate_skipping
         )
         return evaluate(
-            model, loader, device=dist.device, autocast=autocast_for(cfg.precision, dist.device),
+            loaded.model, loader, device=dist.device, autocast=autocast_for(cfg.precision, dist.device),
             progress=cfg.progress and dist.is_main,
         )
     finally:

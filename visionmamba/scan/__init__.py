@@ -14,7 +14,7 @@ and the model argument ``scan_backend=`` overrides both. Every backend but ``ref
 """
 import os
 import warnings
-from typing import Callable, Dict, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -11,7 +11,7 @@ compiler is available :func:`available` is False and dispatch falls back to pure
 import hashlib
 import logging
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -154,6 +154,36 @@ void row_backward(const Row<T>& r, bool softplus, bool reverse, int64_t L, int64
 template <typename T>
 static const T* opt(const torch::Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; }
 
+// Row (b, e) of the one-direction entry points: channel-major u, delta, z; time-major Bt, Ct.
+template <typename T>
+static Row<T> single_row(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A,
+                         const torch::Tensor& Bt, const torch::Tensor& Ct, const torch::Tensor& D,
+                         const torch::Tensor& z, const torch::Tensor& bias, int64_t b, int64_t e) {
+  const int64_t E = u.size(1), L = u.size(2), N = A.size(1), be = b * E + e;
+  const T *pD = opt<T>(D), *pz = opt<T>(z), *pb = opt<T>(bias);
+  return Row<T>{u.data_ptr<T>() + be * L, 1, delta.data_ptr<T>() + be * L, 1,
+                Bt.data_ptr<T>() + b * L * N, Ct.data_ptr<T>() + b * L * N, N,
+                pz ? pz + be * L : nullptr, 1, A.data_ptr<T>() + e * N, pD ? pD[e] : T(0), pb ? pb[e] : T(0)};
+}
+
+// Where the bidirectional entry points find B, C and z (strided views of x_proj's and in_proj's outputs).
+struct BiViews {
+  int64_t c_off, sB_d, sB_b, sB_t, sz_b, sz_e, sz_t;
+};
+
+// Row (dir, b, e) of the bidirectional entry points: u, delta (2, Bsz, E, L) channel-major.
+template <typename T>
+static Row<T> bi_row(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A, const torch::Tensor& Bv,
+                     const torch::Tensor& D, const torch::Tensor& z, const torch::Tensor& bias, const BiViews& v,
+                     int64_t dir, int64_t b, int64_t e) {
+  const int64_t Bsz = u.size(1), E = u.size(2), L = u.size(3), N = A.size(2);
+  const int64_t row = (dir * Bsz + b) * E + e;
+  const T* bc = Bv.data_ptr<T>() + dir * v.sB_d + b * v.sB_b;
+  return Row<T>{u.data_ptr<T>() + row * L, 1, delta.data_ptr<T>() + row * L, 1, bc, bc + v.c_off, v.sB_t,
+                z.data_ptr<T>() + b * v.sz_b + e * v.sz_e, v.sz_t, A.data_ptr<T>() + (dir * E + e) * N,
+                D.data_ptr<T>()[dir * E + e], bias.data_ptr<T>()[dir * E + e]};
+}
+
 // ---------------------------------------------------------------- one direction, channel-major layout
 // u, delta, z: (Bsz, E, L); A: (E, N); Bt, Ct: (Bsz, L, N); D, bias: (E,) or empty.
 torch::Tensor forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bt, torch::Tensor Ct,
@@ -162,14 +192,11 @@ torch::Tensor forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, tor
   const int64_t Bsz = u.size(0), E = u.size(1), L = u.size(2), N = A.size(1);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "visionmamba_scan_fwd", [&] {
     using T = scalar_t;
-    const T *pD = opt<T>(D), *pz = opt<T>(z), *pb = opt<T>(bias);
     at::parallel_for(0, Bsz * E, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> h(N), dts(L), sig(L);
       for (int64_t be = begin; be < end; ++be) {
         const int64_t b = be / E, e = be % E;
-        Row<T> r{u.data_ptr<T>() + be * L, 1, delta.data_ptr<T>() + be * L, 1,
-                 Bt.data_ptr<T>() + b * L * N, Ct.data_ptr<T>() + b * L * N, N,
-                 pz ? pz + be * L : nullptr, 1, A.data_ptr<T>() + e * N, pD ? pD[e] : T(0), pb ? pb[e] : T(0)};
+        const Row<T> r = single_row<T>(u, delta, A, Bt, Ct, D, z, bias, b, e);
         row_forward(r, softplus, false, L, N, y.data_ptr<T>() + be * L, 1, T(1), false, h.data(), dts.data(), sig.data());
       }
     });
@@ -191,19 +218,17 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta, torch:
   auto dC_part = torch::zeros({Bsz, nblk, L, N}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "visionmamba_scan_bwd", [&] {
     using T = scalar_t;
-    const T *pD = opt<T>(D), *pz = opt<T>(z), *pb = opt<T>(bias);
+    const bool has_z = z.numel() > 0;
     at::parallel_for(0, Bsz * nblk, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> H(L * N), g(N), dts(L), zsig(L), dsp(L);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / nblk, k = task % nblk;
         for (int64_t e = k * blk; e < std::min(E, (k + 1) * blk); ++e) {
           const int64_t be = b * E + e;
-          Row<T> r{u.data_ptr<T>() + be * L, 1, delta.data_ptr<T>() + be * L, 1,
-                   Bt.data_ptr<T>() + b * L * N, Ct.data_ptr<T>() + b * L * N, N,
-                   pz ? pz + be * L : nullptr, 1, A.data_ptr<T>() + e * N, pD ? pD[e] : T(0), pb ? pb[e] : T(0)};
+          const Row<T> r = single_row<T>(u, delta, A, Bt, Ct, D, z, bias, b, e);
           row_backward(r, softplus, false, L, N, T(1), dout.data_ptr<T>() + be * L, 1,
                        du.data_ptr<T>() + be * L, 1, ddelta.data_ptr<T>() + be * L, 1,
-                       pz ? dz.data_ptr<T>() + be * L : nullptr, 1, false,
+                       has_z ? dz.data_ptr<T>() + be * L : nullptr, 1, false,
                        dB_part.data_ptr<T>() + (b * nblk + k) * L * N, dC_part.data_ptr<T>() + (b * nblk + k) * L * N, N,
                        dA_part.data_ptr<T>() + be * N, dD_part.data_ptr<T>() + be, dbias_part.data_ptr<T>() + be,
                        H.data(), g.data(), dts.data(), zsig.data(), dsp.data());
@@ -223,6 +248,7 @@ torch::Tensor bi_forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, 
                          int64_t sB_d, int64_t sB_b, int64_t sB_t,
                          torch::Tensor D, torch::Tensor z, int64_t sz_b, int64_t sz_e, int64_t sz_t, torch::Tensor bias) {
   const int64_t Bsz = u.size(1), E = u.size(2), L = u.size(3), N = A.size(2);
+  const BiViews views{c_off, sB_d, sB_b, sB_t, sz_b, sz_e, sz_t};
   auto out = torch::empty({Bsz, E, L}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "visionmamba_biscan_fwd", [&] {
     using T = scalar_t;
@@ -231,11 +257,7 @@ torch::Tensor bi_forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, 
       for (int64_t be = begin; be < end; ++be) {
         const int64_t b = be / E, e = be % E;
         for (int64_t dir = 0; dir < 2; ++dir) {
-          const int64_t row = (dir * Bsz + b) * E + e;
-          const T* bc = Bv.data_ptr<T>() + dir * sB_d + b * sB_b;
-          Row<T> r{u.data_ptr<T>() + row * L, 1, delta.data_ptr<T>() + row * L, 1, bc, bc + c_off, sB_t,
-                   z.data_ptr<T>() + b * sz_b + e * sz_e, sz_t, A.data_ptr<T>() + (dir * E + e) * N,
-                   D.data_ptr<T>()[dir * E + e], bias.data_ptr<T>()[dir * E + e]};
+          const Row<T> r = bi_row<T>(u, delta, A, Bv, D, z, bias, views, dir, b, e);
           row_forward(r, true, dir == 1, L, N, out.data_ptr<T>() + be * L, 1, T(0.5), dir == 1,
                       h.data(), dts.data(), sig.data());
         }
@@ -252,6 +274,7 @@ std::vector<torch::Tensor> bi_backward(torch::Tensor u, torch::Tensor delta, tor
                                        int64_t sz_t, torch::Tensor bias, torch::Tensor dout, int64_t blk) {
   const int64_t Bsz = u.size(1), E = u.size(2), L = u.size(3), N = A.size(2);
   const int64_t nblk = (E + blk - 1) / blk;
+  const BiViews views{c_off, sB_d, sB_b, sB_t, sz_b, sz_e, sz_t};
   auto du = torch::empty_like(u), ddelta = torch::empty_like(u);
   auto dz = torch::empty({Bsz, E, L}, u.options());
   auto dA_part = torch::empty({Bsz, 2, E, N}, u.options());
@@ -266,10 +289,7 @@ std::vector<torch::Tensor> bi_backward(torch::Tensor u, torch::Tensor delta, tor
         for (int64_t e = k * blk; e < std::min(E, (k + 1) * blk); ++e) {
           for (int64_t dir = 0; dir < 2; ++dir) {
             const int64_t row = (dir * Bsz + b) * E + e;
-            const T* bc = Bv.data_ptr<T>() + dir * sB_d + b * sB_b;
-            Row<T> r{u.data_ptr<T>() + row * L, 1, delta.data_ptr<T>() + row * L, 1, bc, bc + c_off, sB_t,
-                     z.data_ptr<T>() + b * sz_b + e * sz_e, sz_t, A.data_ptr<T>() + (dir * E + e) * N,
-                     D.data_ptr<T>()[dir * E + e], bias.data_ptr<T>()[dir * E + e]};
+            const Row<T> r = bi_row<T>(u, delta, A, Bv, D, z, bias, views, dir, b, e);
             T* dbc = dBC_part.data_ptr<T>() + ((k * 2 + dir) * Bsz + b) * L * 2 * N;
             const int64_t i = (b * 2 + dir) * E + e;
             row_backward(r, true, dir == 1, L, N, T(0.5), dout.data_ptr<T>() + (b * E + e) * L, 1,

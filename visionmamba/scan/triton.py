@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import compute_dtype
 
 CHUNK = 64
 BLOCK_E = 16
