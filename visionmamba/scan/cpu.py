@@ -11,6 +11,7 @@ compiler is available :func:`available` is False and dispatch falls back to pure
 import hashlib
 import logging
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -416,10 +417,13 @@ def _load():
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # "no CUDA runtime found" is expected on CPU machines
         try:
-            from torch.utils.cpp_extension import load_inline
+            from torch.utils.cpp_extension import _get_build_directory, load_inline
 
+            name = f"visionmamba_scan_cpu_{digest}"
+            if not os.path.exists(os.path.join(_get_build_directory(name, False), f"{name}.so")):
+                print("visionmamba: compiling the C++ CPU scan once (about a minute; cached afterwards)", file=sys.stderr)
             _extension = load_inline(
-                name=f"visionmamba_scan_cpu_{digest}",
+                name=name,
                 cpp_sources=_SOURCE,
                 functions=["forward", "backward", "bi_forward", "bi_backward", "conv_forward", "conv_backward"],
                 extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
