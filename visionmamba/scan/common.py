@@ -1,9 +1,10 @@
-"""Glue shared by the kernel backends: the element-wise parts of the contract around a core scan, and
-the ``torch.library`` custom op that makes every backend one opaque, compile-friendly operator.
+"""Glue for the kernel backends: the ``torch.library`` custom op that makes every backend one opaque,
+compile-friendly operator, and the element-wise parts of the contract for a backend whose kernel
+computes only the core scan (``chunked``; the ``cpu`` and ``triton`` kernels fuse them).
 
 A *core* computes y_t = <h_t, C_t> with h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t in float32 or
-float64 (inputs already upcast); its backward returns (du, ddelta, dA, dB, dC). The bias, softplus, D
-skip and SiLU(z) gate are applied here, forward and backward, written out by hand.
+float64 (inputs already upcast); its backward returns (du, ddelta, dA, dB, dC, y). The bias, softplus,
+D skip and SiLU(z) gate are applied around it here, forward and backward, written out by hand.
 """
 import importlib
 from typing import Callable, Dict, List, Optional, Tuple
