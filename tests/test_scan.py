@@ -190,3 +190,19 @@ def test_torch_compile_fullgraph_with_the_custom_op():
     compiled_grads = torch.autograd.grad(compiled(x).sum(), list(model.parameters()))
     for a, b in zip(compiled_grads, eager_grads):
         assert_close(a, b, atol=1e-5, rtol_max=1e-4, name="compiled grad")
+
+
+def test_scan_benchmark_smoke_run(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scan.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--json", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert [r["backend"] for r in results["scan"]] == ["official", "reference", "cpu", "chunked"]
+    assert all(r["fwd_ms"] > 0 for r in results["scan"]) and len(results["memory"]) == 3
+    assert "speed-up = official formulation time / backend time" in proc.stdout
