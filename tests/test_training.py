@@ -227,3 +227,14 @@ def test_demo_data_set_is_the_bundled_digits(tmp_path):
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [str(d) for d in range(10)]
     image = Image.open(next((tmp_path / "val" / "3").iterdir()))
     assert image.size == (8, 8) and image.mode == "L"
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    data = make_folder(tmp_path / "data", per_class=4, splits=("train",))
+    common = ["--data", data, *TINY, *PLAIN, "--epochs", 2, "--lr", 3e-3]
+    cli("train", "--output", tmp_path / "big", "--batch-size", 4, *common)
+    cli("train", "--output", tmp_path / "accum", "--batch-size", 2, "--accum-steps", 2, *common)
+    big, accum = read_file(tmp_path / "big" / "last.pth"), read_file(tmp_path / "accum" / "last.pth")
+    assert big["global_step"] == accum["global_step"] == 2 * 3  # 12 images, global batch 4
+    for key, value in big["model"].items():
+        assert torch.allclose(value, accum["model"][key], atol=1e-5, rtol=1e-4), key

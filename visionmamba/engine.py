@@ -29,6 +29,7 @@ class StepContext:
     scaler: Optional[torch.amp.GradScaler] = None
     clip_grad: Optional[float] = None
     skip_nonfinite: bool = False
+    accum_steps: int = 1  # batches whose gradients add up to one optimizer step
 
 
 @dataclass
@@ -56,8 +57,9 @@ def train_one_epoch(
     """Train over ``loader`` (already positioned after ``start_step`` batches of this epoch).
 
     ``stats`` carries the sums of the batches before ``start_step`` (after a resume); the returned
-    stats are summed over all ranks. ``on_step(step_in_epoch, stats)`` runs after every optimizer step
-    (checkpointing hooks in there; ``reduce_stats`` gives the all-rank sums so far).
+    stats are summed over all ranks. Gradients of ``ctx.accum_steps`` batches add up to one optimizer
+    step; ``on_step(batches_done_in_epoch, stats)`` runs after every optimizer step (checkpointing hooks
+    in there; ``reduce_stats`` gives the all-rank sums so far).
     Every rank takes the same decision on a non-finite loss: skip the step (``skip_nonfinite``) or
     raise :class:`NonFiniteLossError` before the optimizer touches the weights.
     """
@@ -65,9 +67,11 @@ def train_one_epoch(
     stats = stats if stats is not None else EpochStats()
     start = time.perf_counter() - stats.seconds
     bar = tqdm(total=total_steps, initial=start_step, desc=f"epoch {epoch}", disable=not progress, dynamic_ncols=True)
-    step = start_step
+    step, poisoned = start_step, False
+    ctx.optimizer.zero_grad(set_to_none=True)
     for images, targets, skipped in loader:
         step += 1
+        bar.update(1)
         stats.skipped_images += skipped
         images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
         if ctx.mixup is not None and len(images) % 2:  # timm's batch mixup needs an even batch
@@ -76,44 +80,53 @@ def train_one_epoch(
             continue
         if ctx.mixup is not None:
             images, targets = ctx.mixup(images, targets)
-        with ctx.autocast():
-            loss = ctx.loss_fn(model(images), targets)
-        bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0]))
-        if bad.item() > 0:
-            if not ctx.skip_nonfinite:
-                bar.close()
-                raise NonFiniteLossError(
-                    f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step} of the epoch; the step was not "
-                    "applied. Lower the learning rate, use --precision fp32, enable --clip-grad, or pass "
-                    "--skip-nonfinite to skip such steps."
-                )
+        boundary = step % ctx.accum_steps == 0
+        # DDP averages gradients across ranks only on the last batch of an accumulation.
+        sync = boundary or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with ctx.autocast():
+                loss = ctx.loss_fn(model(images), targets)
+            bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0]))
+            if bad.item() > 0:
+                if not ctx.skip_nonfinite:
+                    bar.close()
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step} of the epoch; the step was not "
+                        "applied. Lower the learning rate, use --precision fp32, enable --clip-grad, or pass "
+                        "--skip-nonfinite to skip such steps."
+                    )
+                poisoned = True
+            else:
+                scaled = loss / ctx.accum_steps
+                (ctx.scaler.scale(scaled) if ctx.scaler is not None else scaled).backward()
+                stats.loss_sum += loss.item() * len(images)
+                stats.images += len(images)
+        if not boundary:
+            continue
+        if poisoned:  # the whole accumulation is dropped, on every rank alike
             ctx.optimizer.zero_grad(set_to_none=True)
             stats.skipped_steps += 1
-            bar.update(1)
+            poisoned = False
             continue
-        ctx.optimizer.zero_grad(set_to_none=True)
         if ctx.scaler is not None:
-            ctx.scaler.scale(loss).backward()
             if ctx.clip_grad:
                 ctx.scaler.unscale_(ctx.optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), ctx.clip_grad)
             ctx.scaler.step(ctx.optimizer)
             ctx.scaler.update()
         else:
-            loss.backward()
             if ctx.clip_grad:
                 nn.utils.clip_grad_norm_(model.parameters(), ctx.clip_grad)
             ctx.optimizer.step()
+        ctx.optimizer.zero_grad(set_to_none=True)
         if ctx.ema is not None:
             ctx.ema.update(model.module if hasattr(model, "module") else model)
-        stats.loss_sum += loss.item() * len(images)
-        stats.images += len(images)
         stats.steps += 1
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{ctx.optimizer.param_groups[0]['lr']:.2e}")
-        bar.update(1)
         if on_step is not None:
             stats.seconds = time.perf_counter() - start
             on_step(step, stats)
+    ctx.optimizer.zero_grad(set_to_none=True)  # an incomplete accumulation at the end of the epoch is dropped
     bar.close()
     stats.seconds = time.perf_counter() - start
     return reduce_stats(stats)

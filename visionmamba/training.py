@@ -38,7 +38,8 @@ class TrainConfig:
     model_args: Dict[str, Any] = field(default_factory=dict)  # extra VisionMamba arguments (depth, embed_dim, ...)
     img_size: int = 224
     epochs: int = 300
-    batch_size: int = 64  # per process; the global batch is batch_size x processes
+    batch_size: int = 64  # per process; the global batch is batch_size x processes x accum_steps
+    accum_steps: int = 1  # gradient accumulation: batches per optimizer step
     lr: float = 5e-4  # scaled by global batch / 512 unless unscale_lr
     unscale_lr: bool = False
     min_lr: float = 1e-5
@@ -97,6 +98,8 @@ def resolve_config(overrides: Dict[str, Any], *, use_preset: bool = True) -> Tra
     values = dict(PRESETS.get(model, {})) if use_preset else {}
     values.update(overrides)
     cfg = TrainConfig(**values)
+    if cfg.accum_steps < 1:
+        raise ValueError(f"accum_steps must be >= 1, got {cfg.accum_steps}")
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
     if not cfg.data:
@@ -186,7 +189,7 @@ class Run:
             if dist.distributed
             else self.model
         )
-        self.global_batch = cfg.batch_size * dist.world_size
+        self.global_batch = cfg.batch_size * dist.world_size * cfg.accum_steps
         self.lr = cfg.lr if cfg.unscale_lr else cfg.lr * self.global_batch / 512
         self.optimizer = create_optimizer_v2(self.model, "adamw", lr=self.lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps)
         self.scheduler = CosineLRScheduler(
@@ -312,7 +315,7 @@ class Run:
             ctx = StepContext(
                 optimizer=self.optimizer, loss_fn=self.loss_fn, device=self.dist.device, autocast=self.autocast,
                 mixup=self.mixup, ema=self.ema, scaler=self.scaler, clip_grad=cfg.clip_grad,
-                skip_nonfinite=cfg.skip_nonfinite,
+                skip_nonfinite=cfg.skip_nonfinite, accum_steps=cfg.accum_steps,
             )
 
             def on_step(step: int, stats: EpochStats) -> None:
