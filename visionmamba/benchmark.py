@@ -16,6 +16,8 @@ from typing import List, Optional
 
 import torch
 
+from .engine import peak_memory_mb
+
 
 @dataclass
 class Point:
@@ -78,7 +80,7 @@ def measure(spec: str, res: int, batch: int, device: str, dtype: str, train: boo
             step()
         _sync(dev)
         point.img_per_s = batch * repeats / (time.perf_counter() - start)
-        point.peak_mem_mb = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_rss_mb()
+        point.peak_mem_mb = peak_memory_mb(dev)
     except (torch.cuda.OutOfMemoryError, MemoryError):
         point.status = "OOM"
     except RuntimeError as err:
@@ -97,12 +99,6 @@ def _reset_peak_rss() -> None:
             fh.write("5")
     except OSError:
         pass
-
-
-def _peak_rss_mb() -> float:
-    from .inference import peak_rss_mb
-
-    return peak_rss_mb()
 
 
 def measure_in_fresh_process(spec: str, res: int, batch: int, dtype: str, train: bool, repeats: int, threads: int) -> Point:

@@ -189,7 +189,16 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak CUDA memory allocated on ``device``, or the process's peak resident set size on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+    return peak_rss_mb()
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (Linux: VmHWM, which can be reset; elsewhere ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, read_file
 from .data import eval_transform, load_rgb
+from .engine import peak_rss_mb
 from .model import VisionMamba
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -136,17 +137,6 @@ def extract_features(
     mid = model.cls_index(grid[0] * grid[1])
     patches = torch.cat([tokens[:, :mid], tokens[:, mid + 1 :]], dim=1)
     return {"map": patches.reshape(patches.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()}
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (Linux: VmHWM; elsewhere ru_maxrss)."""
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def write_features(

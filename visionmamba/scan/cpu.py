@@ -309,23 +309,30 @@ std::vector<torch::Tensor> bi_backward(torch::Tensor u, torch::Tensor delta, tor
 // Depthwise conv (K taps) + SiLU for both directions: causal for 0, anti-causal for 1, no flipped copies.
 // x: (Bsz, L, E) with row stride sx_t; w: (2, K, E) (taps major: contiguous over channels); bias: (2, E)
 // -> u: (2, Bsz, L, E).
+// Pre-activation of one output row (dir, b, t) over all channels: bias + the K taps (zero outside [0, L)).
+template <typename T>
+static inline void conv_preact(const T* px, int64_t sx_b, int64_t sx_t, const T* pw, const T* pb, int64_t dir,
+                               int64_t b, int64_t t, int64_t L, int64_t E, int64_t K, T* out) {
+  const int64_t sign = dir == 0 ? 1 : -1;
+  for (int64_t e = 0; e < E; ++e) out[e] = pb[dir * E + e];
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t src = t + sign * (k - (K - 1));
+    if (src < 0 || src >= L) continue;
+    const T* xs = px + b * sx_b + src * sx_t;
+    const T* wk = pw + (dir * K + k) * E;
+#pragma omp simd
+    for (int64_t e = 0; e < E; ++e) out[e] += wk[e] * xs[e];
+  }
+}
+
 template <typename T>
 void conv_fwd_impl(const T* px, int64_t sx_b, int64_t sx_t, const T* pw, const T* pb, T* pu,
                    int64_t Bsz, int64_t L, int64_t E, int64_t K) {
   at::parallel_for(0, 2 * Bsz * L, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t dir = row / (Bsz * L), b = (row / L) % Bsz, t = row % L;
-      const int64_t sign = dir == 0 ? 1 : -1;
       T* out = pu + row * E;
-      for (int64_t e = 0; e < E; ++e) out[e] = pb[dir * E + e];
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t src = t + sign * (k - (K - 1));
-        if (src < 0 || src >= L) continue;
-        const T* xs = px + b * sx_b + src * sx_t;
-        const T* wk = pw + (dir * K + k) * E;
-#pragma omp simd
-        for (int64_t e = 0; e < E; ++e) out[e] += wk[e] * xs[e];
-      }
+      conv_preact(px, sx_b, sx_t, pw, pb, dir, b, t, L, E, K, out);
 #pragma omp simd
       for (int64_t e = 0; e < E; ++e) out[e] = out[e] / (T(1) + std::exp(-std::max(out[e], T(-80))));
     }
@@ -351,15 +358,7 @@ void conv_bwd_impl(const T* px, int64_t sx_b, int64_t sx_t, const T* pw, const T
       for (int64_t dir = 0; dir < 2; ++dir) {
         const int64_t sign = dir == 0 ? 1 : -1;
         for (int64_t t = 0; t < L; ++t) {  // g = du * silu'(pre-activation), then dw, db and dx
-          for (int64_t e = 0; e < E; ++e) pre[e] = pb[dir * E + e];
-          for (int64_t k = 0; k < K; ++k) {
-            const int64_t src = t + sign * (k - (K - 1));
-            if (src < 0 || src >= L) continue;
-            const T* xs = px + b * sx_b + src * sx_t;
-            const T* wk = pw + (dir * K + k) * E;
-#pragma omp simd
-            for (int64_t e = 0; e < E; ++e) pre[e] += wk[e] * xs[e];
-          }
+          conv_preact(px, sx_b, sx_t, pw, pb, dir, b, t, L, E, K, pre.data());
           const int64_t row = (dir * Bsz + b) * L + t;
           T* gr = pg + row * E;
           T* db = pdb + (b * 2 + dir) * E;
