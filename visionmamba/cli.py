@@ -83,6 +83,96 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+DENSE_HELP = {
+    "data": "data root (segmentation: ADE20K layout ROOT/images/<split>, ROOT/annotations/<split>; "
+            "detection: COCO layout ROOT/<split>, ROOT/annotations/instances_<split>.json)",
+    "output": "folder for checkpoints, log.jsonl, curves.png and config.json",
+    "model": "backbone model name",
+    "model_args": 'extra backbone arguments as JSON, e.g. \'{"depth": 12}\'',
+    "finetune": "ImageNet-pretrained Vim weights for the backbone (official .pth or ours)",
+    "out_indices": "four blocks feeding the pyramid (default: the last of each quarter of the depth)",
+    "crop_size": "training crop (a multiple of 32); detection: also the test-time size",
+    "scale_range": "random resize range, as a fraction of the crop size",
+    "iters": "optimizer steps",
+    "batch_size": "images per process per step",
+    "layer_decay": "layer-wise lr decay of the backbone blocks (1: none)",
+    "checkpoint_every": "iterations between checkpoints",
+    "eval_every": "iterations between evaluations (0: at the end only)",
+    "resume": "continue from a checkpoint (no value: OUTPUT/last.pth if it exists)",
+    "skip_nonfinite": "skip steps whose loss is NaN/inf instead of stopping",
+    "precision": "fp32, bf16 or fp16 autocast",
+    "num_classes": "segmentation classes (150 for ADE20K)",
+    "reduce_zero_label": "label 0 means 'other' (ignored) and classes start at 1, as in ADE20K",
+    "decoder_channels": "UperNet channels (default: the backbone width)",
+    "aux_weight": "weight of the auxiliary FCN head's loss (0: no auxiliary head)",
+    "eval_mode": "'slide' (crop-size windows, 2/3 stride) or 'whole' image inference",
+    "fpn_channels": "FPN channels",
+    "anchor_sizes": "one anchor size per level (strides 4, 8, 16, 32, 64)",
+    "detector_args": "more torchvision MaskRCNN arguments as JSON, e.g. '{\"box_batch_size_per_image\": 128}'",
+}
+
+
+def _dense_train(cls: type, args: argparse.Namespace) -> int:
+    from .dense_training import resolve, train_dense
+    from .engine import NonFiniteLossError
+
+    cfg = resolve(cls, {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+    try:
+        record = train_dense(cfg)
+    except NonFiniteLossError as err:
+        print(f"visionmamba {args.command}: stopped: {err} The last good checkpoint is {cfg.output}/last.pth.", file=sys.stderr)
+        return 3
+    print(json.dumps(record))
+    return 0
+
+
+def _cmd_seg_train(args: argparse.Namespace) -> int:
+    from .dense_training import SegConfig
+
+    return _dense_train(SegConfig, args)
+
+
+def _cmd_det_train(args: argparse.Namespace) -> int:
+    from .dense_training import DetConfig
+
+    return _dense_train(DetConfig, args)
+
+
+def _cmd_dense_eval(args: argparse.Namespace) -> int:
+    from .dense_training import evaluate_dense
+
+    metrics = evaluate_dense(args.checkpoint, args.data, args.split, device=args.device,
+                             eval_mode=getattr(args, "mode", None), progress=True)
+    if "mIoU" in metrics:
+        print(f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}  "
+              f"({metrics['images']} images, {metrics['seconds']:.0f} s)")
+        if args.per_class:
+            for i, iou in enumerate(metrics["IoU"]):
+                print(f"  class {i:3d}: IoU {iou:.2f}")
+    else:
+        print("  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith(("bbox", "segm")))
+              + f"  ({metrics['images']} images, {metrics['seconds']:.0f} s)")
+    return 0
+
+
+def _cmd_scenes(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .scenes import write_scenes
+
+    counts = write_scenes(Path(args.out), train=args.train, val=args.val, seed=args.seed, size=args.size)
+    print(f"wrote {counts['training']} training / {counts['validation']} validation scenes to {args.out} "
+          "(ADE20K layout at the root, COCO layout under coco/)")
+    return 0
+
+
+def _cmd_dense_demo(args: argparse.Namespace) -> int:
+    from .dense_demo import run_dense_demo
+
+    run_dense_demo(args.output, ["seg", "det"] if args.task == "both" else [args.task], iters=args.iters)
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .inference import list_images, load_for_inference, predict
 
@@ -192,6 +282,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--epochs", type=int, default=None, help="override the demo's number of epochs")
     p.set_defaults(func=_cmd_demo)
+
+    from .dense_training import DetConfig, SegConfig
+
+    p = sub.add_parser("seg-train", help="train Vim + UperNet on ADE20K-layout data (official recipe; torchrun for DDP)")
+    _add_dataclass_flags(p, SegConfig, DENSE_HELP)
+    p.set_defaults(func=_cmd_seg_train)
+
+    p = sub.add_parser("det-train", help="train Vim + Mask R-CNN on COCO-layout data (official recipe; torchrun for DDP)")
+    _add_dataclass_flags(p, DetConfig, DENSE_HELP)
+    p.set_defaults(func=_cmd_det_train)
+
+    for name, what in (("seg-eval", "mIoU of a seg-train checkpoint"), ("det-eval", "COCO box/mask AP of a det-train checkpoint")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--checkpoint", required=True, help=f"a {name.replace('eval', 'train')} checkpoint")
+        p.add_argument("--data", help="data root (default: the one it was trained with)")
+        p.add_argument("--split", help="split to evaluate (default: its validation split)")
+        p.add_argument("--device", default="auto")
+        if name == "seg-eval":
+            p.add_argument("--mode", choices=["slide", "whole"], help="inference mode (default: the training config's)")
+            p.add_argument("--per-class", action="store_true", help="also print every class's IoU")
+        p.set_defaults(func=_cmd_dense_eval)
+
+    p = sub.add_parser("scenes", help="write the digit-scenes data set (ADE20K and COCO layouts) from scikit-learn's digits")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--train", type=int, default=1000, help="training scenes")
+    p.add_argument("--val", type=int, default=200, help="validation scenes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128, help="canvas side in pixels")
+    p.set_defaults(func=_cmd_scenes)
+
+    p = sub.add_parser("dense-demo", help="train and evaluate segmentation and detection on the bundled digit scenes")
+    p.add_argument("--task", choices=["seg", "det", "both"], default="both")
+    p.add_argument("--output", default="runs/dense-demo")
+    p.add_argument("--iters", type=int, help="override the demo's iterations (evaluation at the end only)")
+    p.set_defaults(func=_cmd_dense_demo)
 
     def model_source(p: argparse.ArgumentParser, needs_checkpoint: bool) -> None:
         p.add_argument("--model", help="model name (ours checkpoints carry it; needed for official .pth files)")
