@@ -7,21 +7,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-pytest.importorskip("segmentation_models_pytorch")
-pytest.importorskip("pycocotools")
-pytest.importorskip("sklearn")
-
-from visionmamba import cli  # noqa: E402
-from visionmamba.dense_training import (  # noqa: E402
+from visionmamba import cli
+from visionmamba.dense_training import (
     DenseRun, DetConfig, SegConfig, build_model, default_out_indices, load_dense, resolve, train_dense,
 )
-from visionmamba.detection import CocoInstances, coco_scores  # noqa: E402
-from visionmamba.detection import train_transform as det_train_transform  # noqa: E402
-from visionmamba.scenes import coco_annotations, make_scenes, write_scenes  # noqa: E402
-from visionmamba.segmentation import (  # noqa: E402
+from visionmamba.detection import CocoInstances, coco_scores
+from visionmamba.distributed import DistInfo
+from visionmamba.detection import train_transform as det_train_transform
+from visionmamba.scenes import coco_annotations, make_scenes, write_scenes
+from visionmamba.segmentation import (
     IGNORE_INDEX, SegmentationFolder, VimUperNet, predict_logits, segmentation_scores,
 )
-from visionmamba.segmentation import train_transform as seg_train_transform  # noqa: E402
+from visionmamba.segmentation import train_transform as seg_train_transform
 
 TINY = dict(
     model="vim_tiny_patch16_224", model_args={"embed_dim": 32, "depth": 4, "patch_size": 8, "stride": 8},
@@ -87,7 +84,7 @@ def test_segmentation_scores_by_hand():
     scores = segmentation_scores(confusion)
     # IoU: class 0: tp 1 / (2 + 2 - 1) = 1/3; class 1: 2 / (2 + 3 - 2) = 2/3; class 2: 0 / (1 + 0) = 0
     assert scores["IoU"][:3] == pytest.approx([100 / 3, 200 / 3, 0.0])
-    assert np.isnan(scores["IoU"][3])
+    assert scores["IoU"][3] is None
     assert scores["mIoU"] == pytest.approx(100 / 3)
     assert scores["aAcc"] == pytest.approx(60.0)  # 3 of 5 counted pixels
     assert scores["mAcc"] == pytest.approx(100 * (0.5 + 1.0 + 0.0) / 3)
@@ -318,6 +315,22 @@ def test_dense_errors_are_clear(scenes, tmp_path, capsys):
     assert cli.main(["det-train", "--data", str(tmp_path), "--no-progress"]) == 2
     assert "COCO layout" in capsys.readouterr().err
 
+    import shutil
+
+    from visionmamba.data import CorruptImageError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(scenes, broken)
+    (broken / "images" / "training" / "00001.png").write_bytes(b"not an image")
+    ds = SegmentationFolder(str(broken), "training", seg_train_transform(64, (1, 1)), reduce_zero_label=False, train=True)
+    with pytest.raises(CorruptImageError, match="00001.png"):
+        ds[1]
+    (broken / "coco" / "train" / "00001.png").write_bytes(b"not an image")
+    det = CocoInstances(str(broken / "coco" / "train"), str(broken / "coco" / "annotations" / "instances_train.json"),
+                        det_train_transform(64, (1, 1)), train=True)
+    with pytest.raises(CorruptImageError, match="00001.png"):
+        det[1]
+
 
 def test_nan_loss_stops_before_the_step(scenes, tmp_path, monkeypatch):
     from visionmamba.engine import NonFiniteLossError
@@ -334,3 +347,44 @@ def test_scenes_cli(tmp_path, capsys):
     assert cli.main(["scenes", str(tmp_path / "s"), "--train", "3", "--val", "2", "--size", "64"]) == 0
     assert len(list((tmp_path / "s" / "images" / "training").iterdir())) == 3
     assert len(json.loads((tmp_path / "s" / "coco" / "annotations" / "instances_val.json").read_text())["images"]) == 2
+
+
+def test_dense_demo_runs_end_to_end_on_a_small_budget(tmp_path, monkeypatch, capsys):
+    """The demo's wiring (scenes, pre-training, both fine-tunings, evaluation) with tiny budgets."""
+    import functools
+
+    from visionmamba import dense_demo
+
+    monkeypatch.setattr(dense_demo, "write_scenes", functools.partial(write_scenes, train=8, val=4))
+    monkeypatch.setitem(dense_demo.PRETRAIN, "epochs", 1)
+    figures = dense_demo.run_dense_demo(str(tmp_path / "demo"), iters=2)
+    assert set(figures) == {"mIoU", "box_AP50", "box_AP", "mask_AP50"}
+    assert all(0.0 <= v <= 1.0 for v in figures.values())
+    text = capsys.readouterr().out
+    assert "segmentation demo: mIoU" in text and "detection demo: box mAP@0.5" in text
+    ckpt = torch.load(tmp_path / "demo" / "seg" / "last.pth", weights_only=False)
+    assert ckpt["config"]["finetune"] == str(tmp_path / "demo" / "pretrain" / "last.pth")
+
+
+@pytest.mark.parametrize("task", ["seg", "det"])
+def test_learning_rate_schedules_follow_the_official_shapes(scenes, task):
+    if task == "seg":  # linear warm-up from lr * 1e-6, then poly (power 1) to 0 over the whole run
+        cfg = resolve(SegConfig, dict(SEG_TINY, data=str(scenes), iters=100, warmup_iters=10, layer_decay=1.0))
+    else:  # warm-up from lr * 1e-3, then x0.1 at 88.9% and 96.3% of the run (absolute iterations)
+        cfg = resolve(DetConfig, dict(DET_TINY, data=str(scenes / "coco"), iters=100, warmup_iters=10, layer_decay=1.0))
+    run = DenseRun(cfg, DistInfo())
+
+    def lr_at(it: int) -> float:
+        run.scheduler.step_update(it)
+        return run.optimizer.param_groups[0]["lr"]
+
+    base = cfg.lr
+    if task == "seg":
+        assert lr_at(0) == pytest.approx(base * 1e-6)
+        assert lr_at(50) == pytest.approx(base * 0.5)
+        assert lr_at(99) == pytest.approx(base * 0.01)
+    else:
+        assert lr_at(0) == pytest.approx(base * 1e-3)
+        assert lr_at(50) == pytest.approx(base)
+        assert lr_at(89) == pytest.approx(base * 0.1)
+        assert lr_at(97) == pytest.approx(base * 0.01)

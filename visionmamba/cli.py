@@ -148,7 +148,7 @@ def _cmd_dense_eval(args: argparse.Namespace) -> int:
               f"({metrics['images']} images, {metrics['seconds']:.0f} s)")
         if args.per_class:
             for i, iou in enumerate(metrics["IoU"]):
-                print(f"  class {i:3d}: IoU {iou:.2f}")
+                print(f"  class {i:3d}: IoU " + ("absent" if iou is None else f"{iou:.2f}"))
     else:
         print("  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith(("bbox", "segm")))
               + f"  ({metrics['images']} images, {metrics['seconds']:.0f} s)")

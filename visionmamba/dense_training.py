@@ -287,7 +287,7 @@ class DenseRun:
             milestones = [round(cfg.iters * 163889 / 184375), round(cfg.iters * 177546 / 184375)]
             self.scheduler = MultiStepLRScheduler(
                 self.optimizer, decay_t=milestones, decay_rate=0.1, warmup_t=cfg.warmup_iters,
-                warmup_lr_init=cfg.lr * 1e-3, t_in_epochs=False,
+                warmup_lr_init=cfg.lr * 1e-3, warmup_prefix=False, t_in_epochs=False,  # absolute milestones
             )
         self.scaler = torch.amp.GradScaler(dist.device.type) if cfg.precision == "fp16" else None
         self.autocast = autocast_for(cfg.precision, dist.device)
@@ -337,6 +337,7 @@ class DenseRun:
         self.loss_sum, self.loss_count = 0.0, 0
         if self.task.val_set is not None:
             record.update(self.task.evaluate(self.model, self.task.val_set, self.dist, progress=self.cfg.progress and self.dist.is_main))
+            record["val_images"] = len(self.task.val_set)
         record["peak_mem_mb"] = peak_memory_mb(self.dist.device)
         if self.dist.is_main:
             log = self.out / "log.jsonl"

@@ -181,7 +181,10 @@ class SegmentationFolder(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         image_path, label_path = self.samples[index]
-        image = tv_tensors.Image(v2.functional.pil_to_tensor(load_rgb(str(image_path))))
+        try:
+            image = tv_tensors.Image(v2.functional.pil_to_tensor(load_rgb(str(image_path))))
+        except CorruptImageError as err:
+            raise CorruptImageError(f"cannot read image {str(image_path)!r}: replace or remove it and its label map ({err.__cause__})") from err
         label = self.read_label(label_path)
         if image.shape[-2:] != label.shape:
             raise ValueError(f"{image_path} is {tuple(image.shape[-2:])} but its label map {label_path} is {tuple(label.shape)}")
@@ -235,7 +238,7 @@ def predict_logits(
 def segmentation_scores(confusion: torch.Tensor) -> Dict[str, float]:
     """mIoU, mean accuracy and pixel accuracy (all in %) from a (classes x classes) confusion matrix
     (rows: truth, columns: prediction). Classes absent from both truth and prediction do not count,
-    as in mmseg (nan-mean)."""
+    as in mmseg (nan-mean); their per-class IoU is None."""
     confusion = confusion.double()
     tp = confusion.diag()
     truth, predicted = confusion.sum(1), confusion.sum(0)
@@ -246,5 +249,5 @@ def segmentation_scores(confusion: torch.Tensor) -> Dict[str, float]:
         "mIoU": 100.0 * iou.nanmean().item(),
         "mAcc": 100.0 * accuracy.nanmean().item(),
         "aAcc": 100.0 * (tp.sum() / confusion.sum().clamp(min=1)).item(),
-        "IoU": [100.0 * v for v in iou.tolist()],
+        "IoU": [None if v != v else 100.0 * v for v in iou.tolist()],  # None (valid JSON) for absent classes
     }
