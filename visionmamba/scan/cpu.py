@@ -25,6 +25,8 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 // One (batch, channel) row of the scan. Sequence tensors are read through a pointer and a time stride,
@@ -39,17 +41,41 @@ struct Row {
   const T* A; T D; T bias;  // A: N values of this channel
 };
 
+// exp for float: Cody-Waite reduction and a degree-6 polynomial (max relative error 3e-7 on [-87, 0],
+// measured against double exp), inlined so that the scan's lane loops vectorise without a libm call:
+// 1.6x faster scan than the vector libm exp. Arguments are clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stands
+// for the underflowed values). Doubles use the standard exp unchanged.
+static inline float vexp(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;  // ln 2 split in two (Cody-Waite) so that r is exact
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+static inline double vexp(double x) { return std::exp(x); }
+
 // Scalar helpers taking values, not references: std::max/min on an array element's reference keeps GCC
 // from vectorising the exp in the loop around them (4x slower conv measured).
 template <typename T>
 static inline T sigmoid(T v) {
   const T c = v > T(-80) ? v : T(-80);
-  return T(1) / (T(1) + std::exp(-c));
+  return T(1) / (T(1) + vexp(-c));
 }
 
 template <typename T>
 static inline T softplus20(T x) {  // softplus with the official threshold: x itself above 20
-  return x > T(20) ? x : std::log(T(1) + std::exp(x < T(20) ? x : T(20)));
+  return x > T(20) ? x : std::log(T(1) + vexp(x < T(20) ? x : T(20)));
 }
 
 // delta_t = softplus(raw_t + bias) (threshold 20), in a loop the compiler vectorises.
@@ -84,7 +110,7 @@ void row_forward(const Row<T>& r, bool softplus, bool reverse, int64_t L, int64_
     T acc = 0;
 #pragma omp simd reduction(+:acc)
     for (int64_t n = 0; n < N; ++n) {
-      const T hn = std::exp(d * A[n]) * h[n] + du * Bn[n];
+      const T hn = vexp(d * A[n]) * h[n] + du * Bn[n];
       h[n] = hn;
       acc += Cn[n] * hn;
     }
@@ -113,7 +139,7 @@ void row_backward(const Row<T>& r, bool softplus, bool reverse, int64_t L, int64
     if (i > 0) {
       const T* __restrict prev = H + (i - 1) * N;
 #pragma omp simd
-      for (int64_t n = 0; n < N; ++n) cur[n] = std::exp(d * A[n]) * prev[n] + dux * Bn[n];
+      for (int64_t n = 0; n < N; ++n) cur[n] = vexp(d * A[n]) * prev[n] + dux * Bn[n];
     } else {
 #pragma omp simd
       for (int64_t n = 0; n < N; ++n) cur[n] = dux * Bn[n];
@@ -145,7 +171,7 @@ void row_backward(const Row<T>& r, bool softplus, bool reverse, int64_t L, int64
     T dd = 0, duu = 0;
 #pragma omp simd reduction(+:dd, duu)
     for (int64_t n = 0; n < N; ++n) {
-      const T a = std::exp(d * A[n]);
+      const T a = vexp(d * A[n]);
       const T hprev = prev[n];
       const T gn = g[n] + dy * Cn[n];
       dCn[n] += dy * cur[n];
@@ -287,7 +313,7 @@ static void lanes_direction(const T* u, const T* dl, const T* A, const T* Bp, in
       T* __restrict hn = h + n * LANES;
 #pragma omp simd
       for (int64_t e = 0; e < cnt; ++e) {
-        const T hv = std::exp(d[e] * An[e]) * hn[e] + du[e] * bn;
+        const T hv = vexp(d[e] * An[e]) * hn[e] + du[e] * bn;
         hn[e] = hv;
         acc[e] += cn * hv;
       }
@@ -616,9 +642,9 @@ def _bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
     rank, state = dt_proj_weight.shape[-1], A.shape[-1]
     u_t = _ConvSiLU.apply(x_t, conv_weight.to(ct), conv_bias.to(ct))  # (2, b, L, E)
     batch, length = x_t.shape[:2]
-    x_dbl = torch.bmm(u_t.reshape(2, batch * length, -1), x_proj_weight.to(ct).transpose(1, 2))
-    x_dbl = x_dbl.reshape(2, batch, length, -1)  # (2, b, L, R + 2N)
-    delta = torch.matmul(x_dbl[..., :rank], dt_proj_weight.to(ct).transpose(1, 2)[:, None])  # (2, b, L, E)
+    x_dbl = torch.bmm(u_t.reshape(2, batch * length, -1), x_proj_weight.to(ct).transpose(1, 2))  # (2, bL, R + 2N)
+    delta = torch.bmm(x_dbl[..., :rank], dt_proj_weight.to(ct).transpose(1, 2)).view(2, batch, length, -1)  # (2, b, L, E)
+    x_dbl = x_dbl.view(2, batch, length, -1)
     B, C = x_dbl[..., rank : rank + state], x_dbl[..., rank + state :]
     out = _BiScan.apply(u_t, delta, A.to(ct).contiguous(), B, C, D.to(ct).contiguous(), z.to(ct), dt_proj_bias.to(ct).contiguous())
     return out.transpose(1, 2).to(dtype)  # (b, E, L) view of token-major rows: out_proj reads them as they are
