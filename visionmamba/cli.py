@@ -50,18 +50,10 @@ TRAIN_HELP = {
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .engine import NonFiniteLossError
     from .training import TrainConfig, resolve_config, train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    cfg = resolve_config(overrides, use_preset=args.preset)
-    try:
-        record = train(cfg)
-    except NonFiniteLossError as err:
-        print(f"visionmamba train: stopped: {err} The last good checkpoint is {cfg.output}/last.pth.", file=sys.stderr)
-        return 3
-    print(json.dumps(record))
-    return 0
+    return _report_training("train", train, resolve_config(overrides, use_preset=args.preset))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -114,13 +106,19 @@ DENSE_HELP = {
 
 def _dense_train(cls: type, args: argparse.Namespace) -> int:
     from .dense_training import resolve, train_dense
-    from .engine import NonFiniteLossError
 
     cfg = resolve(cls, {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+    return _report_training(args.command, train_dense, cfg)
+
+
+def _report_training(command: str, train_fn, cfg) -> int:
+    """Train; print the last record as JSON (exit 0), or why a non-finite loss stopped the run (exit 3)."""
+    from .engine import NonFiniteLossError
+
     try:
-        record = train_dense(cfg)
+        record = train_fn(cfg)
     except NonFiniteLossError as err:
-        print(f"visionmamba {args.command}: stopped: {err} The last good checkpoint is {cfg.output}/last.pth.", file=sys.stderr)
+        print(f"visionmamba {command}: stopped: {err} The last good checkpoint is {cfg.output}/last.pth.", file=sys.stderr)
         return 3
     print(json.dumps(record))
     return 0

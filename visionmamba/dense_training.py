@@ -6,13 +6,11 @@ step (detection) schedule (timm), per-sample seeded augmentation, atomic checkpo
 evaluation every M iterations into ``log.jsonl`` and ``curves.png``.
 """
 import json
-import random
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import timm
 import torch
 import torch.nn as nn
@@ -24,9 +22,11 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write, extract_state_dict, load_checkpoint, read_file
 from .data import ResumableSampler
+from .detection import collate_lists
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from .engine import NonFiniteLossError, peak_memory_mb
-from .training import _rng_state, _set_rng_state, _versions, autocast_for
+from .segmentation import collate_pairs
+from .training import _rng_state, _set_rng_state, _versions, autocast_for, run_training
 
 
 @dataclass
@@ -162,11 +162,7 @@ class SegTask:
         )
         self.val_set = val_set_or_none(make_val) if train else make_val()
 
-    @staticmethod
-    def collate(batch):
-        from .segmentation import collate_pairs
-
-        return collate_pairs(batch)
+    collate = staticmethod(collate_pairs)
 
     @staticmethod
     def to_device(batch, device: torch.device):
@@ -216,11 +212,7 @@ class DetTask:
             self.classes = self.val_set.classes
         self.num_classes = len(self.classes)
 
-    @staticmethod
-    def collate(batch):
-        from .detection import collate_lists
-
-        return collate_lists(batch)
+    collate = staticmethod(collate_lists)
 
     @staticmethod
     def to_device(batch, device: torch.device):
@@ -442,19 +434,7 @@ def plot_dense_curves(records: List[Dict[str, Any]], metric: str, path: Path) ->
 
 def train_dense(cfg: DenseConfig) -> Dict[str, Any]:
     """Run (or resume) a seg/det training run; returns the last record."""
-    dist = init_distributed(cfg.device)
-    try:
-        torch.manual_seed(cfg.seed + dist.rank)
-        np.random.seed(cfg.seed + dist.rank)
-        random.seed(cfg.seed + dist.rank)
-        run = DenseRun(cfg, dist)
-        if cfg.resume:
-            path = Path(cfg.output) / "last.pth" if cfg.resume == "auto" else Path(cfg.resume)
-            if cfg.resume != "auto" or path.is_file():
-                run.resume(str(path))
-        return run.train()
-    finally:
-        cleanup()
+    return run_training(cfg, DenseRun)
 
 
 def load_dense(path: str, device: torch.device) -> Tuple[nn.Module, DenseConfig, Dict[str, Any]]:

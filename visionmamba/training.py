@@ -6,7 +6,7 @@ import platform
 import random
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import timm
@@ -399,12 +399,18 @@ def plot_curves(records: List[Dict[str, Any]], path: Path) -> None:
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Run (or resume) a training run; returns the last epoch's record."""
+    return run_training(cfg, Run)
+
+
+def run_training(cfg: Any, make_run: Callable[[Any, DistInfo], Any]) -> Dict[str, Any]:
+    """Join the process group, seed every RNG per rank, build the run, resume it if asked
+    (``cfg.resume``: a path, or "auto" for OUTPUT/last.pth when it exists), train; shared by all trainers."""
     dist = init_distributed(cfg.device)
     try:
         torch.manual_seed(cfg.seed + dist.rank)
         np.random.seed(cfg.seed + dist.rank)
         random.seed(cfg.seed + dist.rank)
-        run = Run(cfg, dist)
+        run = make_run(cfg, dist)
         if cfg.resume:
             path = Path(cfg.output) / "last.pth" if cfg.resume == "auto" else Path(cfg.resume)
             if cfg.resume != "auto" or path.is_file():
