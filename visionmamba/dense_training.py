@@ -20,12 +20,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from . import detection, segmentation
 from .checkpoint import atomic_write, extract_state_dict, load_checkpoint, read_file
 from .data import ResumableSampler
-from .detection import collate_lists
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from .engine import NonFiniteLossError, peak_memory_mb
-from .segmentation import collate_pairs
 from .training import _rng_state, _set_rng_state, _versions, autocast_for, run_training
 
 
@@ -109,15 +108,11 @@ def build_model(cfg: DenseConfig, num_classes: int, *, pretrained: bool = True) 
         load_checkpoint(backbone, cfg.finetune, drop_head=True)
     out_indices = cfg.out_indices or default_out_indices(len(backbone.layers))
     if isinstance(cfg, SegConfig):
-        from .segmentation import VimUperNet
-
-        return VimUperNet(
+        return segmentation.VimUperNet(
             backbone, num_classes, out_indices=out_indices,
             channels=cfg.decoder_channels or backbone.embed_dim, aux_weight=cfg.aux_weight,
         )
-    from .detection import VimMaskRCNN
-
-    return VimMaskRCNN(
+    return detection.VimMaskRCNN(
         backbone, num_classes, out_indices=out_indices, min_size=cfg.crop_size, max_size=cfg.crop_size,
         fpn_channels=cfg.fpn_channels, anchor_sizes=cfg.anchor_sizes, detector_args=cfg.detector_args,
     )
@@ -147,22 +142,21 @@ class SegTask:
     metric = "mIoU"
 
     def __init__(self, cfg: SegConfig, *, train: bool = True) -> None:
-        from .segmentation import SegmentationFolder, eval_transform, train_transform
-
         self.cfg = cfg
         self.num_classes = cfg.num_classes
         self.classes: List[str] = []
         if train:
-            self.train_set = SegmentationFolder(
-                cfg.data, cfg.train_split, train_transform(cfg.crop_size, cfg.scale_range),
+            self.train_set = segmentation.SegmentationFolder(
+                cfg.data, cfg.train_split, segmentation.train_transform(cfg.crop_size, cfg.scale_range),
                 reduce_zero_label=cfg.reduce_zero_label, train=True, seed=cfg.seed,
             )
-        make_val = lambda: SegmentationFolder(  # noqa: E731
-            cfg.data, cfg.val_split, eval_transform(cfg.crop_size), reduce_zero_label=cfg.reduce_zero_label, train=False
+        make_val = lambda: segmentation.SegmentationFolder(  # noqa: E731
+            cfg.data, cfg.val_split, segmentation.eval_transform(cfg.crop_size), reduce_zero_label=cfg.reduce_zero_label,
+            train=False,
         )
         self.val_set = val_set_or_none(make_val) if train else make_val()
 
-    collate = staticmethod(collate_pairs)
+    collate = staticmethod(segmentation.collate_pairs)
 
     @staticmethod
     def to_device(batch, device: torch.device):
@@ -172,19 +166,17 @@ class SegTask:
     def evaluate(self, model: nn.Module, dataset, dist: DistInfo, *, progress: bool = False) -> Dict[str, Any]:
         from torchmetrics.classification import MulticlassConfusionMatrix
 
-        from .segmentation import IGNORE_INDEX, predict_logits, segmentation_scores
-
         model.eval()
-        confusion = MulticlassConfusionMatrix(self.num_classes, ignore_index=IGNORE_INDEX).to(dist.device)
+        confusion = MulticlassConfusionMatrix(self.num_classes, ignore_index=segmentation.IGNORE_INDEX).to(dist.device)
         shard = list(range(dist.rank, len(dataset), dist.world_size))
         for i in tqdm(shard, desc="seg-eval", disable=not progress, dynamic_ncols=True):
             image, label = dataset[i]
             with torch.no_grad():
-                logits = predict_logits(model, image[None].to(dist.device), mode=self.cfg.eval_mode, crop=self.cfg.crop_size,
+                logits = segmentation.predict_logits(model, image[None].to(dist.device), mode=self.cfg.eval_mode, crop=self.cfg.crop_size,
                                         stride=self.cfg.crop_size * 2 // 3)
                 logits = nn.functional.interpolate(logits.float(), size=label.shape, mode="bilinear", align_corners=False)
             confusion.update(logits.argmax(1), label[None].to(dist.device))
-        return segmentation_scores(confusion.compute().cpu())  # torchmetrics sums the matrix over ranks
+        return segmentation.segmentation_scores(confusion.compute().cpu())  # torchmetrics sums the matrix over ranks
 
 
 class DetTask:
@@ -193,17 +185,16 @@ class DetTask:
     metric = "bbox_AP"
 
     def __init__(self, cfg: DetConfig, *, train: bool = True) -> None:
-        from .detection import CocoInstances, eval_transform, train_transform
-
         self.cfg = cfg
         root = Path(cfg.data)
-        make_val = lambda: CocoInstances(  # noqa: E731
-            str(root / cfg.val_split), str(root / "annotations" / f"instances_{cfg.val_split}.json"), eval_transform(), train=False
+        make_val = lambda: detection.CocoInstances(  # noqa: E731
+            str(root / cfg.val_split), str(root / "annotations" / f"instances_{cfg.val_split}.json"),
+            detection.eval_transform(), train=False,
         )
         if train:
-            self.train_set = CocoInstances(
+            self.train_set = detection.CocoInstances(
                 str(root / cfg.train_split), str(root / "annotations" / f"instances_{cfg.train_split}.json"),
-                train_transform(cfg.crop_size, cfg.scale_range), train=True, seed=cfg.seed,
+                detection.train_transform(cfg.crop_size, cfg.scale_range), train=True, seed=cfg.seed,
             )
             self.val_set = val_set_or_none(make_val)
             self.classes = self.train_set.classes
@@ -212,7 +203,7 @@ class DetTask:
             self.classes = self.val_set.classes
         self.num_classes = len(self.classes)
 
-    collate = staticmethod(collate_lists)
+    collate = staticmethod(detection.collate_lists)
 
     @staticmethod
     def to_device(batch, device: torch.device):
@@ -220,8 +211,6 @@ class DetTask:
         return [i.to(device) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
 
     def evaluate(self, model: nn.Module, dataset, dist: DistInfo, *, progress: bool = False) -> Dict[str, Any]:
-        from .detection import coco_scores, gather_results, to_coco_results
-
         model.eval()
         results: List[Dict[str, Any]] = []
         image_ids: List[int] = []
@@ -232,9 +221,9 @@ class DetTask:
                 output = model([image.to(dist.device)])[0]
             image_id = int(target["image_id"])
             image_ids.append(image_id)
-            results += to_coco_results(output, image_id, dataset.category_ids)
-        results, image_ids = gather_results(results, image_ids, dist)
-        return coco_scores(dataset.coco, results, image_ids) if dist.is_main else {}
+            results += detection.to_coco_results(output, image_id, dataset.category_ids)
+        results, image_ids = detection.gather_results(results, image_ids, dist)
+        return detection.coco_scores(dataset.coco, results, image_ids) if dist.is_main else {}
 
 
 def val_set_or_none(make):
