@@ -314,6 +314,8 @@ def test_dense_errors_are_clear(scenes, tmp_path, capsys):
     assert "not a seg-train / det-train checkpoint" in capsys.readouterr().err
     assert cli.main(["det-train", "--data", str(tmp_path), "--no-progress"]) == 2
     assert "COCO layout" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at least 2 images"):
+        train_dense(resolve(SegConfig, dict(SEG_TINY, data=str(scenes), output=str(tmp_path / "b1"), batch_size=1)))
 
     import shutil
 
@@ -388,3 +390,35 @@ def test_learning_rate_schedules_follow_the_official_shapes(scenes, task):
         assert lr_at(50) == pytest.approx(base)
         assert lr_at(89) == pytest.approx(base * 0.1)
         assert lr_at(97) == pytest.approx(base * 0.01)
+
+
+@pytest.mark.parametrize("task", ["seg", "det"])
+def test_two_process_ddp_trains_and_evaluates_every_image_once(scenes, tmp_path, task):
+    """torchrun with 2 gloo processes: training runs, and the metric reduced over both ranks equals the
+    single-process evaluation of the same checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / task
+    if task == "seg":
+        args = ["seg-train", "--data", str(scenes), "--num-classes", "11", "--no-reduce-zero-label", "--decoder-channels", "16",
+                "--eval-mode", "whole"]
+        metric = "mIoU"
+    else:
+        args = ["det-train", "--data", str(scenes / "coco"), "--train-split", "train", "--val-split", "val", "--fpn-channels", "16",
+                "--anchor-sizes", "8", "16", "32", "64", "128", "--detector-args", json.dumps(DET_TINY["detector_args"])]
+        metric = "bbox_AP50"
+    args += ["--output", str(out), "--iters", "2", "--model-args", json.dumps(TINY["model_args"]), "--crop-size", "64",
+             "--batch-size", "2", "--workers", "0", "--no-progress", "--warmup-iters", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "visionmamba", *args],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert record["iter"] == 2 and record["val_images"] == 4
+    from visionmamba.dense_training import evaluate_dense
+
+    single = evaluate_dense(str(out / "last.pth"), device="cpu", progress=False)
+    assert single[metric] == pytest.approx(record[metric], abs=1e-9)

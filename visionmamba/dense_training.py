@@ -246,8 +246,14 @@ class DenseRun:
         self.task = make_task(cfg)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.model = build_model(cfg, self.task.num_classes)
-        if dist.distributed and dist.device.type == "cuda":  # BN statistics over the global batch (SyncBN: GPU only)
+        sync_bn = dist.distributed and dist.device.type == "cuda"  # BN statistics over the global batch (GPU only)
+        if sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if isinstance(cfg, SegConfig) and cfg.batch_size * (dist.world_size if sync_bn else 1) < 2:
+            raise ValueError(
+                "UperNet's pyramid pooling normalises a 1x1 map with BatchNorm, which needs at least 2 images per "
+                "batch (per process on CPU; over all GPUs with SyncBatchNorm): raise --batch-size"
+            )
         self.model.to(dist.device)
         torch.manual_seed(cfg.seed + dist.rank)
         self.ddp = (
