@@ -219,6 +219,16 @@ def _loss_after_steps(model, inputs, targets, steps: int) -> list:
     return losses
 
 
+def test_aux_weight_zero_drops_the_auxiliary_head():
+    cfg = resolve(SegConfig, dict(SEG_TINY, data="x", aux_weight=0.0))
+    model = build_model(cfg, 11).train()
+    assert model.aux_head is None
+    _, parts = model(torch.randn(2, 3, 64, 64), torch.randint(0, 11, (2, 64, 64)))
+    assert set(parts) == {"loss_seg"}
+    with_aux = build_model(resolve(SegConfig, dict(SEG_TINY, data="x")), 11).train()
+    assert set(with_aux(torch.randn(2, 3, 64, 64), torch.randint(0, 11, (2, 64, 64)))[1]) == {"loss_seg", "loss_aux"}
+
+
 def test_two_steps_lower_the_segmentation_loss(scenes):
     cfg = resolve(SegConfig, dict(SEG_TINY, data=str(scenes)))
     torch.manual_seed(0)
