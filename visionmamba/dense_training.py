@@ -25,7 +25,7 @@ from .checkpoint import atomic_write, extract_state_dict, load_checkpoint, read_
 from .data import ResumableSampler
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from .engine import NonFiniteLossError, peak_memory_mb
-from .training import _rng_state, _set_rng_state, _versions, autocast_for, run_training
+from .training import _rng_state, _set_rng_state, _versions, append_record, autocast_for, run_training
 
 
 @dataclass
@@ -284,7 +284,8 @@ class DenseRun:
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.task.train_set)} training images make no full batch of {cfg.batch_size}; lower --batch-size")
         self.iteration, self.best = 0, -1.0
-        self.loss_sum, self.loss_count, self.skipped = 0.0, 0, 0  # since the last record
+        self.loss_sum, self.loss_count = 0.0, 0  # since the last record
+        self.skipped = 0  # over the whole run
 
     def state(self) -> Dict[str, Any]:
         return {
@@ -327,9 +328,7 @@ class DenseRun:
             record["val_images"] = len(self.task.val_set)
         record["peak_mem_mb"] = peak_memory_mb(self.dist.device)
         if self.dist.is_main:
-            log = self.out / "log.jsonl"
-            records = [r for r in read_log(log) if r["iter"] < record["iter"]] + [record]
-            atomic_write(log, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
+            records = append_record(self.out / "log.jsonl", record, "iter")
             plot_dense_curves(records, self.task.metric, self.out / "curves.png")
             print(summary(record, self.task.metric), flush=True)
         self.save()
@@ -400,12 +399,6 @@ def summary(record: Dict[str, Any], metric: str) -> str:
     shown = [k for k in ("mIoU", "mAcc", "aAcc", "bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50") if k in record]
     text += "".join(f", {k} {record[k]:.2f}" for k in shown)
     return text + f", peak {record['peak_mem_mb']:.0f} MB" + (f", skipped {record['skipped_steps']} steps" if record["skipped_steps"] else "")
-
-
-def read_log(path: Path) -> List[Dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_dense_curves(records: List[Dict[str, Any]], metric: str, path: Path) -> None:

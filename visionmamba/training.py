@@ -277,10 +277,7 @@ class Run:
     def log_epoch(self, record: Dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
-        log = self.out / "log.jsonl"
-        records = [r for r in read_log(log) if r["epoch"] < record["epoch"]] + [record]
-        atomic_write(log, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
-        plot_curves(records, self.out / "curves.png")
+        plot_curves(append_record(self.out / "log.jsonl", record, "epoch"), self.out / "curves.png")
 
     # --------------------------------------------------------------------------------------------- loop
     def loader(self, dataset, sampler, shuffle_seed: int) -> DataLoader:
@@ -367,6 +364,14 @@ def epoch_summary(record: Dict[str, Any]) -> str:
     text += f", {record['img_per_s']:.0f} img/s, peak {record['peak_mem_mb']:.0f} MB"
     skipped = record["skipped_steps"] + record["skipped_images"]
     return text + (f", skipped {record['skipped_steps']} steps / {record['skipped_images']} images" if skipped else "")
+
+
+def append_record(path: Path, record: Dict[str, Any], key: str) -> List[Dict[str, Any]]:
+    """Rewrite the JSON-lines log atomically with ``record`` last; records at or after its ``key`` (left by a
+    run killed after logging and resumed from an earlier checkpoint) are dropped. Returns all records."""
+    records = [r for r in read_log(path) if r[key] < record[key]] + [record]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
+    return records
 
 
 def read_log(path: Path) -> List[Dict[str, Any]]:
