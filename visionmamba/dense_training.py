@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import detection, segmentation
 from .checkpoint import atomic_write, extract_state_dict, load_checkpoint, read_file
 from .data import ResumableSampler
-from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers, cleanup, init_distributed
 from .engine import NonFiniteLossError, peak_memory_mb
 from .training import _rng_state, _set_rng_state, _versions, append_record, autocast_for, run_training
 
@@ -324,6 +324,7 @@ class DenseRun:
         }
         self.loss_sum, self.loss_count = 0.0, 0
         if self.task.val_set is not None:
+            broadcast_buffers(self.model)  # rank 0 saves its BatchNorm statistics: every shard is scored with them
             record.update(self.task.evaluate(self.model, self.task.val_set, self.dist, progress=self.cfg.progress and self.dist.is_main))
             record["val_images"] = len(self.task.val_set)
         record["peak_mem_mb"] = peak_memory_mb(self.dist.device)

@@ -49,6 +49,18 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (e.g. BatchNorm running statistics).
+
+    DDP broadcasts buffers at the start of each forward, so after the last training step each rank still
+    holds the statistics of its own last batch; an evaluation sharded over ranks must first agree on the
+    model that rank 0 saves, or each shard is scored by a slightly different model.
+    """
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from . import __version__
 from .checkpoint import atomic_write, extract_state_dict, load_checkpoint, read_file
 from .data import ResumableSampler, SeededImageFolder, collate_skipping, eval_transform, imagenet_targets
-from .distributed import DistInfo, barrier, cleanup, init_distributed
+from .distributed import DistInfo, barrier, broadcast_buffers, cleanup, init_distributed
 from .engine import EpochStats, StepContext, evaluate, peak_memory_mb, reduce_stats, train_one_epoch
 
 
@@ -294,6 +294,7 @@ class Run:
 
     def evaluate(self, model: nn.Module) -> Dict[str, float]:
         world, rank = self.dist.world_size, self.dist.rank
+        broadcast_buffers(model)
         shard = list(range(rank, len(self.val_set), world))  # every image once over all ranks
         loader = self.loader(self.val_set, shard, self.cfg.seed)
         return evaluate(model, loader, device=self.dist.device, autocast=self.autocast)
