@@ -3,7 +3,8 @@ Figure 1 (speed and memory vs resolution), with ratios against the first model m
 
 CPU points run each in a fresh process (peak resident memory is per process); GPU points run in this
 process with CUDA's peak-allocated counter reset per point. Out of memory is recorded as such.
-A model spec is a timm name, optionally with ":naive" to turn off fused attention (DeiT).
+A model spec is a timm name, optionally with ":naive" to turn off fused attention (DeiT) or ":onednn" to
+give its plain linears Vim's oneDNN route (like-for-like matrix products on the CPU).
 """
 import csv
 import json
@@ -31,7 +32,7 @@ class Point:
 
 
 def build(spec: str, res: int) -> torch.nn.Module:
-    """A model from ``name[:naive]`` for res x res inputs."""
+    """A model from ``name[:naive|:onednn]`` for res x res inputs."""
     import timm
 
     import visionmamba  # noqa: F401  (registers the Vim entrypoints)
@@ -42,8 +43,12 @@ def build(spec: str, res: int) -> torch.nn.Module:
         for module in model.modules():
             if hasattr(module, "fused_attn"):
                 module.fused_attn = False
+    elif variant == "onednn":
+        from .linear import use_onednn_linears
+
+        use_onednn_linears(model)
     elif variant:
-        raise ValueError(f"unknown model variant {variant!r} in {spec!r} (only ':naive')")
+        raise ValueError(f"unknown model variant {variant!r} in {spec!r} (':naive' or ':onednn')")
     return model
 
 

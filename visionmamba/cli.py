@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", help="images/s and peak memory vs resolution, with a table of ratios, CSV and plot")
     p.add_argument("--models", nargs="+", default=["vim_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_patch16_224:naive"],
-                   help="timm names; ':naive' turns off fused attention")
+                   help="timm names; ':naive' turns off fused attention, ':onednn' routes plain linears through oneDNN")
     p.add_argument("--res", type=int, nargs="+", default=[224, 512])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from . import scan
+from .linear import Linear
 
 
 class BiMambaMixer(nn.Module):
@@ -47,15 +48,15 @@ class BiMambaMixer(nn.Module):
         self.A_b_log = nn.Parameter(a_log.clone())
         self.D_b = nn.Parameter(torch.ones(inner))
 
-        self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
+        self.in_proj = Linear(dim, 2 * inner, bias=False)
         self.conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
-        self.x_proj = nn.Linear(inner, rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(rank, inner, bias=True)
+        self.x_proj = Linear(inner, rank + 2 * d_state, bias=False)
+        self.dt_proj = Linear(rank, inner, bias=True)
         self._init_dt_proj(dt_min, dt_max, dt_init_floor)  # here, to draw random numbers in the official order
         self.conv1d_b = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
-        self.x_proj_b = nn.Linear(inner, rank + 2 * d_state, bias=False)
-        self.dt_proj_b = nn.Linear(rank, inner, bias=True)
-        self.out_proj = nn.Linear(inner, dim, bias=False)
+        self.x_proj_b = Linear(inner, rank + 2 * d_state, bias=False)
+        self.dt_proj_b = Linear(rank, inner, bias=True)
+        self.out_proj = Linear(inner, dim, bias=False)
 
     @torch.no_grad()
     def _init_dt_proj(self, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
