@@ -209,9 +209,11 @@ def test_scan_benchmark_smoke_run(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("batch, length", [(3, 1), (1, 63), (2, 197)])
-def test_cpu_fused_bidirectional_matches_the_flip_composition(dtype, batch, length):
-    """The CPU mixer core (conv + SiLU both ways, reverse scan, no flips) vs the reference composition."""
+@pytest.mark.parametrize("batch, length, steep", [(3, 1, False), (1, 63, False), (2, 197, False), (2, 70, True)])
+def test_cpu_fused_bidirectional_matches_the_flip_composition(dtype, batch, length, steep):
+    """The CPU mixer core (conv + SiLU both ways, reverse scan, no flips, dt_proj fused, chunks of 32 steps) vs
+    the reference composition. ``steep``: delta ~ 60 with |A| up to 16 * e, so most decays exp(delta A)
+    underflow to 0 (the fast exp must do so as the reference does)."""
     channels, state, rank, taps = 37, 16, 3, 4
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
@@ -220,6 +222,9 @@ def test_cpu_fused_bidirectional_matches_the_flip_composition(dtype, batch, leng
     params = [r(2, channels, taps) * 0.3, r(2, channels) * 0.1, r(2, rank + 2 * state, channels) / channels**0.5,
               r(2, channels, rank) / rank**0.5, r(2, channels) * 0.1, -torch.exp(r(2, channels, state) * 0.3),
               1 + 0.1 * r(2, channels)]
+    if steep:
+        params[4] = params[4] + 60.0  # dt_proj bias
+        params[5] = params[5] * torch.arange(1, state + 1, dtype=dtype)  # A
     dout = r(batch, channels, length)
 
     def run(backend):

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ..linear import linear
 from .common import compute_dtype
 
 CHANNEL_BLOCK = 32
@@ -27,6 +28,7 @@ _SOURCE = r"""
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 // One (batch, channel) row of the scan. Sequence tensors are read through a pointer and a time stride,
@@ -280,79 +282,193 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta, torch:
 }
 
 // ------------------------------------------------------------------------------------ both directions
-// Forward of both directions with channels as the SIMD lanes: a task owns W channels of one batch row and
-// walks t; per step and state n it updates W independent states (no horizontal reduction, W-wide exps).
-// u, delta: (2, Bsz, L, E) token-major; A_ne: (2, N, E); B: (2, Bsz, L, N) through strides (sB_d, sB_b,
-// sB_t) with C_t at B_t + c_off (column slices of x_proj's output); z: (Bsz, E, L) through strides; D, bias:
-// (2, E). Returns (Bsz, L, E) = (y_forward + y_backward) / 2, the backward direction walking t = L-1 .. 0.
+// Forward of both directions with channels as the SIMD lanes: a task owns up to GROUP x 16 channels of one
+// batch row and walks t; per step and state n it updates 16 independent states (no horizontal reduction,
+// 16-wide exps). u: (2, Bsz, L, E) contiguous; xdbl: x_proj's output (2, Bsz, L, R + 2N) through strides
+// (sB_d, sB_b, sB_t): dt_t in columns [0, R), B_t from R, C_t at B_t + c_off; W_t: dt_proj's weight (2, R, E),
+// applied inside the kernel so that delta (as large as u) is never written; A_ne: (2, N, E); z: (Bsz, E, L)
+// with contiguous channels; D, bias: (2, E). Returns (Bsz, L, E) = (y_forward + y_backward) / 2, the
+// backward direction walking t = L-1 .. 0.
 constexpr int64_t LANES = 16;
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#define VM_AVX512 1
+// One time step of 16 channels x N states in AVX-512 registers: h = exp(d A) h + du B_n; acc += C_n h.
+// exp(d A) = 2^(d A log2 e) with A2 = A log2 e: f = x - floor(x) (vreduceps), a degree-5 polynomial for 2^f
+// on [0, 1) (max relative error 1.6e-7 in float32 evaluation), then vscalefps multiplies by 2^floor(x),
+// underflowing gradually to 0 (no clamp needed): 8 instructions per 16 exps.
+static inline void states_avx512(const float* d, const float* du, float* acc, const float* A2, int64_t E,
+                                 const float* Bt, const float* Ct, int64_t N, float* __restrict h) {
+  const __m512 vd = _mm512_loadu_ps(d), vdu = _mm512_loadu_ps(du);
+  __m512 vacc = _mm512_loadu_ps(acc), vacc2 = _mm512_setzero_ps();  // two sums: half the add-latency chain
+  const __m512 c0 = _mm512_set1_ps(0.99999994039535522f), c1 = _mm512_set1_ps(0.69315308332443237f),
+               c2 = _mm512_set1_ps(0.24015359580516815f), c3 = _mm512_set1_ps(0.055826339870691299f),
+               c4 = _mm512_set1_ps(0.0089893406257033348f), c5 = _mm512_set1_ps(0.0018775670323520899f);
+  for (int64_t n = 0; n < N; ++n) {
+    const __m512 x = _mm512_mul_ps(vd, _mm512_loadu_ps(A2 + n * E));
+    const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 p = _mm512_fmadd_ps(c5, f, c4);
+    p = _mm512_fmadd_ps(p, f, c3);
+    p = _mm512_fmadd_ps(p, f, c2);
+    p = _mm512_fmadd_ps(p, f, c1);
+    p = _mm512_fmadd_ps(p, f, c0);
+    const __m512 a = _mm512_scalef_ps(p, x);
+    const __m512 hv = _mm512_fmadd_ps(a, _mm512_loadu_ps(h + n * 16), _mm512_mul_ps(vdu, _mm512_set1_ps(Bt[n])));
+    _mm512_storeu_ps(h + n * 16, hv);
+    if (n & 1)
+      vacc2 = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), hv, vacc2);
+    else
+      vacc = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), hv, vacc);
+  }
+  _mm512_storeu_ps(acc, _mm512_add_ps(vacc, vacc2));
+}
+#endif
+
+// One direction over channels [e0, e1) (blocks of 16, the SIMD lanes), in chunks of CHUNK steps with three
+// phases per block, so that only the recurrence itself is sequential: (1) for every step of the chunk, delta
+// = softplus(W dt_t + bias) (dt_proj fused: delta, as large as u, is never stored), delta u and the D skip;
+// (2) the N-state recurrence; (3) the SiLU(z) gate and the output. Phases 1 and 3 have no dependence between
+// steps and run at full throughput; doing them inside each step (an earlier version) left the core waiting
+// on their ~200-cycle latency chains (1.6x slower). Bp: x_proj's output row at t = 0 (dt_t in columns
+// [0, R), B_t from R, C_t at B_t + c_off). h: (blocks, N, 16) states.
+constexpr int64_t CHUNK = 32;
+
 template <typename T, bool FULL>
-static void lanes_direction(const T* u, const T* dl, const T* A, const T* Bp, int64_t c_off, int64_t sB_t,
-                            const T* Dv, const T* bias, const T* zb, int64_t sz_e, int64_t sz_t, T* out,
-                            int64_t L, int64_t E, int64_t N, int64_t e0, int64_t w, bool reverse, T* __restrict h) {
+static void block_chunk(const T* u, const T* Wt, int64_t R, const T* A, const T* A2, const T* Bp, int64_t c_off,
+                        int64_t sB_t, const T* Dv, const T* bias, const T* zb, int64_t sz_t, T* out, int64_t E,
+                        int64_t N, int64_t e0, int64_t w, bool reverse, int64_t i0, int64_t steps, int64_t L,
+                        T* __restrict h, T* __restrict d, T* __restrict du, T* __restrict acc) {
   const int64_t cnt = FULL ? LANES : w;
-  std::fill(h, h + N * LANES, T(0));
-  for (int64_t i = 0; i < L; ++i) {
-    const int64_t t = reverse ? L - 1 - i : i;
+  for (int64_t j = 0; j < steps; ++j) {  // phase 1
+    const int64_t t = reverse ? L - 1 - (i0 + j) : i0 + j;
     const T* __restrict ut = u + t * E + e0;
-    const T* __restrict dt = dl + t * E + e0;
-    T d[LANES], du[LANES], acc[LANES];
+    const T* __restrict dtr = Bp + t * sB_t;
+    T x0[LANES], x1[LANES];  // two partial sums: half the dependent-FMA chain
+#pragma omp simd
+    for (int64_t e = 0; e < cnt; ++e) x0[e] = x1[e] = T(0);
+    int64_t r = 0;
+    for (; r + 1 < R; r += 2) {
+      const T a = dtr[r], b = dtr[r + 1];
+      const T* __restrict W0 = Wt + r * E + e0;
+      const T* __restrict W1 = W0 + E;
+#pragma omp simd
+      for (int64_t e = 0; e < cnt; ++e) {
+        x0[e] += a * W0[e];
+        x1[e] += b * W1[e];
+      }
+    }
+    if (r < R) {
+      const T a = dtr[r];
+      const T* __restrict W0 = Wt + r * E + e0;
+#pragma omp simd
+      for (int64_t e = 0; e < cnt; ++e) x0[e] += a * W0[e];
+    }
+    T* __restrict dj = d + j * LANES;
+    T* __restrict duj = du + j * LANES;
+    T* __restrict aj = acc + j * LANES;
 #pragma omp simd
     for (int64_t e = 0; e < cnt; ++e) {
-      const T x = dt[e] + bias[e0 + e];
-      d[e] = softplus20(x);
-      du[e] = d[e] * ut[e];
-      acc[e] = Dv[e0 + e] * ut[e];
+      dj[e] = softplus20(x0[e] + x1[e] + bias[e0 + e]);
+      duj[e] = dj[e] * ut[e];
+      aj[e] = Dv[e0 + e] * ut[e];
     }
-    const T* __restrict Bt = Bp + t * sB_t;
+  }
+  for (int64_t j = 0; j < steps; ++j) {  // phase 2: the recurrence
+    const int64_t t = reverse ? L - 1 - (i0 + j) : i0 + j;
+    if (i0 + CHUNK + j < L) {  // the next chunk's rows, whose strided addresses the hardware would not prefetch
+      const int64_t p = reverse ? t - CHUNK : t + CHUNK;
+      __builtin_prefetch(u + p * E + e0);
+      __builtin_prefetch(zb + p * sz_t + e0);
+      __builtin_prefetch(out + p * E + e0, 1);
+      for (int64_t c = 0; c < R + 2 * N; c += 64 / sizeof(T)) __builtin_prefetch(Bp + p * sB_t + c);
+    }
+    const T* __restrict Bt = Bp + t * sB_t + R;
     const T* __restrict Ct = Bt + c_off;
+    T* __restrict dj = d + j * LANES;
+    T* __restrict duj = du + j * LANES;
+    T* __restrict aj = acc + j * LANES;
+#ifdef VM_AVX512
+    if constexpr (FULL && std::is_same<T, float>::value) {
+      states_avx512(dj, duj, aj, A2 + e0, E, Bt, Ct, N, h);
+      continue;
+    }
+#endif
     for (int64_t n = 0; n < N; ++n) {
       const T bn = Bt[n], cn = Ct[n];
       const T* __restrict An = A + n * E + e0;
       T* __restrict hn = h + n * LANES;
 #pragma omp simd
       for (int64_t e = 0; e < cnt; ++e) {
-        const T hv = vexp(d[e] * An[e]) * hn[e] + du[e] * bn;
+        const T hv = vexp(dj[e] * An[e]) * hn[e] + duj[e] * bn;
         hn[e] = hv;
-        acc[e] += cn * hv;
+        aj[e] += cn * hv;
       }
     }
+  }
+  for (int64_t j = 0; j < steps; ++j) {  // phase 3
+    const int64_t t = reverse ? L - 1 - (i0 + j) : i0 + j;
+    const T* __restrict aj = acc + j * LANES;
+    const T* __restrict zt = zb + t * sz_t + e0;  // channels contiguous (checked)
     T* __restrict o = out + t * E + e0;
 #pragma omp simd
     for (int64_t e = 0; e < cnt; ++e) {
-      const T zt = zb[t * sz_t + (e0 + e) * sz_e];
-      const T y = T(0.5) * acc[e] * zt * sigmoid(zt);
+      const T y = T(0.5) * aj[e] * zt[e] * sigmoid(zt[e]);
       o[e] = reverse ? o[e] + y : y;
     }
   }
 }
 
-torch::Tensor bi_forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A_ne, torch::Tensor Bv, int64_t c_off,
+template <typename T>
+static void lanes_direction(const T* u, const T* Wt, int64_t R, const T* A, const T* A2, const T* Bp, int64_t c_off,
+                            int64_t sB_t, const T* Dv, const T* bias, const T* zb, int64_t sz_t, T* out,
+                            int64_t L, int64_t E, int64_t N, int64_t e0, int64_t e1, bool reverse, T* __restrict h) {
+  const int64_t nb = (e1 - e0 + LANES - 1) / LANES;
+  std::fill(h, h + nb * N * LANES, T(0));
+  alignas(64) T d[CHUNK * LANES], du[CHUNK * LANES], acc[CHUNK * LANES];
+  for (int64_t i0 = 0; i0 < L; i0 += CHUNK) {
+    const int64_t steps = std::min(CHUNK, L - i0);
+    for (int64_t k = 0; k < nb; ++k) {
+      const int64_t eb = e0 + k * LANES, w = std::min(LANES, e1 - eb);
+      if (w == LANES)
+        block_chunk<T, true>(u, Wt, R, A, A2, Bp, c_off, sB_t, Dv, bias, zb, sz_t, out, E, N, eb, w, reverse, i0,
+                             steps, L, h + k * N * LANES, d, du, acc);
+      else
+        block_chunk<T, false>(u, Wt, R, A, A2, Bp, c_off, sB_t, Dv, bias, zb, sz_t, out, E, N, eb, w, reverse, i0,
+                              steps, L, h + k * N * LANES, d, du, acc);
+    }
+  }
+}
+
+constexpr int64_t GROUP = 4;  // blocks of 16 channels per task
+
+torch::Tensor bi_forward(torch::Tensor u, torch::Tensor W_t, torch::Tensor A_ne, torch::Tensor xdbl, int64_t c_off,
                          int64_t sB_d, int64_t sB_b, int64_t sB_t,
                          torch::Tensor D, torch::Tensor z, int64_t sz_b, int64_t sz_e, int64_t sz_t, torch::Tensor bias) {
-  const int64_t Bsz = u.size(1), L = u.size(2), E = u.size(3), N = A_ne.size(1);
-  const int64_t nblk = (E + LANES - 1) / LANES;
+  const int64_t Bsz = u.size(1), L = u.size(2), E = u.size(3), N = A_ne.size(1), R = W_t.size(1);
+  TORCH_CHECK(sz_e == 1, "bi_forward: z must have contiguous channels");
+  TORCH_CHECK(u.is_contiguous() && W_t.is_contiguous(), "bi_forward: u and W_t must be contiguous");
+  const int64_t span = GROUP * LANES, ngrp = (E + span - 1) / span;
   auto out = torch::empty({Bsz, L, E}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "visionmamba_biscan_fwd", [&] {
     using T = scalar_t;
-    at::parallel_for(0, Bsz * nblk, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> h(N * LANES);
+    std::vector<T> A2(2 * N * E);  // A log2(e), for the base-2 exps of the AVX-512 path
+    for (int64_t i = 0; i < 2 * N * E; ++i) A2[i] = A_ne.data_ptr<T>()[i] * T(1.4426950408889634);
+    at::parallel_for(0, Bsz * ngrp, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> h(GROUP * N * LANES);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / nblk, e0 = (task % nblk) * LANES, w = std::min(LANES, E - e0);
+        const int64_t b = task / ngrp, e0 = (task % ngrp) * span, e1 = std::min(E, e0 + span);
         for (int64_t dir = 0; dir < 2; ++dir) {
           const T* pu = u.data_ptr<T>() + (dir * Bsz + b) * L * E;
-          const T* pd = delta.data_ptr<T>() + (dir * Bsz + b) * L * E;
+          const T* pW = W_t.data_ptr<T>() + dir * R * E;
           const T* pA = A_ne.data_ptr<T>() + dir * N * E;
-          const T* pB = Bv.data_ptr<T>() + dir * sB_d + b * sB_b;
+          const T* pA2 = A2.data() + dir * N * E;
+          const T* pB = xdbl.data_ptr<T>() + dir * sB_d + b * sB_b;
           const T* pD = D.data_ptr<T>() + dir * E;
           const T* pbias = bias.data_ptr<T>() + dir * E;
           const T* pz = z.data_ptr<T>() + b * sz_b;
           T* po = out.data_ptr<T>() + b * L * E;
-          if (w == LANES)
-            lanes_direction<T, true>(pu, pd, pA, pB, c_off, sB_t, pD, pbias, pz, sz_e, sz_t, po, L, E, N, e0, w, dir == 1, h.data());
-          else
-            lanes_direction<T, false>(pu, pd, pA, pB, c_off, sB_t, pD, pbias, pz, sz_e, sz_t, po, L, E, N, e0, w, dir == 1, h.data());
+          lanes_direction<T>(pu, pW, R, pA, pA2, pB, c_off, sB_t, pD, pbias, pz, sz_t, po, L, E, N, e0, e1, dir == 1, h.data());
         }
       }
     });
@@ -574,7 +690,8 @@ def backward(u, delta, A, B, C, D, z, delta_bias, softplus, dout):
 
 # ------------------------------------------------------------------------- both directions, fused
 class _ConvSiLU(torch.autograd.Function):
-    """x (b, L, E) token-major (a strided view is fine); w (2, E, K); bias (2, E) -> u (2, b, L, E)."""
+    """x (b, L, E) token-major (a strided view is fine); w (2, E, K); bias (2, E) -> u (b, L, 2, E): both
+    directions of a token side by side, so that one product later gives both directions' deltas."""
 
     @staticmethod
     def forward(ctx, x, w, bias):
@@ -592,27 +709,37 @@ class _ConvSiLU(torch.autograd.Function):
 
 
 class _BiScan(torch.autograd.Function):
-    """Both directions: u, delta (2, b, L, E) token-major; B, C views (2, b, L, N) into x_proj's (2, b, L, P)
-    output; z (b, E, L) (a strided view is fine); A (2, E, N); D, bias (2, E) -> (y_fwd + y_bwd) / 2 as
-    (b, L, E). The forward vectorises over channels; the backward recomputes from channel-major copies."""
+    """Both directions, dt_proj included: u (2, b, L, E) contiguous; dt, B, C views (2, b, L, R / N / N) into
+    x_proj's (2, b, L, R + 2N) output; dt_weight (2, E, R); z (b, E, L) (a strided view is fine); A (2, E, N);
+    D, bias (2, E) -> (y_fwd + y_bwd) / 2 as (b, L, E). The forward vectorises over channels and computes
+    delta = dt_weight dt inside the kernel; the backward recomputes delta and works on channel-major copies."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, bias):
-        ctx.save_for_backward(u, delta, A, B, C, D, z, bias)
+    def forward(ctx, u, dt, dt_weight, A, B, C, D, z, bias):
+        if z.stride(1) != 1:  # the kernel reads z_t as contiguous channels (in the mixer it is a view that does)
+            z = z.transpose(1, 2).contiguous().transpose(1, 2)
+        if dt.stride() != B.stride() or B.data_ptr() - dt.data_ptr() != dt.shape[-1] * dt.element_size():
+            raise ValueError("dt, B and C must be consecutive column slices of one (2, batch, L, R + 2N) tensor")
+        u = u.contiguous()
+        ctx.save_for_backward(u, dt, dt_weight, A, B, C, D, z, bias)
         A_ne = A.transpose(1, 2).contiguous()  # (2, N, E): channels contiguous, the lanes
-        return _load().bi_forward(u, delta, A_ne, B, _c_offset(B, C), *B.stride()[:3], D, z, *z.stride(), bias)
+        W_t = dt_weight.transpose(1, 2).contiguous()  # (2, R, E)
+        return _load().bi_forward(u, W_t, A_ne, dt, _c_offset(B, C), *B.stride()[:3], D, z, *z.stride(), bias)
 
     @staticmethod
     def backward(ctx, dout):
-        u, delta, A, B, C, D, z, bias = ctx.saved_tensors
+        u, dt, dt_weight, A, B, C, D, z, bias = ctx.saved_tensors
         state = A.shape[-1]
-        u_c, delta_c = u.transpose(2, 3).contiguous(), delta.transpose(2, 3).contiguous()  # (2, b, E, L)
+        u_c = u.transpose(2, 3).contiguous()  # (2, b, E, L)
+        delta_c = dt_weight.unsqueeze(1) @ dt.transpose(2, 3)  # (2, b, E, L), as the forward computed it
         du, ddelta, dz, dA_part, dBC_part, dD_part, dbias_part = _load().bi_backward(
             u_c, delta_c, A, B, _c_offset(B, C), *B.stride()[:3], D, z, *z.stride(), bias,
             dout.transpose(1, 2).contiguous(), CHANNEL_BLOCK,
         )
         dBC = dBC_part.sum(0)
-        return (du.transpose(2, 3), ddelta.transpose(2, 3), dA_part.sum(0), dBC[..., :state], dBC[..., state:],
+        ddt = ddelta.transpose(2, 3) @ dt_weight.unsqueeze(1)  # (2, b, L, R)
+        ddt_weight = torch.einsum("dbel,dblr->der", ddelta, dt)
+        return (du.transpose(2, 3), ddt, ddt_weight, dA_part.sum(0), dBC[..., :state], dBC[..., state:],
                 dD_part.sum(0), dz, dbias_part.sum(0))
 
 
@@ -640,11 +767,12 @@ def _bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
     if x_t.stride(2) != 1:
         x_t = x_t.contiguous()
     rank, state = dt_proj_weight.shape[-1], A.shape[-1]
+    batch, length, inner = x_t.shape
     u_t = _ConvSiLU.apply(x_t, conv_weight.to(ct), conv_bias.to(ct))  # (2, b, L, E)
-    batch, length = x_t.shape[:2]
-    x_dbl = torch.bmm(u_t.reshape(2, batch * length, -1), x_proj_weight.to(ct).transpose(1, 2))  # (2, bL, R + 2N)
-    delta = torch.bmm(x_dbl[..., :rank], dt_proj_weight.to(ct).transpose(1, 2)).view(2, batch, length, -1)  # (2, b, L, E)
-    x_dbl = x_dbl.view(2, batch, length, -1)
-    B, C = x_dbl[..., rank : rank + state], x_dbl[..., rank + state :]
-    out = _BiScan.apply(u_t, delta, A.to(ct).contiguous(), B, C, D.to(ct).contiguous(), z.to(ct), dt_proj_bias.to(ct).contiguous())
+    x_proj_weight = x_proj_weight.to(ct)
+    rows = u_t.view(2, batch * length, inner)
+    x_dbl = torch.stack([linear(rows[i], x_proj_weight[i]) for i in range(2)]).view(2, batch, length, -1)
+    dt, B, C = x_dbl[..., :rank], x_dbl[..., rank : rank + state], x_dbl[..., rank + state :]
+    out = _BiScan.apply(u_t, dt, dt_proj_weight.to(ct), A.to(ct).contiguous(), B, C, D.to(ct).contiguous(), z.to(ct),
+                        dt_proj_bias.to(ct).contiguous())
     return out.transpose(1, 2).to(dtype)  # (b, E, L) view of token-major rows: out_proj reads them as they are
