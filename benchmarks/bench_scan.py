@@ -130,17 +130,34 @@ print(status('VmHWM:') - base)
 
 
 def model_table(resolutions, batch, repeats) -> List[Dict]:
+    """Vim-Ti vs timm's DeiT-Ti as shipped, and vs DeiT-Ti with Vim's oneDNN linear route (like-for-like
+    matrix products). The three models run in turns within each repeat (medians), so that the drift of a
+    shared machine hits them alike."""
     import timm
+
+    from visionmamba.linear import use_onednn_linears
 
     rows = []
     for res in resolutions:
-        vim = visionmamba.create_model("vim_tiny_patch16_224", img_size=res).eval()
-        deit = timm.create_model("deit_tiny_patch16_224", img_size=res).eval()
+        models = {
+            "deit_tiny_ms": timm.create_model("deit_tiny_patch16_224", img_size=res).eval(),
+            "deit_tiny_onednn_ms": use_onednn_linears(timm.create_model("deit_tiny_patch16_224", img_size=res).eval()),
+            "vim_tiny_ms": visionmamba.create_model("vim_tiny_patch16_224", img_size=res).eval(),
+        }
         x = torch.randn(batch, 3, res, res)
+        times: Dict[str, List[float]] = {name: [] for name in models}
         with torch.no_grad():
-            deit_ms = timed(lambda: deit(x), "cpu", repeats)
-            vim_ms = timed(lambda: vim(x), "cpu", repeats)
-        rows.append(dict(res=res, tokens=(res // 16) ** 2 + 1, deit_tiny_ms=deit_ms, vim_tiny_ms=vim_ms, vim_over_deit=vim_ms / deit_ms))
+            for model in models.values():
+                model(x)  # warm-up
+            for _ in range(repeats):
+                for name, model in models.items():
+                    start = time.perf_counter()
+                    model(x)
+                    times[name].append((time.perf_counter() - start) * 1000)
+        row = dict(res=res, tokens=(res // 16) ** 2 + 1, **{name: statistics.median(t) for name, t in times.items()})
+        row["vim_over_deit"] = row["vim_tiny_ms"] / row["deit_tiny_ms"]
+        row["vim_over_deit_onednn"] = row["vim_tiny_ms"] / row["deit_tiny_onednn_ms"]
+        rows.append(row)
     return rows
 
 
@@ -187,7 +204,8 @@ def main() -> None:
         print_table("memory: peak RSS of forward+backward above the inputs (fresh process per row)", mem)
         batch = 2 if args.quick else 8
         results["model"] = model_table([64] if args.quick else [224, 512], batch, args.repeats)
-        print_table(f"model forward, batch {batch}, no grad (ms): Vim-Ti (scan 'auto') vs timm DeiT-Ti", results["model"])
+        print_table(f"model forward, batch {batch}, no grad (ms, median, models in turns): Vim-Ti (defaults) vs timm "
+                    "DeiT-Ti as shipped and with the same oneDNN linears", results["model"])
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
