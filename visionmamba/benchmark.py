@@ -18,6 +18,7 @@ from typing import List, Optional
 import torch
 
 from .engine import peak_memory_mb
+from .malloc import keep_freed_memory
 
 
 @dataclass
@@ -56,6 +57,8 @@ def measure(spec: str, res: int, batch: int, device: str, dtype: str, train: boo
     """Time ``repeats`` steps after a warm-up; peak memory of the whole point."""
     point = Point(spec, res, batch, "train" if train else "infer")
     dev = torch.device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()  # every model under the allocator settings Vim's CPU path uses (see visionmamba.malloc)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     try:
         model = build(spec, res).to(dev)

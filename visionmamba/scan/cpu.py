@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..linear import linear
+from ..malloc import keep_freed_memory
 from .common import compute_dtype
 
 CHANNEL_BLOCK = 32
@@ -648,6 +649,7 @@ def _load():
             quiet.setLevel(level)
     if _extension is None:
         raise RuntimeError(f"the C++ CPU scan could not be built ({_build_error})")
+    keep_freed_memory()  # the CPU path's large activations would otherwise be page-faulted in anew each layer
     return _extension
 
 
