@@ -692,8 +692,7 @@ def backward(u, delta, A, B, C, D, z, delta_bias, softplus, dout):
 
 # ------------------------------------------------------------------------- both directions, fused
 class _ConvSiLU(torch.autograd.Function):
-    """x (b, L, E) token-major (a strided view is fine); w (2, E, K); bias (2, E) -> u (b, L, 2, E): both
-    directions of a token side by side, so that one product later gives both directions' deltas."""
+    """x (b, L, E) token-major (a strided view is fine); w (2, E, K); bias (2, E) -> u (2, b, L, E)."""
 
     @staticmethod
     def forward(ctx, x, w, bias):
