@@ -5,8 +5,9 @@ path. On this project's 2-core AMD EPYC (AVX-512) it reached 170-190 GFLOP/s on 
 where oneDNN (shipped inside torch, used by torch.compile's CPU freezing path) reached 400-440 GFLOP/s,
 with the same float32 results to rounding. :class:`Linear` is ``nn.Linear`` (same parameters, state-dict
 keys and initialisation) whose forward takes that route where it applies: float32 CPU tensors outside
-autocast, tracing, scripting, compiling, export and Python dispatch modes (oneDNN's call costs ~13 us against MKL's ~3 us: a
-few milliseconds per Vim forward at batch 1, repaid many times from a few hundred rows up). Everywhere else it is ``F.linear`` unchanged. ``VISIONMAMBA_ONEDNN_LINEAR=0`` turns the route off.
+autocast, tracing, scripting, compiling, export and Python dispatch modes. (oneDNN's call costs ~13 us
+against MKL's ~3 us: a few milliseconds per Vim forward at batch 1, repaid many times from a few hundred
+rows up.) Everywhere else it is ``F.linear`` unchanged. ``VISIONMAMBA_ONEDNN_LINEAR=0`` turns the route off.
 """
 import os
 from typing import Optional
