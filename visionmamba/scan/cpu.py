@@ -129,29 +129,35 @@ template <typename T>
 void row_backward(const Row<T>& r, bool softplus, bool reverse, int64_t L, int64_t N, T scale,
                   const T* dout, int64_t so, T* du, int64_t sdu, T* ddelta, int64_t sdd, T* dz, int64_t sdz,
                   bool accumulate_dz, T* dB, T* dC, int64_t sdbc, T* __restrict dA, T* dD, T* dbias,
-                  T* __restrict H, T* __restrict g, T* __restrict dts, T* __restrict zsig, T* __restrict dsp) {
+                  T* __restrict H, T* __restrict Ad, T* __restrict ys, T* __restrict g, T* __restrict dts,
+                  T* __restrict zsig, T* __restrict dsp) {
   const T* __restrict A = r.A;
   deltas(r, softplus, dts, L);
   if (r.z) sigmoids(r.z, r.sz, T(0), zsig, L);
   if (softplus) sigmoids(r.delta, r.sd, r.bias, dsp, L);
-  for (int64_t i = 0; i < L; ++i) {  // the states, recomputed; H[i] holds h after step i
+  std::vector<T> zero_state(N, T(0));
+  const T* zeros = zero_state.data();  // h_{-1}
+  // The states, recomputed: H[i] holds h after step i, Ad[i] the decays exp(delta A) of step i (kept, not
+  // recomputed in the walk back) and ys[i] the pre-gate output <h, C> + D u that the z gradient needs.
+  for (int64_t i = 0; i < L; ++i) {
     const int64_t t = reverse ? L - 1 - i : i;
-    const T d = dts[t], dux = d * r.u[t * r.su];
+    const T d = dts[t], ut = r.u[t * r.su], dux = d * ut;
     const T* __restrict Bn = r.B + t * r.sbc;
+    const T* __restrict Cn = r.C + t * r.sbc;
     T* __restrict cur = H + i * N;
-    if (i > 0) {
-      const T* __restrict prev = H + (i - 1) * N;
-#pragma omp simd
-      for (int64_t n = 0; n < N; ++n) cur[n] = vexp(d * A[n]) * prev[n] + dux * Bn[n];
-    } else {
-#pragma omp simd
-      for (int64_t n = 0; n < N; ++n) cur[n] = dux * Bn[n];
+    T* __restrict a = Ad + i * N;
+    const T* __restrict prev = i > 0 ? H + (i - 1) * N : zeros;
+    T y = 0;
+#pragma omp simd reduction(+:y)
+    for (int64_t n = 0; n < N; ++n) {
+      a[n] = vexp(d * A[n]);
+      cur[n] = a[n] * prev[n] + dux * Bn[n];
+      y += Cn[n] * cur[n];
     }
+    ys[i] = y + r.D * ut;
   }
   std::fill(g, g + N, T(0));
   std::fill(dA, dA + N, T(0));
-  std::vector<T> zero_state(N, T(0));
-  const T* zeros = zero_state.data();  // h_{-1}
   T accD = 0, accb = 0;
   for (int64_t i = L - 1; i >= 0; --i) {  // adjoint walk: g = dL/dh through h_i = a_i h_{i-1} + delta u B
     const int64_t t = reverse ? L - 1 - i : i;
@@ -162,9 +168,7 @@ void row_backward(const Row<T>& r, bool softplus, bool reverse, int64_t L, int64
     const T* __restrict prev = i > 0 ? H + (i - 1) * N : zeros;
     T dy = dout[t * so] * scale;
     if (r.z) {
-      const T zt = r.z[t * r.sz], sg = zsig[t];
-      T y = r.D * ut;
-      for (int64_t n = 0; n < N; ++n) y += Cn[n] * cur[n];
+      const T zt = r.z[t * r.sz], sg = zsig[t], y = ys[i];
       const T dzt = dy * y * sg * (T(1) + zt * (T(1) - sg));
       dz[t * sdz] = accumulate_dz ? dz[t * sdz] + dzt : dzt;
       dy *= zt * sg;
@@ -172,9 +176,10 @@ void row_backward(const Row<T>& r, bool softplus, bool reverse, int64_t L, int64
     T* __restrict dBn = dB + t * sdbc;
     T* __restrict dCn = dC + t * sdbc;
     T dd = 0, duu = 0;
+    const T* __restrict decay = Ad + i * N;
 #pragma omp simd reduction(+:dd, duu)
     for (int64_t n = 0; n < N; ++n) {
-      const T a = vexp(d * A[n]);
+      const T a = decay[n];
       const T hprev = prev[n];
       const T gn = g[n] + dy * Cn[n];
       dCn[n] += dy * cur[n];
@@ -263,7 +268,7 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta, torch:
     using T = scalar_t;
     const bool has_z = z.numel() > 0;
     at::parallel_for(0, Bsz * nblk, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> H(L * N), g(N), dts(L), zsig(L), dsp(L);
+      std::vector<T> H(L * N), Ad(L * N), ys(L), g(N), dts(L), zsig(L), dsp(L);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / nblk, k = task % nblk;
         for (int64_t e = k * blk; e < std::min(E, (k + 1) * blk); ++e) {
@@ -274,7 +279,7 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta, torch:
                        has_z ? dz.data_ptr<T>() + be * L : nullptr, 1, false,
                        dB_part.data_ptr<T>() + (b * nblk + k) * L * N, dC_part.data_ptr<T>() + (b * nblk + k) * L * N, N,
                        dA_part.data_ptr<T>() + be * N, dD_part.data_ptr<T>() + be, dbias_part.data_ptr<T>() + be,
-                       H.data(), g.data(), dts.data(), zsig.data(), dsp.data());
+                       H.data(), Ad.data(), ys.data(), g.data(), dts.data(), zsig.data(), dsp.data());
         }
       }
     });
@@ -494,7 +499,7 @@ std::vector<torch::Tensor> bi_backward(torch::Tensor u, torch::Tensor delta, tor
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "visionmamba_biscan_bwd", [&] {
     using T = scalar_t;
     at::parallel_for(0, Bsz * nblk, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> H(L * N), g(N), dts(L), zsig(L), dsp(L);
+      std::vector<T> H(L * N), Ad(L * N), ys(L), g(N), dts(L), zsig(L), dsp(L);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / nblk, k = task % nblk;
         for (int64_t e = k * blk; e < std::min(E, (k + 1) * blk); ++e) {
@@ -507,7 +512,7 @@ std::vector<torch::Tensor> bi_backward(torch::Tensor u, torch::Tensor delta, tor
                          du.data_ptr<T>() + row * L, 1, ddelta.data_ptr<T>() + row * L, 1,
                          dz.data_ptr<T>() + (b * E + e) * L, 1, dir == 1, dbc, dbc + N, 2 * N,
                          dA_part.data_ptr<T>() + i * N, dD_part.data_ptr<T>() + i, dbias_part.data_ptr<T>() + i,
-                         H.data(), g.data(), dts.data(), zsig.data(), dsp.data());
+                         H.data(), Ad.data(), ys.data(), g.data(), dts.data(), zsig.data(), dsp.data());
           }
         }
       }
