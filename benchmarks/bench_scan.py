@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import visionmamba
-from visionmamba import scan
+from visionmamba.ops import scan
 
 
 def official_formulation(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -112,7 +112,7 @@ def memory_point(backend: str, batch: int, channels: int, length: int, state: in
 import sys, torch
 sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
 from bench_scan import make_inputs, official_formulation
-from visionmamba import scan
+from visionmamba.ops import scan
 torch.set_num_threads(2)
 def status(key):
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)) / 1024
@@ -135,7 +135,7 @@ def model_table(resolutions, batch, repeats) -> List[Dict]:
     shared machine hits them alike."""
     import timm
 
-    from visionmamba.linear import use_onednn_linears
+    from visionmamba.ops.linear import use_onednn_linears
 
     rows = []
     for res in resolutions:

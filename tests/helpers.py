@@ -1,5 +1,13 @@
-"""Shared test helpers: one comparison that reports max-abs and relative error."""
+"""Shared test helpers: one comparison that reports max-abs and relative error, a tiny Vim, image folders, the CLI."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import torch
+from PIL import Image
 
 import visionmamba
 
@@ -20,3 +28,33 @@ def tiny_vim(**kwargs) -> visionmamba.VisionMamba:
     args = dict(img_size=32, patch_size=8, stride=8, embed_dim=32, depth=2, num_classes=10, drop_path_rate=0.0)
     args.update(kwargs)
     return visionmamba.VisionMamba(**args)
+
+
+TINY = ["--model-args", json.dumps({"depth": 2, "embed_dim": 32, "patch_size": 8, "stride": 8}), "--img-size", "32"]
+PLAIN = ["--auto-augment", "", "--reprob", "0", "--hflip", "0", "--mixup", "0", "--cutmix", "0", "--smoothing", "0",
+         "--scale", "1", "1", "--crop-pct", "1", "--drop-path", "0", "--no-model-ema", "--workers", "0",
+         "--warmup-epochs", "0", "--unscale-lr", "--no-progress", "--no-preset"]
+
+
+def make_folder(root: Path, *, classes=("a", "b", "c"), per_class=4, splits=("train", "val"), seed=0, size=32) -> Path:
+    """Class folders of random-but-class-dependent PNGs (each class has its own mean colour)."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for k, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                base = np.full((size, size, 3), 40 + 80 * k, dtype=np.float64)
+                pixels = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def cli(*args, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "visionmamba", *map(str, args)], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

@@ -7,11 +7,11 @@ from typing import Any, Optional
 
 import timm
 
-from . import registry as _registry  # noqa: F401  (registers the timm entrypoints)
-from .checkpoint import PathLike, convert_to_safetensors, load_checkpoint
-from .model import VisionMamba, pos_embed_resample
-from .registry import OFFICIAL_ALIASES, RELEASED, VARIANTS
-from .scan import available_backends, selective_scan
+from visionmamba.models import registry as _registry  # noqa: F401  (registers the timm entrypoints)
+from visionmamba.models.weights import PathLike, convert_to_safetensors, load_checkpoint
+from visionmamba.models.vim import VisionMamba, pos_embed_resample
+from visionmamba.models.registry import OFFICIAL_ALIASES, RELEASED, VARIANTS
+from visionmamba.ops.scan import available_backends, selective_scan
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,7 @@ import sys
 import typing
 from typing import Any, Dict, List, Optional
 
-from . import __version__
+from visionmamba import __version__
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: Dict[str, str]) -> None:
@@ -50,14 +50,14 @@ TRAIN_HELP = {
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .training import TrainConfig, resolve_config, train
+    from visionmamba.train.classification import TrainConfig, resolve_config, train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     return _report_training("train", train, resolve_config(overrides, use_preset=args.preset))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .training import EvalConfig, evaluate_checkpoint
+    from visionmamba.train.classification import EvalConfig, evaluate_checkpoint
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(args, f.name)}
     metrics = evaluate_checkpoint(EvalConfig(**values))
@@ -69,7 +69,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from visionmamba.tools.demo import run_demo
 
     run_demo(args.output, epochs=args.epochs)
     return 0
@@ -105,7 +105,7 @@ DENSE_HELP = {
 
 
 def _dense_train(cls: type, args: argparse.Namespace) -> int:
-    from .dense_training import resolve, train_dense
+    from visionmamba.train.dense import resolve, train_dense
 
     cfg = resolve(cls, {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
     return _report_training(args.command, train_dense, cfg)
@@ -113,7 +113,7 @@ def _dense_train(cls: type, args: argparse.Namespace) -> int:
 
 def _report_training(command: str, train_fn, cfg) -> int:
     """Train; print the last record as JSON (exit 0), or why a non-finite loss stopped the run (exit 3)."""
-    from .engine import NonFiniteLossError
+    from visionmamba.train.trainer import NonFiniteLossError
 
     try:
         record = train_fn(cfg)
@@ -125,19 +125,19 @@ def _report_training(command: str, train_fn, cfg) -> int:
 
 
 def _cmd_seg_train(args: argparse.Namespace) -> int:
-    from .dense_training import SegConfig
+    from visionmamba.train.dense import SegConfig
 
     return _dense_train(SegConfig, args)
 
 
 def _cmd_det_train(args: argparse.Namespace) -> int:
-    from .dense_training import DetConfig
+    from visionmamba.train.dense import DetConfig
 
     return _dense_train(DetConfig, args)
 
 
 def _cmd_dense_eval(args: argparse.Namespace) -> int:
-    from .dense_training import evaluate_dense
+    from visionmamba.train.dense import evaluate_dense
 
     metrics = evaluate_dense(args.checkpoint, args.data, args.split, device=args.device,
                              eval_mode=getattr(args, "mode", None), progress=True)
@@ -156,7 +156,7 @@ def _cmd_dense_eval(args: argparse.Namespace) -> int:
 def _cmd_scenes(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .scenes import write_scenes
+    from visionmamba.data.digits import write_scenes
 
     counts = write_scenes(Path(args.out), train=args.train, val=args.val, seed=args.seed, size=args.size)
     print(f"wrote {counts['training']} training / {counts['validation']} validation scenes to {args.out} "
@@ -165,14 +165,14 @@ def _cmd_scenes(args: argparse.Namespace) -> int:
 
 
 def _cmd_dense_demo(args: argparse.Namespace) -> int:
-    from .dense_demo import run_dense_demo
+    from visionmamba.tools.dense_demo import run_dense_demo
 
     run_dense_demo(args.output, ["seg", "det"] if args.task == "both" else [args.task], iters=args.iters)
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .inference import list_images, load_for_inference, predict
+    from visionmamba.tools.inference import list_images, load_for_inference, predict
 
     loaded = load_for_inference(args.checkpoint, args.model, use_ema=args.ema, device=args.device)
     results = predict(loaded, list_images(args.images), topk=args.topk, batch_size=args.batch_size, progress=False)
@@ -191,7 +191,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .inference import list_images, load_for_inference, write_features
+    from visionmamba.tools.inference import list_images, load_for_inference, write_features
 
     size = (args.img_size[0], args.img_size[-1])
     loaded = load_for_inference(args.checkpoint, args.model, use_ema=args.ema, device=args.device)
@@ -209,7 +209,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .benchmark import ratio_table, run_benchmark
+    from visionmamba.tools.benchmark import ratio_table, run_benchmark
 
     points = run_benchmark(
         args.models, args.res, batch=args.batch, device=args.device, dtype=args.dtype, train=args.train,
@@ -223,7 +223,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .export import export_onnx
+    from visionmamba.tools.export import export_onnx
 
     for size in args.img_size:
         out = Path(args.out)
@@ -234,14 +234,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .info import model_card
+    from visionmamba.models.info import model_card
 
     print(model_card(args.name, args.img_size))
     return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoint import convert_to_safetensors
+    from visionmamba.models.weights import convert_to_safetensors
 
     tensors, values = convert_to_safetensors(args.src, args.dst, use_ema=args.ema)
     print(f"wrote {args.dst}: {tensors} tensors, {values:,} values ({'EMA' if args.ema else 'model'} weights)")
@@ -249,7 +249,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .registry import OFFICIAL_ALIASES, RELEASED
+    from visionmamba.models.registry import OFFICIAL_ALIASES, RELEASED
 
     aliases = {ours: official for official, ours in OFFICIAL_ALIASES.items()}
     for name, (hub_id, filename, top1) in RELEASED.items():
@@ -260,7 +260,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .training import EvalConfig, TrainConfig
+    from visionmamba.train.classification import EvalConfig, TrainConfig
 
     parser = argparse.ArgumentParser(prog="visionmamba", description="Vision Mamba (Vim) in plain PyTorch")
     parser.add_argument("--version", action="version", version=f"visionmamba {__version__}")
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="override the demo's number of epochs")
     p.set_defaults(func=_cmd_demo)
 
-    from .dense_training import DetConfig, SegConfig
+    from visionmamba.train.dense import DetConfig, SegConfig
 
     p = sub.add_parser("seg-train", help="train Vim + UperNet on ADE20K-layout data (official recipe; torchrun for DDP)")
     _add_dataclass_flags(p, SegConfig, DENSE_HELP)
@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .data import CorruptImageError
+    from visionmamba.data.folders import CorruptImageError
 
     args = build_parser().parse_args(argv)
     try:

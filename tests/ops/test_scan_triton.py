@@ -1,0 +1,122 @@
+"""Triton kernels against the reference: on a GPU when there is one, else in Triton's CPU interpreter.
+
+Outputs are poisoned (NaN-filled) before every kernel launch, so an element a kernel fails to write
+shows up as a failure. Shapes are tiny: the interpreter runs each program in Python.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py switches the interpreter on before triton is imported"
+triton = pytest.importorskip("triton")
+
+from helpers import assert_close  # noqa: E402
+from scan_cases import check_against_reference, scan_inputs  # noqa: E402
+from visionmamba.ops import scan  # noqa: E402
+from visionmamba.ops.scan import triton as triton_backend  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _PoisonedTorch:
+    """``torch`` as the launchers see it, except that new float buffers start as NaN, not garbage."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def empty(self, *args, **kwargs):
+        return self._poison(torch.empty(*args, **kwargs))
+
+    def empty_like(self, *args, **kwargs):
+        return self._poison(torch.empty_like(*args, **kwargs))
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs_and_short_chunks(monkeypatch):
+    monkeypatch.setattr(triton_backend, "torch", _PoisonedTorch())
+    monkeypatch.setattr(triton_backend, "CHUNK", 16)  # several chunks, and a partial one, at interpreter-friendly lengths
+
+
+def on_device(inputs):
+    return {k: v.to(DEVICE) for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, length, state", [(3, 1, 16), (1, 63, 16), (3, 37, 5)])  # 37: 2 chunks + 5
+def test_single_direction_matches_reference(dtype, batch, length, state):
+    inputs = on_device(scan_inputs(batch, 37, length, state, dtype))  # 37 channels: 3 blocks, the last partial
+    run = lambda **kw: scan.selective_scan(**kw, backend="triton")  # noqa: E731
+    check_against_reference(run, inputs, dtype)
+
+
+def test_single_direction_without_optional_inputs():
+    inputs = on_device(scan_inputs(2, 5, 20, 4, torch.float32))
+    for absent in ("D", "z", "delta_bias"):
+        inputs.pop(absent)
+    inputs["delta"] = inputs["delta"].abs()
+    out = scan.selective_scan(**inputs, backend="triton")
+    ref = scan.selective_scan(**{k: v.double() for k, v in inputs.items()}, backend="reference")
+    assert_close(out, ref, rtol_max=2e-5, name="forward")
+
+
+def bidirectional_inputs(batch, channels, length, state=4, rank=3, taps=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    xz = r(batch, 2 * channels, length)
+    x, z = xz.chunk(2, dim=1)  # strided views, as in the mixer
+    params = [r(2, channels, taps) * 0.3, r(2, channels) * 0.1, r(2, rank + 2 * state, channels) / channels**0.5,
+              r(2, channels, rank) / rank**0.5, r(2, channels) * 0.1, -torch.exp(r(2, channels, state) * 0.3),
+              1 + 0.1 * r(2, channels)]
+    return [t.to(DEVICE) for t in [x, z, *params]]
+
+
+@pytest.mark.parametrize("batch, length", [(3, 1), (1, 63), (2, 37)])
+def test_fused_bidirectional_matches_the_flip_composition_forward_and_every_gradient(batch, length):
+    inputs = bidirectional_inputs(batch, 37, length)
+    dout = torch.randn(batch, 37, length, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+
+    def run(backend):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        out = scan.bidirectional(*leaves, backend=backend)
+        return out, torch.autograd.grad(out, leaves, dout)
+
+    out, grads = run("triton")
+    ref, ref_grads = run("reference")
+    assert_close(out, ref, rtol_max=2e-5, name="forward")
+    names = ["x", "z", "conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "dt_proj_bias", "A", "D"]
+    for name, got, want in zip(names, grads, ref_grads):
+        assert_close(got, want, rtol_max=1e-4, name=f"grad {name}")
+
+
+def test_fused_bidirectional_is_deterministic():
+    inputs = bidirectional_inputs(2, 20, 21)
+
+    def grads():
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        out = scan.bidirectional(*leaves, backend="triton")
+        return [out, *torch.autograd.grad(out.square().sum(), leaves)]
+
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
+
+
+def test_model_with_triton_backend_matches_reference_model():
+    from helpers import tiny_vim
+
+    torch.manual_seed(0)
+    model = tiny_vim(scan_backend="triton").to(DEVICE)
+    ref_model = tiny_vim(scan_backend="reference").to(DEVICE)
+    ref_model.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 40, device=DEVICE)
+    out, ref = model(x), ref_model(x)
+    assert_close(out, ref, atol=1e-5, name="logits")
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(ref_model.parameters()))
+    for (name, _), got, want in zip(model.named_parameters(), grads, ref_grads):
+        assert_close(got, want, rtol_max=1e-4, atol=1e-7, name=name)

@@ -1,0 +1,92 @@
+"""The bidirectional Mamba mixer of Vim ("bimamba v2"); the only caller of ``scan.selective_scan``.
+
+Parameter names, shapes and registration order follow the official ``Mamba`` module so that official
+state dicts load unchanged: own parameters ``A_log, D, A_b_log, D_b`` first, then ``in_proj, conv1d,
+x_proj, dt_proj, conv1d_b, x_proj_b, dt_proj_b, out_proj``.
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+from visionmamba.ops import scan
+from visionmamba.ops.linear import Linear
+
+
+class BiMambaMixer(nn.Module):
+    """Shared in/out projections, one (conv1d, x_proj, dt_proj, A_log, D) set per direction.
+
+    Input and output (batch, L, dim). The backward direction is the forward computation applied to the
+    sequence reversed in time, then reversed back; the two directions are averaged.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        scan_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.d_inner = expand * dim
+        self.dt_rank = math.ceil(dim / 16)
+        self.scan_backend = scan_backend
+        inner, rank = self.d_inner, self.dt_rank
+
+        # S4D-real initialisation: A = -(1, 2, ..., N) for every channel; D = 1.
+        a_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(inner, 1)
+        self.A_log = nn.Parameter(a_log.clone())
+        self.D = nn.Parameter(torch.ones(inner))
+        self.A_b_log = nn.Parameter(a_log.clone())
+        self.D_b = nn.Parameter(torch.ones(inner))
+
+        self.in_proj = Linear(dim, 2 * inner, bias=False)
+        self.conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
+        self.x_proj = Linear(inner, rank + 2 * d_state, bias=False)
+        self.dt_proj = Linear(rank, inner, bias=True)
+        self._init_dt_proj(dt_min, dt_max, dt_init_floor)  # here, to draw random numbers in the official order
+        self.conv1d_b = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
+        self.x_proj_b = Linear(inner, rank + 2 * d_state, bias=False)
+        self.dt_proj_b = Linear(rank, inner, bias=True)
+        self.out_proj = Linear(inner, dim, bias=False)
+
+    @torch.no_grad()
+    def _init_dt_proj(self, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
+        """Official Mamba dt init, forward direction only (the official code forgets ``dt_proj_b``).
+
+        Weight U(±rank^-1/2); bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max]. The
+        backward direction keeps the default Linear init; its bias is zeroed later by
+        :func:`visionmamba.model.init_weights`, exactly as in the official code (initial delta ln 2).
+        """
+        std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias._no_reinit = True
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (batch, L, dim) -> (batch, L, dim)."""
+        xz = self.in_proj(hidden).transpose(1, 2)  # (batch, 2E, L)
+        x, z = xz.chunk(2, dim=1)
+        y = scan.bidirectional(
+            x,
+            z,
+            torch.stack([self.conv1d.weight[:, 0], self.conv1d_b.weight[:, 0]]),
+            torch.stack([self.conv1d.bias, self.conv1d_b.bias]),
+            torch.stack([self.x_proj.weight, self.x_proj_b.weight]),
+            torch.stack([self.dt_proj.weight, self.dt_proj_b.weight]),
+            torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
+            -torch.exp(torch.stack([self.A_log, self.A_b_log]).float()),
+            torch.stack([self.D, self.D_b]).float(),
+            backend=self.scan_backend,
+        )
+        return self.out_proj(y.transpose(1, 2))

@@ -1,0 +1,134 @@
+"""Vim variants registered with timm: short names, the official long names as aliases, pretrained cfgs.
+
+The pretrained cfgs describe the evaluation transform the official accuracies were measured with
+(resize 256 / centre crop 224, bicubic, ImageNet mean and std), not the official ``default_cfg``
+(mean/std 0.5, crop 0.9), and where the released weights live on the Hugging Face hub.
+"""
+from typing import Any, Dict
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from visionmamba.models.vim import VisionMamba
+
+# name -> constructor arguments (the official registrations, spec §1.2).
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    "vim_tiny_patch16_224": dict(embed_dim=192, stride=16),
+    "vim_tiny_patch16_stride8_224": dict(embed_dim=192, stride=8),
+    "vim_small_patch16_224": dict(embed_dim=384, stride=16),
+    "vim_small_patch16_stride8_224": dict(embed_dim=384, stride=8),
+    "vim_base_patch16_224": dict(embed_dim=768, stride=16),
+}
+
+# The official registered names (hustvl/Vim:vim/models_mamba.py) -> ours.
+OFFICIAL_ALIASES: Dict[str, str] = {
+    "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": "vim_tiny_patch16_224",
+    "vim_tiny_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": (
+        "vim_tiny_patch16_stride8_224"
+    ),
+    "vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": "vim_small_patch16_224",
+    "vim_small_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": (
+        "vim_small_patch16_stride8_224"
+    ),
+    "vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2": "vim_base_patch16_224",
+}
+
+# Released checkpoints (hustvl/Vim README, Hugging Face model pages): variant -> (hub repo, file, top-1).
+RELEASED = {
+    "vim_tiny_patch16_224": ("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth", 76.1),
+    "vim_tiny_patch16_stride8_224": ("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_ft_78p3acc.pth", 78.3),
+    "vim_small_patch16_224": ("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth", 80.5),
+    "vim_small_patch16_stride8_224": ("hustvl/Vim-small-midclstok", "vim_s_midclstok_ft_81p6acc.pth", 81.6),
+    # The Vim-B file name is not confirmed by the README; this is the name by analogy with the others.
+    "vim_base_patch16_224": ("hustvl/Vim-base-midclstok", "vim_b_midclstok_81p9acc.pth", 81.9),
+}
+
+
+def _cfg(hub_id: str, filename: str, top1: float) -> Dict[str, Any]:
+    return dict(
+        hf_hub_id=hub_id,
+        hf_hub_filename=filename,
+        custom_load="hf",  # timm downloads the file, then VisionMamba.load_pretrained reads the .pth container
+        num_classes=1000,
+        input_size=(3, 224, 224),
+        pool_size=None,
+        crop_pct=0.875,
+        crop_mode="center",
+        interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        first_conv="patch_embed.proj",
+        classifier="head",
+        license="apache-2.0",
+        paper_ids="arXiv:2401.09417",
+        origin_url="https://github.com/hustvl/Vim",
+        notes=(f"official ImageNet-1k top-1 {top1}%",),
+    )
+
+
+default_cfgs = generate_default_cfgs({f"{name}.in1k": _cfg(*RELEASED[name]) for name in VARIANTS})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    args = dict(VARIANTS[variant])
+    args.update(kwargs)
+    try:
+        return build_model_with_cfg(
+            VisionMamba,
+            variant,
+            pretrained,
+            feature_cfg=dict(out_indices=(5, 11, 17, 23), feature_cls="getter"),
+            **args,
+        )
+    except OSError as err:  # every hub failure (offline, no route, missing file) is an OSError
+        if not pretrained:
+            raise
+        hub_id, filename, _ = RELEASED[variant]
+        raise RuntimeError(
+            f"could not fetch the pretrained weights of {variant}: {filename!r} from the Hugging Face repo "
+            f"{hub_id!r} ({type(err).__name__}: {err}). Download that file by hand and pass "
+            f"checkpoint_path='/path/to/{filename}' (with pretrained=False) instead."
+        ) from err
+
+
+@register_model
+def vim_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """Vim-Ti: dim 192, patch 16, 7,148,008 parameters."""
+    return _create("vim_tiny_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def vim_tiny_patch16_stride8_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """Vim-Ti†: dim 192, patch 16 with stride 8 (730 tokens at 224), 7,250,344 parameters."""
+    return _create("vim_tiny_patch16_stride8_224", pretrained, **kwargs)
+
+
+@register_model
+def vim_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """Vim-S: dim 384, patch 16, 25,796,584 parameters."""
+    return _create("vim_small_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def vim_small_patch16_stride8_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """Vim-S†: dim 384, patch 16 with stride 8, 26,001,256 parameters."""
+    return _create("vim_small_patch16_stride8_224", pretrained, **kwargs)
+
+
+@register_model
+def vim_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """Vim-B: dim 768, patch 16, 97,598,440 parameters."""
+    return _create("vim_base_patch16_224", pretrained, **kwargs)
+
+
+def _register_alias(official: str, ours: str) -> None:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+        return _create(ours, pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = official
+    entrypoint.__doc__ = f"Official name of {ours}."
+    register_model(entrypoint)
+
+
+for _official, _ours in OFFICIAL_ALIASES.items():
+    _register_alias(_official, _ours)

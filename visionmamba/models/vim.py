@@ -1,0 +1,363 @@
+"""Vision Mamba: patch embedding, middle class token, 24 pre-norm bidirectional Mamba blocks.
+
+Numerically the official hustvl/Vim model (``bimamba_type="v2"``, RMSNorm, fp32 residual, middle class
+token, ``if_divide_out=True``) with identical state-dict keys, plus the timm model interface.
+"""
+import math
+from functools import partial
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, RmsNorm, lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.models import checkpoint as grad_checkpoint
+from timm.models._features import feature_take_indices
+
+from visionmamba.models.mixer import BiMambaMixer
+
+
+class PatchEmbed(nn.Module):
+    """Image (batch, C, H, W) -> patch tokens (batch, H' * W', dim), raster order (row slow, column fast).
+
+    A convolution with kernel ``patch_size`` and ``stride`` <= ``patch_size`` (8 for the long-sequence
+    models); the grid side is ``(size - patch) // stride + 1``.
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        patch_size: int = 16,
+        stride: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 192,
+        dynamic_img_size: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0 < stride <= patch_size:
+            raise ValueError(f"stride must be in [1, patch_size={patch_size}], got {stride}")
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = patch_size
+        self.stride = stride
+        self.in_chans = in_chans
+        self.dynamic_img_size = dynamic_img_size
+        self.check_size(*self.img_size)
+        self.grid_size = self.grid_for(*self.img_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride)
+
+    def grid_for(self, height: int, width: int) -> Tuple[int, int]:
+        return ((height - self.patch_size) // self.stride + 1, (width - self.patch_size) // self.stride + 1)
+
+    def check_size(self, height: int, width: int) -> None:
+        for side in (height, width):
+            if side < self.patch_size or (side - self.patch_size) % self.stride:
+                raise ValueError(
+                    f"image size {height}x{width} does not fit patch {self.patch_size} / stride {self.stride}: "
+                    f"each side must be >= {self.patch_size} and divisible by {self.stride} "
+                    f"(e.g. {self.img_size[0]}); resize or crop the input"
+                )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(
+                f"expected a 4-D image batch (batch, {self.in_chans}, H, W), got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected {self.in_chans} input channels (batch, {self.in_chans}, H, W), got shape "
+                f"{tuple(x.shape)}; convert the images (e.g. grey -> RGB) or build the model with "
+                f"in_chans={x.shape[1]}"
+            )
+        height, width = x.shape[-2:]
+        if not self.dynamic_img_size and (height, width) != self.img_size:
+            raise ValueError(
+                f"expected input size {self.img_size[0]}x{self.img_size[1]}, got {height}x{width}; build the "
+                f"model with img_size={height} or dynamic_img_size=True"
+            )
+        self.check_size(height, width)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def pos_embed_resample(
+    pos_embed: torch.Tensor,
+    old_grid: Tuple[int, int],
+    new_grid: Tuple[int, int],
+) -> torch.Tensor:
+    """Resample a middle-class-token position table (1, M + 1, dim) from one patch grid to another.
+
+    The class-token row sits at index M // 2 (M = patches). It is taken out, the M patch rows are
+    resampled bicubically as a 2-D grid, and the class row is put back at the new middle, M' // 2. (The
+    official helper assumes the class row comes first, which is wrong for these models.)
+    """
+    old_m, new_m = old_grid[0] * old_grid[1], new_grid[0] * new_grid[1]
+    if pos_embed.shape[1] != old_m + 1:
+        raise ValueError(
+            f"pos_embed has {pos_embed.shape[1]} rows, expected {old_m} patches + 1 class token for grid {old_grid}"
+        )
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    cls_row = pos_embed[:, old_m // 2 : old_m // 2 + 1]
+    patches = torch.cat([pos_embed[:, : old_m // 2], pos_embed[:, old_m // 2 + 1 :]], dim=1)
+    patches = resample_abs_pos_embed(
+        patches, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=0, interpolation="bicubic"
+    )
+    return torch.cat([patches[:, : new_m // 2], cls_row, patches[:, new_m // 2 :]], dim=1)
+
+
+def grid_from_pos_embed(rows: int) -> Tuple[int, int]:
+    """The square patch grid of a (1, M + 1, dim) position table."""
+    side = math.isqrt(rows - 1)
+    if side * side != rows - 1:
+        raise ValueError(f"pos_embed with {rows} rows is not a square grid plus one class token")
+    return side, side
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``residual += drop_path(previous mixer output)``; ``mixer(norm(residual))``.
+
+    The residual stream is kept in float32 (official ``residual_in_fp32=True``); the norm output is cast
+    back to the dtype of the incoming hidden state, as in the official fused add-norm kernel.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        d_state: int = 16,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-5,
+        scan_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.mixer = BiMambaMixer(dim, d_state=d_state, scan_backend=scan_backend)
+        self.norm = RmsNorm(dim, eps=norm_eps)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(
+        self, hidden: torch.Tensor, residual: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """hidden (batch, L, dim), residual (batch, L, dim) float32 or None -> (new hidden, new residual)."""
+        residual = hidden.float() if residual is None else residual + self.drop_path(hidden)
+        return self.mixer(self.norm(residual).to(hidden.dtype)), residual
+
+
+class VisionMamba(nn.Module):
+    """Vim: a plain, isotropic backbone of bidirectional Mamba blocks with a middle class token.
+
+    Constructor arguments are keyword-only; there is no ``**kwargs`` sink. ``dynamic_img_size`` lets a
+    model built at one resolution run at any other whose sides fit the patch grid; the position table is
+    then resampled on the fly.
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        patch_size: int = 16,
+        stride: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 192,
+        depth: int = 24,
+        d_state: int = 16,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        norm_eps: float = 1e-5,
+        dynamic_img_size: bool = True,
+        scan_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.depth = depth
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            stride=stride,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            dynamic_img_size=dynamic_img_size,
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # Mixer j's output is dropped with rate dpr[j]; it is added to the residual in block j + 1 (or
+        # the final norm), hence block i uses dpr[i - 1] and the final add uses drop_path_rate.
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.layers = nn.ModuleList(
+            Block(
+                embed_dim,
+                d_state=d_state,
+                drop_path=([0.0] + dpr)[i],
+                norm_eps=norm_eps,
+                scan_backend=scan_backend,
+            )
+            for i in range(depth)
+        )
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.norm_f = RmsNorm(embed_dim, eps=norm_eps)
+        self.feature_info = [
+            dict(num_chs=embed_dim, reduction=stride, module=f"layers.{i}") for i in range(depth)
+        ]
+        init_weights(self)
+
+    # ----------------------------------------------------------------------------------------- timm API
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Names exempt from weight decay. As in the official recipe, ``A_log`` is decayed."""
+        return {"pos_embed", "cls_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool not in (None, "token"):
+            raise ValueError(f"Vim reads out its middle class token; global_pool={global_pool!r} is not supported")
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def load_pretrained(self, path: str) -> None:
+        """Hook for timm's ``custom_load``: read an official ``.pth`` (or any format we accept).
+
+        A model built with another number of classes keeps its freshly initialised head (fine-tuning).
+        """
+        from visionmamba.models.weights import load_checkpoint
+
+        load_checkpoint(self, path, drop_head=True)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def cls_index(self, num_patches: int) -> int:
+        """Position of the class token for a sequence of ``num_patches`` patches."""
+        return num_patches // 2
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Image -> (tokens (batch, M + 1, dim) with the class token at M // 2 and positions added, grid)."""
+        grid = self.patch_embed.grid_for(*x.shape[-2:])
+        x = self.patch_embed(x)
+        mid = self.cls_index(x.shape[1])
+        x = torch.cat([x[:, :mid], self.cls_token.expand(x.shape[0], -1, -1), x[:, mid:]], dim=1)
+        pos_embed = pos_embed_resample(self.pos_embed, self.patch_embed.grid_size, grid)
+        return self.pos_drop(x + pos_embed), grid
+
+    def _run_block(
+        self, block: Block, hidden: torch.Tensor, residual: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return grad_checkpoint(block, hidden, residual)
+        return block(hidden, residual)
+
+    def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.norm_f(residual + self.drop_path(hidden)).to(hidden.dtype)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (batch, C, H, W) -> all tokens after the final norm (batch, M + 1, dim), class token at M // 2."""
+        hidden, _ = self._embed(x)
+        residual = None
+        for block in self.layers:
+            hidden, residual = self._run_block(block, hidden, residual)
+        return self._final_norm(hidden, residual)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (batch, L, dim) -> logits (batch, classes), or the class-token feature (batch, dim)."""
+        x = x[:, self.cls_index(x.shape[1] - 1)]
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        return_prefix_tokens: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Outputs of selected blocks, as in timm's ViT.
+
+        A block's output is the residual stream after it (``residual + mixer output``), optionally
+        passed through the final norm (``norm=True``). ``output_fmt`` "NCHW" gives (batch, dim, H', W')
+        maps of the patch tokens, "NLC" gives (batch, M, dim) tokens; the class token is removed and, with
+        ``return_prefix_tokens``, returned beside each map as (batch, 1, dim).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        hidden, grid = self._embed(x)
+        mid = self.cls_index(grid[0] * grid[1])
+        blocks = self.layers if torch.jit.is_scripting() or not stop_early else self.layers[: max_index + 1]
+        residual = None
+        intermediates = []
+        for i, block in enumerate(blocks):
+            hidden, residual = self._run_block(block, hidden, residual)
+            if i in take_indices:
+                out = self._final_norm(hidden, residual) if norm else (residual + hidden).to(hidden.dtype)
+                cls_tok = out[:, mid : mid + 1]
+                tokens = torch.cat([out[:, :mid], out[:, mid + 1 :]], dim=1)
+                if output_fmt == "NCHW":
+                    tokens = tokens.reshape(tokens.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+                intermediates.append((tokens, cls_tok) if return_prefix_tokens else tokens)
+        if intermediates_only:
+            return intermediates
+        if len(blocks) < len(self.layers):
+            for block in self.layers[len(blocks) :]:
+                hidden, residual = self._run_block(block, hidden, residual)
+        return self._final_norm(hidden, residual), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        """Drop blocks after the last wanted index (for ``features_only``)."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[: max_index + 1]
+        if prune_norm:
+            self.norm_f = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
+
+
+@torch.no_grad()
+def init_weights(model: VisionMamba) -> None:
+    """The official initialisation (spec §4), in the official order of random draws.
+
+    Patch conv: LeCun normal, bias 0. Head: truncated normal std 0.02, bias 0. ``pos_embed`` and
+    ``cls_token``: truncated normal std 0.02. Then the Mamba "GPT-2" pass: every Linear bias is zeroed
+    except the flagged ``dt_proj.bias`` (so ``dt_proj_b.bias`` becomes 0, as officially), and each
+    ``out_proj.weight`` is redrawn Kaiming-uniform and divided by sqrt(depth).
+    """
+    lecun_normal_(model.patch_embed.proj.weight)
+    nn.init.zeros_(model.patch_embed.proj.bias)
+    if isinstance(model.head, nn.Linear):
+        trunc_normal_(model.head.weight, std=0.02)
+        nn.init.zeros_(model.head.bias)
+    trunc_normal_(model.pos_embed, std=0.02)
+    trunc_normal_(model.cls_token, std=0.02)
+    model.apply(partial(_mamba_init, depth=len(model.layers)))
+
+
+def _mamba_init(module: nn.Module, depth: int) -> None:
+    if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+        nn.init.zeros_(module.bias)
+    if isinstance(module, BiMambaMixer):
+        nn.init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
+        module.out_proj.weight /= math.sqrt(depth)

@@ -1,0 +1,205 @@
+"""``visionmamba benchmark``: images/s and peak memory per model and resolution, in the style of the paper's
+Figure 1 (speed and memory vs resolution), with ratios against the first model measured in the same run.
+
+CPU points run each in a fresh process (peak resident memory is per process); GPU points run in this
+process with CUDA's peak-allocated counter reset per point. Out of memory is recorded as such.
+A model spec is a timm name, optionally with ":naive" to turn off fused attention (DeiT) or ":onednn" to
+give its plain linears Vim's oneDNN route (like-for-like matrix products on the CPU).
+"""
+import csv
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from visionmamba.train.trainer import peak_memory_mb
+from visionmamba.ops.memory import keep_freed_memory
+
+
+@dataclass
+class Point:
+    model: str
+    res: int
+    batch: int
+    mode: str  # "infer" or "train"
+    status: str = "ok"  # ok | OOM | error: ...
+    img_per_s: float = float("nan")
+    peak_mem_mb: float = float("nan")
+
+
+def build(spec: str, res: int) -> torch.nn.Module:
+    """A model from ``name[:naive|:onednn]`` for res x res inputs."""
+    import timm
+
+    import visionmamba  # noqa: F401  (registers the Vim entrypoints)
+
+    name, _, variant = spec.partition(":")
+    model = timm.create_model(name, img_size=res)
+    if variant == "naive":
+        for module in model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = False
+    elif variant == "onednn":
+        from visionmamba.ops.linear import use_onednn_linears
+
+        use_onednn_linears(model)
+    elif variant:
+        raise ValueError(f"unknown model variant {variant!r} in {spec!r} (':naive' or ':onednn')")
+    return model
+
+
+def measure(spec: str, res: int, batch: int, device: str, dtype: str, train: bool, repeats: int) -> Point:
+    """Time ``repeats`` steps after a warm-up; peak memory of the whole point."""
+    point = Point(spec, res, batch, "train" if train else "infer")
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()  # every model under the allocator settings Vim's CPU path uses (see visionmamba.malloc)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    try:
+        model = build(spec, res).to(dev)
+        x = torch.randn(batch, 3, res, res, device=dev)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
+        model.train(train)
+
+        def step() -> None:
+            if train:
+                with autocast:
+                    loss = model(x).float().mean()
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                with torch.no_grad(), autocast:
+                    model(x)
+
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        else:
+            _reset_peak_rss()
+        step()
+        _sync(dev)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        _sync(dev)
+        point.img_per_s = batch * repeats / (time.perf_counter() - start)
+        point.peak_mem_mb = peak_memory_mb(dev)
+    except (torch.cuda.OutOfMemoryError, MemoryError):
+        point.status = "OOM"
+    except RuntimeError as err:
+        point.status = "OOM" if "out of memory" in str(err).lower() else f"error: {str(err).splitlines()[0][:120]}"
+    return point
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def measure_in_fresh_process(spec: str, res: int, batch: int, dtype: str, train: bool, repeats: int, threads: int) -> Point:
+    """One CPU point in its own process, so its peak memory is its own."""
+    args = json.dumps(dict(spec=spec, res=res, batch=batch, dtype=dtype, train=train, repeats=repeats, threads=threads))
+    code = (
+        "import json, sys, torch\n"
+        "from visionmamba.tools.benchmark import measure\n"
+        f"a = json.loads({args!r})\n"
+        "torch.set_num_threads(a['threads'])\n"
+        "p = measure(a['spec'], a['res'], a['batch'], 'cpu', a['dtype'], a['train'], a['repeats'])\n"
+        "from dataclasses import asdict\n"
+        "print('POINT ' + json.dumps(asdict(p)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("POINT ")), None)
+    if line is None:
+        killed = proc.returncode in (-9, 137)  # the kernel's OOM killer
+        status = "OOM" if killed else f"error: {(proc.stderr.strip().splitlines() or ['exit ' + str(proc.returncode)])[-1][:120]}"
+        return Point(spec, res, batch, "train" if train else "infer", status=status)
+    return Point(**json.loads(line[len("POINT "):]))
+
+
+def run_benchmark(
+    models: List[str], resolutions: List[int], *, batch: int, device: str = "cpu", dtype: str = "fp32",
+    train: bool = False, repeats: int = 3, threads: int = 2, out: Optional[Path] = None, progress: bool = True,
+) -> List[Point]:
+    """Every (model, resolution) point; writes ``benchmark.csv`` and ``benchmark.png`` under ``out``."""
+    points = []
+    for res in resolutions:
+        for spec in models:
+            if device == "cpu":
+                point = measure_in_fresh_process(spec, res, batch, dtype, train, repeats, threads)
+            else:
+                point = measure(spec, res, batch, device, dtype, train, repeats)
+                torch.cuda.empty_cache()
+            if progress:
+                print(f"  {spec} @ {res}: {point.status}, {point.img_per_s:.1f} img/s, {point.peak_mem_mb:.0f} MB", flush=True)
+            points.append(point)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(points, out / "benchmark.csv")
+        plot(points, out / "benchmark.png", title=f"{device}, {dtype}, batch {batch}, {'training' if train else 'inference'}")
+    return points
+
+
+def ratio_table(points: List[Point]) -> str:
+    """Markdown table: img/s and memory per point, with ratios against the first model at the same resolution."""
+    first = points[0].model
+    base = {p.res: p for p in points if p.model == first}
+    lines = ["| model | res | img/s | peak MB | speed vs first | memory vs first |", "|---|---|---|---|---|---|"]
+    for p in points:
+        b = base.get(p.res)
+        if p.status != "ok":
+            lines.append(f"| {p.model} | {p.res} | {p.status} | {p.status} | - | - |")
+            continue
+        speed = p.img_per_s / b.img_per_s if b and b.status == "ok" else float("nan")
+        mem = p.peak_mem_mb / b.peak_mem_mb if b and b.status == "ok" else float("nan")
+        lines.append(f"| {p.model} | {p.res} | {p.img_per_s:.1f} | {p.peak_mem_mb:.0f} | {speed:.2f}x | {mem:.2f}x |")
+    return "\n".join(lines)
+
+
+def write_csv(points: List[Point], path: Path) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(asdict(points[0])))
+        writer.writeheader()
+        writer.writerows(asdict(p) for p in points)
+
+
+def plot(points: List[Point], path: Path, title: str = "") -> None:
+    """Speed (log scale) and peak memory vs resolution, one line per model; out-of-memory points marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
+    for spec in dict.fromkeys(p.model for p in points):
+        mine = [p for p in points if p.model == spec]
+        ok = [p for p in mine if p.status == "ok"]
+        line = ax_speed.plot([p.res for p in ok], [p.img_per_s for p in ok], marker="o", label=spec)[0]
+        ax_mem.plot([p.res for p in ok], [p.peak_mem_mb / 1024 for p in ok], marker="o", color=line.get_color(), label=spec)
+        for p in mine:
+            if p.status == "OOM":
+                top = max([q.peak_mem_mb / 1024 for q in points if q.status == "ok"] or [1.0])
+                ax_mem.scatter([p.res], [top * 1.1], marker="x", color=line.get_color())
+                ax_mem.annotate("OOM", (p.res, top * 1.1), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax_speed.set_yscale("log")
+    ax_speed.set_xlabel("resolution"), ax_speed.set_ylabel("images / s (log)"), ax_speed.legend(fontsize=8)
+    ax_mem.set_xlabel("resolution"), ax_mem.set_ylabel("peak memory (GB)"), ax_mem.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
