@@ -58,3 +58,17 @@ def cli(*args, env=None, check=True, timeout=600) -> subprocess.CompletedProcess
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+# A tiny backbone and the seg / det options of the dense-prediction tests.
+TINY_BACKBONE = dict(
+    model="vim_custom", model_args={"embed_dim": 32, "depth": 4, "patch_size": 8, "stride": 8},
+    crop_size=64, scale_range=(0.75, 1.25), batch_size=2, lr=1e-3, layer_decay=0.9, warmup_iters=1, drop_path=0.0,
+    workers=0, progress=False, checkpoint_every=0, eval_every=0,
+)
+SEG_TINY = dict(TINY_BACKBONE, num_classes=11, reduce_zero_label=False, decoder_channels=16, eval_mode="whole")
+DET_TINY = dict(
+    TINY_BACKBONE, train_split="train", val_split="val", fpn_channels=16, anchor_sizes=(8, 16, 32, 64, 128),
+    detector_args=dict(box_batch_size_per_image=16, rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_train=100,
+                       rpn_post_nms_top_n_test=50, rpn_pre_nms_top_n_test=100, box_detections_per_img=10),
+)

@@ -1,12 +1,18 @@
-"""Command line: thin subcommands that parse flags into typed configs and call library functions."""
+"""Command line: thin subcommands that parse flags into typed configs and call library functions.
+
+Each subcommand has one ``_add_<command>(sub)`` that declares its flags and one ``_cmd_<command>(args)``
+that runs it; the library code it calls is imported when the command runs.
+"""
 import argparse
 import dataclasses
 import json
 import sys
 import typing
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from visionmamba import __version__
+from visionmamba.train.config import DetConfig, EvalConfig, SegConfig, TrainConfig
+from visionmamba.version import __version__
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: Dict[str, str]) -> None:
@@ -32,6 +38,18 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: Dict
         parser.add_argument(flag, **kwargs)
 
 
+def _dataclass_values(cls: type, args: argparse.Namespace) -> Dict[str, Any]:
+    """The fields of ``cls`` given on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+
+
+def _model_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model name (our checkpoints carry it; needed for official .pth files)")
+    p.add_argument("--checkpoint", help="our checkpoint or an official .pth / safetensors")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
+
+
+# ------------------------------------------------------------------------------------------- training
 TRAIN_HELP = {
     "data": "folder with train/<class>/ and val/<class>/ images",
     "output": "folder for checkpoints, log.jsonl, curves.png and config.json",
@@ -47,33 +65,6 @@ TRAIN_HELP = {
     "skip_corrupt": "skip unreadable images (counted) instead of stopping",
     "precision": "fp32, bf16 or fp16 autocast",
 }
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from visionmamba.train.classification import TrainConfig, resolve_config, train
-
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    return _report_training("train", train, resolve_config(overrides, use_preset=args.preset))
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from visionmamba.train.classification import EvalConfig, evaluate_checkpoint
-
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(args, f.name)}
-    metrics = evaluate_checkpoint(EvalConfig(**values))
-    print(
-        f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
-        f"({metrics['count']} images" + (f", {metrics['skipped_images']} unreadable skipped)" if metrics["skipped_images"] else ")")
-    )
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from visionmamba.tools.demo import run_demo
-
-    run_demo(args.output, epochs=args.epochs)
-    return 0
-
 
 DENSE_HELP = {
     "data": "data root (segmentation: ADE20K layout ROOT/images/<split>, ROOT/annotations/<split>; "
@@ -104,13 +95,6 @@ DENSE_HELP = {
 }
 
 
-def _dense_train(cls: type, args: argparse.Namespace) -> int:
-    from visionmamba.train.dense import resolve, train_dense
-
-    cfg = resolve(cls, {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
-    return _report_training(args.command, train_dense, cfg)
-
-
 def _report_training(command: str, train_fn, cfg) -> int:
     """Train; print the last record as JSON (exit 0), or why a non-finite loss stopped the run (exit 3)."""
     from visionmamba.train.trainer import NonFiniteLossError
@@ -124,16 +108,64 @@ def _report_training(command: str, train_fn, cfg) -> int:
     return 0
 
 
-def _cmd_seg_train(args: argparse.Namespace) -> int:
-    from visionmamba.train.dense import SegConfig
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train on an ImageFolder data set with the official recipe (torchrun for DDP)")
+    _add_dataclass_flags(p, TrainConfig, TRAIN_HELP)
+    p.add_argument("--preset", action=argparse.BooleanOptionalAction, default=True,
+                   help="apply the official recipe preset of --model (default: on)")
+    p.set_defaults(func=_cmd_train)
 
-    return _dense_train(SegConfig, args)
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from visionmamba.train.classification import train
+    from visionmamba.train.config import resolve
+
+    return _report_training("train", train, resolve(TrainConfig, _dataclass_values(TrainConfig, args), use_preset=args.preset))
 
 
-def _cmd_det_train(args: argparse.Namespace) -> int:
-    from visionmamba.train.dense import DetConfig
+def _add_dense_train(sub, name: str, cls: type, what: str) -> None:
+    p = sub.add_parser(name, help=what)
+    _add_dataclass_flags(p, cls, DENSE_HELP)
+    p.set_defaults(func=_cmd_dense_train, config_cls=cls)
 
-    return _dense_train(DetConfig, args)
+
+def _cmd_dense_train(args: argparse.Namespace) -> int:
+    from visionmamba.train.config import resolve
+    from visionmamba.train.dense import train_dense
+
+    cls = args.config_cls
+    return _report_training(args.command, train_dense, resolve(cls, _dataclass_values(cls, args)))
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5/loss of a checkpoint (ours or official) on a class-folder data set")
+    _add_dataclass_flags(p, EvalConfig, {"checkpoint": "our checkpoint or an official .pth", "ema": "evaluate the EMA weights"})
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from visionmamba.train.classification import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(EvalConfig(**_dataclass_values(EvalConfig, args)))
+    skipped = metrics["skipped_images"]
+    print(
+        f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
+        f"({metrics['count']} images" + (f", {skipped} unreadable skipped)" if skipped else ")")
+    )
+    return 0
+
+
+def _add_dense_eval(sub, name: str, what: str) -> None:
+    p = sub.add_parser(name, help=what)
+    p.add_argument("--checkpoint", required=True, help=f"a {name.replace('eval', 'train')} checkpoint")
+    p.add_argument("--data", help="data root (default: the one it was trained with)")
+    p.add_argument("--split", help="split to evaluate (default: its validation split)")
+    p.add_argument("--device", default="auto")
+    if name == "seg-eval":
+        p.add_argument("--mode", choices=["slide", "whole"], help="inference mode (default: the training config's)")
+        p.add_argument("--per-class", action="store_true", help="also print every class's IoU")
+    p.set_defaults(func=_cmd_dense_eval)
 
 
 def _cmd_dense_eval(args: argparse.Namespace) -> int:
@@ -141,21 +173,43 @@ def _cmd_dense_eval(args: argparse.Namespace) -> int:
 
     metrics = evaluate_dense(args.checkpoint, args.data, args.split, device=args.device,
                              eval_mode=getattr(args, "mode", None), progress=True)
+    done = f"({metrics['images']} images, {metrics['seconds']:.0f} s)"
     if "mIoU" in metrics:
-        print(f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}  "
-              f"({metrics['images']} images, {metrics['seconds']:.0f} s)")
+        print(f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}  {done}")
         if args.per_class:
             for i, iou in enumerate(metrics["IoU"]):
                 print(f"  class {i:3d}: IoU " + ("absent" if iou is None else f"{iou:.2f}"))
     else:
-        print("  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith(("bbox", "segm")))
-              + f"  ({metrics['images']} images, {metrics['seconds']:.0f} s)")
+        print("  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith(("bbox", "segm"))) + f"  {done}")
     return 0
 
 
-def _cmd_scenes(args: argparse.Namespace) -> int:
-    from pathlib import Path
+# --------------------------------------------------------------------------------------------- demos
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="train a small Vim on the bundled handwritten digits and report test accuracy")
+    p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("--epochs", type=int, default=None, help="override the demo's number of epochs")
+    p.set_defaults(func=_cmd_demo)
 
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from visionmamba.tools.demo import run_demo
+
+    run_demo(args.output, epochs=args.epochs)
+    return 0
+
+
+def _add_scenes(sub) -> None:
+    p = sub.add_parser("scenes", help="write the digit-scenes data set (ADE20K and COCO layouts) from scikit-learn's digits")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--train", type=int, default=1000, help="training scenes")
+    p.add_argument("--val", type=int, default=200, help="validation scenes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128, help="canvas side in pixels")
+    p.set_defaults(func=_cmd_scenes)
+
+
+def _cmd_scenes(args: argparse.Namespace) -> int:
     from visionmamba.data.digits import write_scenes
 
     counts = write_scenes(Path(args.out), train=args.train, val=args.val, seed=args.seed, size=args.size)
@@ -164,15 +218,37 @@ def _cmd_scenes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_dense_demo(sub) -> None:
+    p = sub.add_parser("dense-demo", help="train and evaluate segmentation and detection on the bundled digit scenes")
+    p.add_argument("--task", choices=["seg", "det", "both"], default="both")
+    p.add_argument("--output", default="runs/dense-demo")
+    p.add_argument("--iters", type=int, help="override the demo's iterations (evaluation at the end only)")
+    p.set_defaults(func=_cmd_dense_demo)
+
+
 def _cmd_dense_demo(args: argparse.Namespace) -> int:
-    from visionmamba.tools.dense_demo import run_dense_demo
+    from visionmamba.tools.demo import run_dense_demo
 
     run_dense_demo(args.output, ["seg", "det"] if args.task == "both" else [args.task], iters=args.iters)
     return 0
 
 
+# ---------------------------------------------------------------------------------- using a model
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="top-k labels of images (ImageNet names, or the class folders a model was trained on)")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    _model_source(p)
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_predict)
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from visionmamba.tools.inference import list_images, load_for_inference, predict
+    from visionmamba.files import list_images
+    from visionmamba.models.factory import load_for_inference
+    from visionmamba.tools.inference import predict
 
     loaded = load_for_inference(args.checkpoint, args.model, use_ema=args.ema, device=args.device)
     results = predict(loaded, list_images(args.images), topk=args.topk, batch_size=args.batch_size, progress=False)
@@ -186,12 +262,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_features(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _add_features(sub) -> None:
+    p = sub.add_parser("features", help="features at any resolution, written as safetensors")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    _model_source(p)
+    p.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="S", help="S, or H W; each divisible by the stride")
+    p.add_argument("--kind", choices=["pooled", "tokens", "map", "intermediates"], default="map")
+    p.add_argument("--layers", type=int, nargs="+", help="blocks for --kind intermediates (default: the last)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--per-batch", action="store_true", help="one file per batch (tensors named <index>.<kind>)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the stored features")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_features)
 
+
+def _cmd_features(args: argparse.Namespace) -> int:
     import torch
 
-    from visionmamba.tools.inference import list_images, load_for_inference, write_features
+    from visionmamba.files import list_images
+    from visionmamba.models.factory import load_for_inference
+    from visionmamba.tools.inference import write_features
 
     size = (args.img_size[0], args.img_size[-1])
     loaded = load_for_inference(args.checkpoint, args.model, use_ema=args.ema, device=args.device)
@@ -206,9 +297,22 @@ def _cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _add_benchmark(sub) -> None:
+    p = sub.add_parser("benchmark", help="images/s and peak memory vs resolution, with a table of ratios, CSV and plot")
+    p.add_argument("--models", nargs="+", default=["vim_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_patch16_224:naive"],
+                   help="timm names; ':naive' turns off fused attention, ':onednn' routes plain linears through oneDNN")
+    p.add_argument("--res", type=int, nargs="+", default=[224, 512])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--train", action="store_true", help="time training steps instead of inference")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads per point")
+    p.add_argument("--out", default="runs/benchmark")
+    p.set_defaults(func=_cmd_benchmark)
 
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
     from visionmamba.tools.benchmark import ratio_table, run_benchmark
 
     points = run_benchmark(
@@ -220,17 +324,36 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export to ONNX (one fixed resolution per file)")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--model", required=True)
+    p.add_argument("--checkpoint")
+    p.add_argument("--ema", action="store_true")
+    p.add_argument("--img-size", type=int, nargs="+", default=[224], help="one file per size")
+    p.add_argument("--out", required=True, help="output .onnx file (suffixed _<size> when several sizes)")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True, help="compare with onnxruntime")
+    p.set_defaults(func=_cmd_export)
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from visionmamba.tools.export import EXPORTERS
 
-    from visionmamba.tools.export import export_onnx
-
+    export = EXPORTERS[args.format]
     for size in args.img_size:
         out = Path(args.out)
         target = out.with_name(f"{out.stem}_{size}{out.suffix}") if len(args.img_size) > 1 else out
-        report = export_onnx(args.model, target, img_size=size, checkpoint=args.checkpoint, use_ema=args.ema, check=args.check)
+        report = export(args.model, target, img_size=size, checkpoint=args.checkpoint, use_ema=args.ema, check=args.check)
         print(f"wrote {target} ({size}x{size})" + (f", onnxruntime max abs diff {report['max_abs_diff']:.2e}" if args.check else ""))
     return 0
+
+
+# ------------------------------------------------------------------------------------- model files
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="model card: parameters, compute, eval transform, released weights")
+    p.add_argument("name")
+    p.add_argument("--img-size", type=int, default=224)
+    p.set_defaults(func=_cmd_info)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -240,12 +363,26 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="write the weights of a checkpoint (.pth, ours or official) as safetensors")
+    p.add_argument("src", help="input checkpoint: official .pth, one of ours, a state dict, or safetensors")
+    p.add_argument("dst", help="output .safetensors file")
+    p.add_argument("--ema", action="store_true", help="take the EMA weights (model_ema) instead of the raw ones")
+    p.set_defaults(func=_cmd_convert)
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from visionmamba.models.weights import convert_to_safetensors
 
     tensors, values = convert_to_safetensors(args.src, args.dst, use_ema=args.ema)
     print(f"wrote {args.dst}: {tensors} tensors, {values:,} values ({'EMA' if args.ema else 'model'} weights)")
     return 0
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the Vim variants and their released checkpoints")
+    p.add_argument("--aliases", action="store_true", help="also print the official long model names")
+    p.set_defaults(func=_cmd_models)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -260,126 +397,25 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from visionmamba.train.classification import EvalConfig, TrainConfig
-
     parser = argparse.ArgumentParser(prog="visionmamba", description="Vision Mamba (Vim) in plain PyTorch")
     parser.add_argument("--version", action="version", version=f"visionmamba {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train on an ImageFolder data set with the official recipe (torchrun for DDP)")
-    _add_dataclass_flags(p, TrainConfig, TRAIN_HELP)
-    p.add_argument("--preset", action=argparse.BooleanOptionalAction, default=True,
-                   help="apply the official recipe preset of --model (default: on)")
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("eval", help="top-1/top-5/loss of a checkpoint (ours or official) on a class-folder data set")
-    _add_dataclass_flags(p, EvalConfig, {"checkpoint": "our checkpoint or an official .pth", "ema": "evaluate the EMA weights"})
-    p.set_defaults(func=_cmd_eval)
-
-    p = sub.add_parser("demo", help="train a small Vim on the bundled handwritten digits and report test accuracy")
-    p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
-    p.add_argument("--epochs", type=int, default=None, help="override the demo's number of epochs")
-    p.set_defaults(func=_cmd_demo)
-
-    from visionmamba.train.dense import DetConfig, SegConfig
-
-    p = sub.add_parser("seg-train", help="train Vim + UperNet on ADE20K-layout data (official recipe; torchrun for DDP)")
-    _add_dataclass_flags(p, SegConfig, DENSE_HELP)
-    p.set_defaults(func=_cmd_seg_train)
-
-    p = sub.add_parser("det-train", help="train Vim + Mask R-CNN on COCO-layout data (official recipe; torchrun for DDP)")
-    _add_dataclass_flags(p, DetConfig, DENSE_HELP)
-    p.set_defaults(func=_cmd_det_train)
-
-    for name, what in (("seg-eval", "mIoU of a seg-train checkpoint"), ("det-eval", "COCO box/mask AP of a det-train checkpoint")):
-        p = sub.add_parser(name, help=what)
-        p.add_argument("--checkpoint", required=True, help=f"a {name.replace('eval', 'train')} checkpoint")
-        p.add_argument("--data", help="data root (default: the one it was trained with)")
-        p.add_argument("--split", help="split to evaluate (default: its validation split)")
-        p.add_argument("--device", default="auto")
-        if name == "seg-eval":
-            p.add_argument("--mode", choices=["slide", "whole"], help="inference mode (default: the training config's)")
-            p.add_argument("--per-class", action="store_true", help="also print every class's IoU")
-        p.set_defaults(func=_cmd_dense_eval)
-
-    p = sub.add_parser("scenes", help="write the digit-scenes data set (ADE20K and COCO layouts) from scikit-learn's digits")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--train", type=int, default=1000, help="training scenes")
-    p.add_argument("--val", type=int, default=200, help="validation scenes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=128, help="canvas side in pixels")
-    p.set_defaults(func=_cmd_scenes)
-
-    p = sub.add_parser("dense-demo", help="train and evaluate segmentation and detection on the bundled digit scenes")
-    p.add_argument("--task", choices=["seg", "det", "both"], default="both")
-    p.add_argument("--output", default="runs/dense-demo")
-    p.add_argument("--iters", type=int, help="override the demo's iterations (evaluation at the end only)")
-    p.set_defaults(func=_cmd_dense_demo)
-
-    def model_source(p: argparse.ArgumentParser, needs_checkpoint: bool) -> None:
-        p.add_argument("--model", help="model name (ours checkpoints carry it; needed for official .pth files)")
-        p.add_argument("--checkpoint", required=needs_checkpoint, help="our checkpoint or an official .pth / safetensors")
-        p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
-
-    p = sub.add_parser("predict", help="top-k labels of images (ImageNet names, or the class folders a model was trained on)")
-    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
-    model_source(p, needs_checkpoint=False)
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=_cmd_predict)
-
-    p = sub.add_parser("features", help="features at any resolution, written as safetensors")
-    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
-    model_source(p, needs_checkpoint=False)
-    p.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="S", help="S, or H W; each divisible by the stride")
-    p.add_argument("--kind", choices=["pooled", "tokens", "map", "intermediates"], default="map")
-    p.add_argument("--layers", type=int, nargs="+", help="blocks for --kind intermediates (default: the last)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--per-batch", action="store_true", help="one file per batch (tensors named <index>.<kind>)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the stored features")
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=_cmd_features)
-
-    p = sub.add_parser("benchmark", help="images/s and peak memory vs resolution, with a table of ratios, CSV and plot")
-    p.add_argument("--models", nargs="+", default=["vim_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_patch16_224:naive"],
-                   help="timm names; ':naive' turns off fused attention, ':onednn' routes plain linears through oneDNN")
-    p.add_argument("--res", type=int, nargs="+", default=[224, 512])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--train", action="store_true", help="time training steps instead of inference")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2, help="CPU threads per point")
-    p.add_argument("--out", default="runs/benchmark")
-    p.set_defaults(func=_cmd_benchmark)
-
-    p = sub.add_parser("export", help="export to ONNX (one fixed resolution per file)")
-    p.add_argument("--format", choices=["onnx"], default="onnx")
-    p.add_argument("--model", required=True)
-    p.add_argument("--checkpoint")
-    p.add_argument("--ema", action="store_true")
-    p.add_argument("--img-size", type=int, nargs="+", default=[224], help="one file per size")
-    p.add_argument("--out", required=True, help="output .onnx file (suffixed _<size> when several sizes)")
-    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True, help="compare with onnxruntime")
-    p.set_defaults(func=_cmd_export)
-
-    p = sub.add_parser("info", help="model card: parameters, compute, eval transform, released weights")
-    p.add_argument("name")
-    p.add_argument("--img-size", type=int, default=224)
-    p.set_defaults(func=_cmd_info)
-
-    p = sub.add_parser("convert", help="write the weights of a checkpoint (.pth, ours or official) as safetensors")
-    p.add_argument("src", help="input checkpoint: official .pth, one of ours, a state dict, or safetensors")
-    p.add_argument("dst", help="output .safetensors file")
-    p.add_argument("--ema", action="store_true", help="take the EMA weights (model_ema) instead of the raw ones")
-    p.set_defaults(func=_cmd_convert)
-
-    p = sub.add_parser("models", help="list the Vim variants and their released checkpoints")
-    p.add_argument("--aliases", action="store_true", help="also print the official long model names")
-    p.set_defaults(func=_cmd_models)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_demo(sub)
+    _add_dense_train(sub, "seg-train", SegConfig, "train Vim + UperNet on ADE20K-layout data (official recipe; torchrun for DDP)")
+    _add_dense_train(sub, "det-train", DetConfig, "train Vim + Mask R-CNN on COCO-layout data (official recipe; torchrun for DDP)")
+    _add_dense_eval(sub, "seg-eval", "mIoU of a seg-train checkpoint")
+    _add_dense_eval(sub, "det-eval", "COCO box/mask AP of a det-train checkpoint")
+    _add_scenes(sub)
+    _add_dense_demo(sub)
+    _add_predict(sub)
+    _add_features(sub)
+    _add_benchmark(sub)
+    _add_export(sub)
+    _add_info(sub)
+    _add_convert(sub)
+    _add_models(sub)
     return parser
 
 

@@ -1,4 +1,7 @@
-"""Parity with the official hustvl/Vim code (fixtures in tests/data, made by running it on CPU)."""
+"""Parity with the official hustvl/Vim code (fixtures in tests/fixtures, made by running it on CPU).
+
+``python -m pytest -s tests/models/test_parity.py`` also prints the differences per output and backend.
+"""
 from pathlib import Path
 
 import pytest
@@ -34,9 +37,11 @@ def check_case(case, backend, device):
     model.eval()
     with torch.no_grad():
         tokens = model.forward_features(x)
-        assert_close(tokens, ref["tokens.final_norm"], atol=1e-4, name="tokens.final_norm")
-        assert_close(model.forward_head(tokens, pre_logits=True), ref["features"], atol=1e-4, name="features")
-        assert_close(model(x), ref["logits"], atol=1e-4, name="logits")
+        outputs = {"tokens.final_norm": tokens, "features": model.forward_head(tokens, pre_logits=True), "logits": model(x)}
+    diffs = ", ".join(f"{k} {(v - ref[k]).abs().max().item():.1e}" for k, v in outputs.items())
+    print(f"\nparity {case} ({backend}, {device}): max abs diff vs official {diffs} (bound 1e-4)")
+    for name, value in outputs.items():
+        assert_close(value, ref[name], atol=1e-4, name=name)
 
     model.train()
     loss = model(x).float().pow(2).mean()

@@ -61,3 +61,23 @@ def test_models_cli_lists_variants():
         assert name in proc.stdout
     assert "vim_t_midclstok_76p1acc.pth" in proc.stdout
     assert OFFICIAL_ALIASES and all(alias in proc.stdout for alias in OFFICIAL_ALIASES)
+
+
+def test_vim_custom_is_built_from_its_arguments_alone():
+    torch.manual_seed(0)
+    custom = visionmamba.create_model("vim_custom", embed_dim=32, depth=2, patch_size=8, stride=8, img_size=32)
+    torch.manual_seed(0)
+    plain = visionmamba.VisionMamba(embed_dim=32, depth=2, patch_size=8, stride=8, img_size=32)
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in custom.state_dict().items())
+    assert "vim_custom" in timm.list_models("vim_*") and "vim_custom" not in visionmamba.list_models()
+    with pytest.raises(ValueError, match="no released weights"):
+        visionmamba.create_model("vim_custom", pretrained=True)
+    features = timm.create_model("vim_custom", features_only=True, depth=4, embed_dim=32, img_size=64)
+    assert len(features(torch.randn(1, 3, 64, 64))) == 4  # one map per quarter of the depth by default
+
+
+def test_default_out_indices_end_each_quarter():
+    from visionmamba.models.registry import default_out_indices
+
+    assert default_out_indices(24) == (5, 11, 17, 23)
+    assert default_out_indices(12) == (2, 5, 8, 11)

@@ -4,8 +4,8 @@ import timm
 import torch
 
 import visionmamba
-from helpers import tiny_vim
-from visionmamba.models.vim import pos_embed_resample
+from helpers import assert_close, tiny_vim
+from visionmamba.models.pos_embed import pos_embed_resample
 
 PARAM_COUNTS = {
     "vim_tiny_patch16_224": 7_148_008,
@@ -204,3 +204,19 @@ def test_bfloat16_autocast_runs_with_fp32_residual():
         out = model(torch.randn(2, 3, 32, 32))
     assert out.dtype == torch.bfloat16
     assert torch.isfinite(out.float()).all()
+
+
+def test_torch_compile_gives_the_eager_outputs():
+    torch.manual_seed(0)
+    model = tiny_vim().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(torch.compile(model)(x), model(x), atol=1e-5, name="compiled")
+
+
+def test_set_scan_backend_reaches_every_mixer():
+    model = tiny_vim(depth=3)
+    model.set_scan_backend("chunked")
+    assert {block.mixer.scan_backend for block in model.layers} == {"chunked"}
+    with pytest.raises(ValueError, match="unknown selective-scan backend"):
+        model.set_scan_backend("fast")

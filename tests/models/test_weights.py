@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import visionmamba
 from helpers import tiny_vim
-from visionmamba.models.weights import load_checkpoint
+from visionmamba import load_checkpoint
 
 
 def official_container(model_state, ema_state):

@@ -1,16 +1,17 @@
-"""visionmamba.malloc: freed large CPU tensors are reused instead of page-faulted in again."""
+"""visionmamba.ops.memory: freed large CPU tensors are reused instead of page-faulted in again; peak readings."""
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from visionmamba.ops import memory as malloc
+from visionmamba.ops import memory
 
 SCRIPT = r"""
 import resource, sys, torch
-from visionmamba.ops import memory as malloc
+from visionmamba.ops import memory
 if sys.argv[1] == "tuned":
-    assert malloc.keep_freed_memory()
+    assert memory.keep_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(4):  # the heap settles within a few rounds
@@ -22,7 +23,7 @@ print((faults() - start) / 6)
 """
 
 
-@pytest.mark.skipif(malloc._glibc() is None, reason="needs glibc")
+@pytest.mark.skipif(memory._glibc() is None, reason="needs glibc")
 def test_large_blocks_are_reused_without_page_faults():
     def faults_per_block(mode):
         out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True)
@@ -34,6 +35,18 @@ def test_large_blocks_are_reused_without_page_faults():
 
 
 def test_opt_out(monkeypatch):
-    monkeypatch.setattr(malloc, "_applied", None)
-    monkeypatch.setenv(malloc.ENV, "0")
-    assert malloc.keep_freed_memory() is False
+    memory.keep_freed_memory.cache_clear()
+    monkeypatch.setenv(memory.ENV, "0")
+    try:
+        assert memory.keep_freed_memory() is False
+    finally:
+        memory.keep_freed_memory.cache_clear()
+
+
+def test_peak_memory_reading_follows_a_large_block():
+    device = torch.device("cpu")
+    memory.reset_peak_memory(device)
+    before = memory.peak_memory_mb(device)
+    block = torch.ones(256 << 18)  # 256 MiB, touched
+    assert memory.peak_memory_mb(device) >= before + 200
+    del block

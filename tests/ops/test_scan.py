@@ -151,10 +151,11 @@ def test_auto_picks_the_compiled_cpu_kernel_and_falls_back_with_a_warning(monkey
 
     assert scan.resolve_backend("auto", torch.device("cpu")) == "cpu"
     monkeypatch.setattr(cpu, "available", lambda: False)
-    monkeypatch.setattr(cpu, "_build_error", "CalledProcessError: no compiler")
-    monkeypatch.setattr(scan, "_fallback_warned", False)
+    monkeypatch.setattr(cpu, "build_error", lambda: "CalledProcessError: no compiler")
+    scan._warn_cpu_fallback.cache_clear()
     with pytest.warns(UserWarning, match="no compiler"):
         assert scan.resolve_backend("auto", torch.device("cpu")) == "reference"
+    scan._warn_cpu_fallback.cache_clear()
     with pytest.raises(RuntimeError, match="'cpu' scan backend is unavailable"):
         scan.resolve_backend("cpu", torch.device("cpu"))
 
@@ -192,22 +193,6 @@ def test_torch_compile_fullgraph_with_the_custom_op():
         assert_close(a, b, atol=1e-5, rtol_max=1e-4, name="compiled grad")
 
 
-def test_scan_benchmark_smoke_run(tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_scan.py"
-    proc = subprocess.run([sys.executable, str(script), "--quick", "--json", str(tmp_path / "r.json")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads((tmp_path / "r.json").read_text())
-    assert [r["backend"] for r in results["scan"]] == ["official", "reference", "cpu", "chunked"]
-    assert all(r["fwd_ms"] > 0 for r in results["scan"]) and len(results["memory"]) == 3
-    assert "speed-up = official formulation time / backend time" in proc.stdout
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("batch, length, steep", [(3, 1, False), (1, 63, False), (2, 197, False), (2, 70, True)])
 def test_cpu_fused_bidirectional_matches_the_flip_composition(dtype, batch, length, steep):
@@ -217,15 +202,14 @@ def test_cpu_fused_bidirectional_matches_the_flip_composition(dtype, batch, leng
     channels, state, rank, taps = 37, 16, 3, 4
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
-    xz = r(batch, length, 2 * channels).transpose(1, 2)  # (b, 2E, L) view of token-major memory, as in the mixer
-    x, z = xz.chunk(2, dim=1)
+    x, z = r(batch, length, 2 * channels).chunk(2, dim=-1)  # (b, L, E) views of in_proj's output, as in the mixer
     params = [r(2, channels, taps) * 0.3, r(2, channels) * 0.1, r(2, rank + 2 * state, channels) / channels**0.5,
               r(2, channels, rank) / rank**0.5, r(2, channels) * 0.1, -torch.exp(r(2, channels, state) * 0.3),
               1 + 0.1 * r(2, channels)]
     if steep:
         params[4] = params[4] + 60.0  # dt_proj bias
         params[5] = params[5] * torch.arange(1, state + 1, dtype=dtype)  # A
-    dout = r(batch, channels, length)
+    dout = r(batch, length, channels)
 
     def run(backend):
         leaves = [t.detach().clone().requires_grad_(True) for t in [x, z, *params]]

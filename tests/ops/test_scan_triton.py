@@ -40,7 +40,7 @@ class _PoisonedTorch:
 @pytest.fixture(autouse=True)
 def poisoned_outputs_and_short_chunks(monkeypatch):
     monkeypatch.setattr(triton_backend, "torch", _PoisonedTorch())
-    monkeypatch.setattr(triton_backend, "CHUNK", 16)  # several chunks, and a partial one, at interpreter-friendly lengths
+    monkeypatch.setattr(triton_backend, "CHECKPOINT_STEPS", 16)  # several chunks, and a partial one, at interpreter-friendly lengths
 
 
 def on_device(inputs):
@@ -68,8 +68,7 @@ def test_single_direction_without_optional_inputs():
 def bidirectional_inputs(batch, channels, length, state=4, rank=3, taps=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    xz = r(batch, 2 * channels, length)
-    x, z = xz.chunk(2, dim=1)  # strided views, as in the mixer
+    x, z = r(batch, length, 2 * channels).chunk(2, dim=-1)  # (b, L, E) strided views, as in the mixer
     params = [r(2, channels, taps) * 0.3, r(2, channels) * 0.1, r(2, rank + 2 * state, channels) / channels**0.5,
               r(2, channels, rank) / rank**0.5, r(2, channels) * 0.1, -torch.exp(r(2, channels, state) * 0.3),
               1 + 0.1 * r(2, channels)]
@@ -79,7 +78,7 @@ def bidirectional_inputs(batch, channels, length, state=4, rank=3, taps=4, seed=
 @pytest.mark.parametrize("batch, length", [(3, 1), (1, 63), (2, 37)])
 def test_fused_bidirectional_matches_the_flip_composition_forward_and_every_gradient(batch, length):
     inputs = bidirectional_inputs(batch, 37, length)
-    dout = torch.randn(batch, 37, length, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    dout = torch.randn(batch, length, 37, generator=torch.Generator().manual_seed(5)).to(DEVICE)
 
     def run(backend):
         leaves = [t.detach().clone().requires_grad_(True) for t in inputs]

@@ -7,17 +7,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import visionmamba
 from helpers import PLAIN, TINY, cli, make_folder, tiny_vim
-from visionmamba.models.weights import read_file
 from visionmamba.data.folders import eval_transform
-from visionmamba.train.classification import EvalConfig, evaluate_checkpoint
-
+from visionmamba.models.weights import read_file
+from visionmamba.train.classification import evaluate_checkpoint
+from visionmamba.train.config import EvalConfig, TrainConfig, resolve
 
 
 def log_of(run: Path):
@@ -41,18 +40,16 @@ def test_training_lowers_the_loss_and_writes_records(tmp_path):
 
 
 def test_presets_and_config_resolution():
-    from visionmamba.train.classification import resolve_config
-
-    tiny = resolve_config({"data": "x", "model": "vim_tiny_patch16_224"})
+    tiny = resolve(TrainConfig, {"data": "x", "model": "vim_tiny_patch16_224"})
     assert (tiny.batch_size, tiny.lr, tiny.weight_decay, tiny.drop_path) == (128, 5e-4, 0.1, 0.0)
-    ft = resolve_config({"data": "x", "model": "vim_small_patch16_stride8_224", "epochs": 3})
+    ft = resolve(TrainConfig, {"data": "x", "model": "vim_small_patch16_stride8_224", "epochs": 3})
     assert (ft.lr, ft.weight_decay, ft.min_lr, ft.epochs) == (5e-6, 1e-8, 1e-5, 3)
-    plain = resolve_config({"data": "x", "model": "vim_tiny_patch16_224"}, use_preset=False)
+    plain = resolve(TrainConfig, {"data": "x", "model": "vim_tiny_patch16_224"}, use_preset=False)
     assert plain.weight_decay == 0.05 and plain.auto_augment == "rand-m9-mstd0.5-inc1" and plain.reprob == 0.25
     with pytest.raises(ValueError, match="precision"):
-        resolve_config({"data": "x", "precision": "fp8"})
+        resolve(TrainConfig, {"data": "x", "precision": "fp8"})
     with pytest.raises(ValueError, match="--data"):
-        resolve_config({})
+        resolve(TrainConfig, {})
 
 
 def test_weight_decay_groups_follow_the_official_recipe():
@@ -190,15 +187,6 @@ def test_finetune_resamples_positions_and_replaces_the_head(tmp_path):
     assert tuned["pos_embed"].shape == (1, 7 * 7 + 1, 32) and tuned["head.weight"].shape == (3, 32)
     assert torch.equal(tuned["pos_embed"][:, 24], source.state_dict()["pos_embed"][:, 8])  # class row kept
     assert torch.equal(tuned["layers.1.mixer.A_log"], source.state_dict()["layers.1.mixer.A_log"])
-
-
-def test_demo_data_set_is_the_bundled_digits(tmp_path):
-    from visionmamba.data.folders import write_digits_folder
-
-    assert write_digits_folder(tmp_path) == (1437, 360)
-    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [str(d) for d in range(10)]
-    image = Image.open(next((tmp_path / "val" / "3").iterdir()))
-    assert image.size == (8, 8) and image.mode == "L"
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):

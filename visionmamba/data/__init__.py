@@ -1,1 +1,1 @@
-"""data"""
+"""Data sets: class folders (ImageNet layout), ADE20K and COCO layouts, and the bundled digits."""

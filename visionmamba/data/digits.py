@@ -1,13 +1,14 @@
-"""Digit scenes: an offline dense-prediction data set built from scikit-learn's bundled handwritten digits.
+"""The embedded data of the demos, built from scikit-learn's bundled handwritten digits (1,797 real 8x8
+scans, 10 classes; no download): the single digits as class folders, and digit scenes for dense prediction.
 
-Each scene pastes a few real 8x8 digit scans, enlarged to random sizes and tinted, at random places of a
-noisy canvas; it comes with a per-pixel class mask (0 background, 1 + digit) and one box and instance mask
-per digit. Train and validation scenes draw their digits from disjoint writers' scans (the classification
-demo's fixed split), and every scene is a pure function of (seed, split, index).
+Both use one fixed stratified split (:func:`digits_split`): 1,437 training and 360 held-out scans.
 
-:func:`write_scenes` stores them in the two standard layouts the dense trainers read: ADE20K
-(``images/<split>/*.png`` + ``annotations/<split>/*.png``) and COCO (``coco/<split>/*.png`` +
-``coco/annotations/instances_<split>.json``).
+A scene pastes a few real digit scans, enlarged to random sizes and tinted, at random places of a noisy
+canvas; it comes with a per-pixel class mask (0 background, 1 + digit) and one box and instance mask per
+digit. Train and validation scenes draw their digits from disjoint writers' scans (the split above), and
+every scene is a pure function of (seed, split, index). :func:`write_scenes` stores them in the two
+standard layouts the dense trainers read: ADE20K (``images/<split>/*.png`` + ``annotations/<split>/*.png``)
+and COCO (``coco/<split>/*.png`` + ``coco/annotations/instances_<split>.json``).
 """
 import json
 from dataclasses import dataclass
@@ -19,6 +20,35 @@ from PIL import Image
 
 CLASSES = ["background"] + [str(d) for d in range(10)]  # per-pixel classes; digit d is class d + 1
 SPLITS = {"training": "train", "validation": "val"}  # ADE20K split name -> COCO split name
+HELD_OUT = 0.2  # fraction of the scans in the held-out split
+
+
+def digits_split(seed: int = 0) -> Tuple[np.ndarray, np.ndarray, Dict[str, np.ndarray]]:
+    """The digit scans (1797, 8, 8) with values 0..16, their labels, and the fixed stratified split
+    ``{"train": indices, "val": indices}``. Needs scikit-learn (the ``demo`` extra)."""
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as err:
+        raise ImportError("the demo data are scikit-learn's digits: pip install 'visionmamba[demo]'") from err
+    digits = load_digits()
+    train_idx, val_idx = train_test_split(
+        np.arange(len(digits.images)), test_size=HELD_OUT, stratify=digits.target, random_state=seed
+    )
+    return digits.images, digits.target, {"train": train_idx, "val": val_idx}
+
+
+def write_digits_folder(root: Path, *, seed: int = 0) -> Tuple[int, int]:
+    """Write the digits as PNG files in the ImageFolder layout ``root/{train,val}/<digit>/<n>.png``, split
+    by :func:`digits_split`. Returns (train images, held-out images)."""
+    scans, labels, split = digits_split(seed)
+    images = (scans * (255.0 / 16.0)).round().astype(np.uint8)
+    for name, indices in split.items():
+        for i in indices:
+            folder = Path(root) / name / str(labels[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i], mode="L").save(folder / f"{i:04d}.png")
+    return len(split["train"]), len(split["val"])
 
 
 @dataclass
@@ -31,18 +61,10 @@ class Scene:
 
 
 def digit_sources(seed: int = 0) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
-    """The digit scans (float in [0, 1]) and labels of each split, split as the classification demo does."""
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as err:
-        raise ImportError("the digit scenes are built from scikit-learn's digits: pip install 'visionmamba[demo]'") from err
-    digits = load_digits()
-    train_idx, val_idx = train_test_split(
-        np.arange(len(digits.images)), test_size=0.2, stratify=digits.target, random_state=seed
-    )
-    scans = (digits.images / 16.0).astype(np.float32)
-    return {"training": (scans[train_idx], digits.target[train_idx]), "validation": (scans[val_idx], digits.target[val_idx])}
+    """The digit scans (float in [0, 1]) and labels of each scene split (ADE20K names), from :func:`digits_split`."""
+    scans, labels, split = digits_split(seed)
+    scans = (scans / 16.0).astype(np.float32)
+    return {scene: (scans[split[name]], labels[split[name]]) for scene, name in SPLITS.items()}
 
 
 def _overlaps(box: Tuple[int, int, int, int], boxes: List[Tuple[int, int, int, int]], margin: int = 2) -> bool:

@@ -1,9 +1,10 @@
-"""Data: ImageFolder sets with timm transforms, per-sample seeded augmentation, corrupt-image handling,
-resumable samplers, and the bundled demo data set (scikit-learn's handwritten digits).
+"""Class-folder (ImageNet layout) data sets and what every data set shares: image reading with clear errors,
+per-sample seeded augmentation, a sampler that resumes mid-epoch, the evaluation transform.
 
 Augmentation is seeded per (seed, epoch, sample index), so a batch looks the same whatever the number of
 loader workers or processes and whether the run was interrupted and resumed.
 """
+import contextlib
 import logging
 import random
 from pathlib import Path
@@ -82,26 +83,25 @@ class SeededImageFolder(Dataset):
                 raise
             _logger.warning("skipping unreadable image %s", path)
             return None
-        with seeded(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF):
+        with sample_rng(self.seed, self.epoch, index):
             return self.transform(image), target
 
 
-class seeded:
-    """Run a block with python, numpy and torch (CPU) RNGs seeded, restoring the outer states after."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def __enter__(self) -> None:
-        self.states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
-        random.seed(self.seed)
-        np.random.seed(self.seed)
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc: Any) -> None:
-        random.setstate(self.states[0])
-        np.random.set_state(self.states[1])
-        torch.random.set_rng_state(self.states[2])
+@contextlib.contextmanager
+def sample_rng(seed: int, epoch: int, index: int) -> Iterator[None]:
+    """Run a block with python, numpy and torch (CPU) RNGs seeded from (seed, epoch, sample index), restoring
+    the outer states after: a sample's random augmentation depends on nothing else."""
+    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+    sample_seed = hash((seed, epoch, index)) & 0x7FFFFFFF
+    random.seed(sample_seed)
+    np.random.seed(sample_seed)
+    torch.manual_seed(sample_seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
 
 
 def imagenet_targets(classes: Sequence[str]) -> Optional[List[int]]:
@@ -153,27 +153,3 @@ def eval_transform(data_config: Dict[str, Any]) -> Callable:
         data_config["input_size"], is_training=False, interpolation=data_config["interpolation"],
         crop_pct=data_config["crop_pct"], mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
     )
-
-
-def write_digits_folder(root: Path, *, test_fraction: float = 0.2, seed: int = 0) -> Tuple[int, int]:
-    """Write scikit-learn's bundled handwritten digits (1,797 real 8x8 scans, 10 classes) as PNG files in
-    the ImageFolder layout ``root/{train,val}/<digit>/<n>.png`` on a fixed stratified split.
-
-    Returns (train images, test images). Needs scikit-learn (the ``demo`` extra); no download.
-    """
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as err:
-        raise ImportError("the demo data set ships with scikit-learn: pip install 'visionmamba[demo]'") from err
-    digits = load_digits()
-    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
-    train_idx, test_idx = train_test_split(
-        np.arange(len(images)), test_size=test_fraction, stratify=digits.target, random_state=seed
-    )
-    for split, indices in (("train", train_idx), ("val", test_idx)):
-        for i in indices:
-            folder = root / split / str(digits.target[i])
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[i], mode="L").save(folder / f"{i:04d}.png")
-    return len(train_idx), len(test_idx)

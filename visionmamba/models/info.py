@@ -6,8 +6,11 @@ direction (discretisation and input injection, then the C read-out), which the m
 does not contain.
 """
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Tuple
 
+import timm
+
+from visionmamba.models.registry import OFFICIAL_ALIASES, RELEASED, VARIANTS
 from visionmamba.models.vim import VisionMamba
 
 
@@ -49,10 +52,7 @@ def compute(model: VisionMamba, img_size: Tuple[int, int]) -> Compute:
 
 
 def model_card(name: str, img_size: int) -> str:
-    import timm
-
-    from visionmamba.models.registry import OFFICIAL_ALIASES, RELEASED, VARIANTS
-
+    """The text of ``visionmamba info``: parameters, compute at ``img_size``, eval transform, released file."""
     variant = OFFICIAL_ALIASES.get(name, name)
     if variant not in VARIANTS:
         raise ValueError(f"unknown Vim model {name!r}; choose one of {list(VARIANTS)}")
@@ -82,10 +82,3 @@ def model_card(name: str, img_size: int) -> str:
     ]
     return "\n".join(lines)
 
-
-def parameter_counts() -> Dict[str, int]:
-    import timm
-
-    from visionmamba.models.registry import VARIANTS
-
-    return {name: sum(p.numel() for p in timm.create_model(name).parameters()) for name in VARIANTS}

@@ -1,4 +1,6 @@
-"""The bidirectional Mamba mixer of Vim ("bimamba v2"); the only caller of ``scan.selective_scan``.
+"""The bidirectional Mamba mixer of Vim ("bimamba v2"): the projections and parameters around the scan's
+mixer core (:func:`visionmamba.ops.scan.bidirectional`, written plainly in
+:func:`visionmamba.ops.scan.reference.bidirectional`).
 
 Parameter names, shapes and registration order follow the official ``Mamba`` module so that official
 state dicts load unchanged: own parameters ``A_log, D, A_b_log, D_b`` first, then ``in_proj, conv1d,
@@ -17,7 +19,8 @@ class BiMambaMixer(nn.Module):
     """Shared in/out projections, one (conv1d, x_proj, dt_proj, A_log, D) set per direction.
 
     Input and output (batch, L, dim). The backward direction is the forward computation applied to the
-    sequence reversed in time, then reversed back; the two directions are averaged.
+    sequence reversed in time, then reversed back; the two directions are averaged. Everything stays
+    token-major: x and z are views of ``in_proj``'s output, the core's output goes to ``out_proj`` as it is.
     """
 
     def __init__(
@@ -64,7 +67,7 @@ class BiMambaMixer(nn.Module):
 
         Weight U(±rank^-1/2); bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max]. The
         backward direction keeps the default Linear init; its bias is zeroed later by
-        :func:`visionmamba.model.init_weights`, exactly as in the official code (initial delta ln 2).
+        :func:`visionmamba.models.vim.init_weights`, exactly as in the official code (initial delta ln 2).
         """
         std = self.dt_rank ** -0.5
         nn.init.uniform_(self.dt_proj.weight, -std, std)
@@ -75,8 +78,7 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (batch, L, dim) -> (batch, L, dim)."""
-        xz = self.in_proj(hidden).transpose(1, 2)  # (batch, 2E, L)
-        x, z = xz.chunk(2, dim=1)
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (batch, L, E) each
         y = scan.bidirectional(
             x,
             z,
@@ -89,4 +91,4 @@ class BiMambaMixer(nn.Module):
             torch.stack([self.D, self.D_b]).float(),
             backend=self.scan_backend,
         )
-        return self.out_proj(y.transpose(1, 2))
+        return self.out_proj(y)

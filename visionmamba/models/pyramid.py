@@ -7,15 +7,13 @@ convolutions and max-pooling. The class token never reaches a map (it is removed
 resampled). Also usable through timm: ``timm.create_model(name, features_only=True,
 feature_cls=VimFeaturePyramid)``.
 """
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from visionmamba.models.registry import default_out_indices
 from visionmamba.models.vim import VisionMamba
-
-# Blocks whose outputs feed the pyramid in the official dense-prediction configs (24-block models).
-OFFICIAL_OUT_INDICES = (5, 11, 17, 23)
 
 
 def _upsample(dim: int, times: int) -> nn.Module:
@@ -41,13 +39,15 @@ class VimFeaturePyramid(nn.Module):
     """Four maps at strides 4, 8, 16, 32 from the outputs of four blocks.
 
     Input (b, 3, H, W) with sides fitting the patch grid; output a list of (b, D, H/4, W/4), (b, D, H/8,
-    W/8), (b, D, H/16, W/16), (b, D, H/32, W/32) (sizes rounded as the grid is). For stride-16 models the
+    W/8), (b, D, H/16, W/16), (b, D, H/32, W/32) (sizes rounded as the grid is). ``out_indices`` default to
+    the blocks ending each quarter of the depth ((5, 11, 17, 23) for 24 blocks). For stride-16 models the
     block maps are upsampled x4 and x2, kept, and max-pooled /2; for stride-8 models upsampled x2, kept,
     pooled /2 and /4. ``feature_info`` lists channels and reductions, as timm's feature extractors do.
     """
 
-    def __init__(self, model: VisionMamba, out_indices: Sequence[int] = OFFICIAL_OUT_INDICES) -> None:
+    def __init__(self, model: VisionMamba, out_indices: Optional[Sequence[int]] = None) -> None:
         super().__init__()
+        out_indices = default_out_indices(len(model.layers)) if out_indices is None else out_indices
         if len(out_indices) != 4:
             raise ValueError(f"the pyramid takes exactly four blocks (one per level), got out_indices={tuple(out_indices)}")
         stride = model.patch_embed.stride

@@ -2,9 +2,11 @@
 
 The pretrained cfgs describe the evaluation transform the official accuracies were measured with
 (resize 256 / centre crop 224, bicubic, ImageNet mean and std), not the official ``default_cfg``
-(mean/std 0.5, crop 0.9), and where the released weights live on the Hugging Face hub.
+(mean/std 0.5, crop 0.9), and where the released weights live on the Hugging Face hub. Besides the five
+variants, ``vim_custom`` is a Vim built from its arguments alone (no released weights), for small or
+experimental models such as the demos'.
 """
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -44,11 +46,24 @@ RELEASED = {
 }
 
 
-def _cfg(hub_id: str, filename: str, top1: float) -> Dict[str, Any]:
-    return dict(
+CUSTOM = "vim_custom"
+
+
+def default_out_indices(depth: int) -> Tuple[int, ...]:
+    """Blocks ending each quarter of the depth, whose outputs feed dense-prediction heads: (5, 11, 17, 23)
+    for the 24-block models, as in the official segmentation and detection configs."""
+    return tuple(round(depth * (k + 1) / 4) - 1 for k in range(4))
+
+
+def _cfg(hub_id: Optional[str] = None, filename: Optional[str] = None, top1: Optional[float] = None) -> Dict[str, Any]:
+    weights = dict(
         hf_hub_id=hub_id,
         hf_hub_filename=filename,
         custom_load="hf",  # timm downloads the file, then VisionMamba.load_pretrained reads the .pth container
+        notes=(f"official ImageNet-1k top-1 {top1}%",),
+    ) if hub_id else {}
+    return dict(
+        **weights,
         num_classes=1000,
         input_size=(3, 224, 224),
         pool_size=None,
@@ -62,22 +77,25 @@ def _cfg(hub_id: str, filename: str, top1: float) -> Dict[str, Any]:
         license="apache-2.0",
         paper_ids="arXiv:2401.09417",
         origin_url="https://github.com/hustvl/Vim",
-        notes=(f"official ImageNet-1k top-1 {top1}%",),
     )
 
 
-default_cfgs = generate_default_cfgs({f"{name}.in1k": _cfg(*RELEASED[name]) for name in VARIANTS})
+default_cfgs = generate_default_cfgs({
+    **{f"{name}.in1k": _cfg(*RELEASED[name]) for name in VARIANTS},
+    CUSTOM: _cfg(),
+})
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamba:
-    args = dict(VARIANTS[variant])
+    args = dict(VARIANTS.get(variant, {}))
     args.update(kwargs)
+    out_indices = default_out_indices(args.get("depth", 24))
     try:
         return build_model_with_cfg(
             VisionMamba,
             variant,
             pretrained,
-            feature_cfg=dict(out_indices=(5, 11, 17, 23), feature_cls="getter"),
+            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
             **args,
         )
     except OSError as err:  # every hub failure (offline, no route, missing file) is an OSError
@@ -119,6 +137,14 @@ def vim_small_patch16_stride8_224(pretrained: bool = False, **kwargs: Any) -> Vi
 def vim_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
     """Vim-B: dim 768, patch 16, 97,598,440 parameters."""
     return _create("vim_base_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def vim_custom(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """A Vim from its arguments alone (defaults: Vim-Ti's), without released weights."""
+    if pretrained:
+        raise ValueError(f"{CUSTOM} has no released weights; pass checkpoint_path=... to load your own")
+    return _create(CUSTOM, False, **kwargs)
 
 
 def _register_alias(official: str, ours: str) -> None:

@@ -1,7 +1,8 @@
 """Vision Mamba: patch embedding, middle class token, 24 pre-norm bidirectional Mamba blocks.
 
 Numerically the official hustvl/Vim model (``bimamba_type="v2"``, RMSNorm, fp32 residual, middle class
-token, ``if_divide_out=True``) with identical state-dict keys, plus the timm model interface.
+token, ``if_divide_out=True``) with identical state-dict keys, plus the timm model interface, the official
+initialisation and the conversion table from checkpoints (:func:`checkpoint_filter_fn`).
 """
 import math
 from functools import partial
@@ -9,11 +10,15 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, RmsNorm, lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.layers import DropPath, RmsNorm, lecun_normal_, to_2tuple, trunc_normal_
 from timm.models import checkpoint as grad_checkpoint
 from timm.models._features import feature_take_indices
 
+from visionmamba.files import PathLike
 from visionmamba.models.mixer import BiMambaMixer
+from visionmamba.models.pos_embed import grid_from_pos_embed, pos_embed_resample
+from visionmamba.models.weights import StateDict, load_weights
+from visionmamba.ops.scan import BACKENDS
 
 
 class PatchEmbed(nn.Module):
@@ -79,40 +84,6 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-def pos_embed_resample(
-    pos_embed: torch.Tensor,
-    old_grid: Tuple[int, int],
-    new_grid: Tuple[int, int],
-) -> torch.Tensor:
-    """Resample a middle-class-token position table (1, M + 1, dim) from one patch grid to another.
-
-    The class-token row sits at index M // 2 (M = patches). It is taken out, the M patch rows are
-    resampled bicubically as a 2-D grid, and the class row is put back at the new middle, M' // 2. (The
-    official helper assumes the class row comes first, which is wrong for these models.)
-    """
-    old_m, new_m = old_grid[0] * old_grid[1], new_grid[0] * new_grid[1]
-    if pos_embed.shape[1] != old_m + 1:
-        raise ValueError(
-            f"pos_embed has {pos_embed.shape[1]} rows, expected {old_m} patches + 1 class token for grid {old_grid}"
-        )
-    if tuple(old_grid) == tuple(new_grid):
-        return pos_embed
-    cls_row = pos_embed[:, old_m // 2 : old_m // 2 + 1]
-    patches = torch.cat([pos_embed[:, : old_m // 2], pos_embed[:, old_m // 2 + 1 :]], dim=1)
-    patches = resample_abs_pos_embed(
-        patches, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=0, interpolation="bicubic"
-    )
-    return torch.cat([patches[:, : new_m // 2], cls_row, patches[:, new_m // 2 :]], dim=1)
-
-
-def grid_from_pos_embed(rows: int) -> Tuple[int, int]:
-    """The square patch grid of a (1, M + 1, dim) position table."""
-    side = math.isqrt(rows - 1)
-    if side * side != rows - 1:
-        raise ValueError(f"pos_embed with {rows} rows is not a square grid plus one class token")
-    return side, side
-
-
 class Block(nn.Module):
     """Pre-norm residual block: ``residual += drop_path(previous mixer output)``; ``mixer(norm(residual))``.
 
@@ -171,7 +142,6 @@ class VisionMamba(nn.Module):
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
-        self.depth = depth
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(
@@ -238,9 +208,14 @@ class VisionMamba(nn.Module):
 
         A model built with another number of classes keeps its freshly initialised head (fine-tuning).
         """
-        from visionmamba.models.weights import load_checkpoint
-
         load_checkpoint(self, path, drop_head=True)
+
+    def set_scan_backend(self, backend: str) -> None:
+        """Run every block's scan on ``backend`` ("auto" or one of :data:`visionmamba.ops.scan.BACKENDS`)."""
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"unknown selective-scan backend {backend!r}; expected 'auto' or one of {list(BACKENDS)}")
+        for block in self.layers:
+            block.mixer.scan_backend = backend
 
     # ------------------------------------------------------------------------------------------ forward
     def cls_index(self, num_patches: int) -> int:
@@ -361,3 +336,44 @@ def _mamba_init(module: nn.Module, depth: int) -> None:
     if isinstance(module, BiMambaMixer):
         nn.init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
         module.out_proj.weight /= math.sqrt(depth)
+
+
+def checkpoint_filter_fn(state_dict: StateDict, model: VisionMamba, *, drop_head: bool = False) -> StateDict:
+    """The conversion table from a checkpoint's weights to ``model``'s, every key on purpose.
+
+    * Official, ours and safetensors files use the same names: kept as they are.
+    * ``pos_embed`` of another grid: resampled (class row kept at the middle; square source grid).
+    * ``head.*``: dropped when the model has no head (``num_classes=0``); with ``drop_head``, a checkpoint
+      head of another class count (or none) is replaced by the model's own, freshly initialised one
+      (fine-tuning on a new label set).
+    Anything else that does not fit is reported by the loader.
+    """
+    state = dict(state_dict)
+    pos = state.get("pos_embed")
+    if pos is not None and pos.dim() == 3 and pos.shape[1] != model.pos_embed.shape[1] and pos.shape[2] == model.embed_dim:
+        state["pos_embed"] = pos_embed_resample(pos, grid_from_pos_embed(pos.shape[1]), model.patch_embed.grid_size)
+    head = model.head
+    if isinstance(head, nn.Identity):
+        for key in ("head.weight", "head.bias"):
+            state.pop(key, None)
+    elif drop_head and tuple(getattr(state.get("head.weight"), "shape", ())) != tuple(head.weight.shape):
+        state["head.weight"], state["head.bias"] = head.weight.detach(), head.bias.detach()
+    return state
+
+
+def load_checkpoint(
+    model: VisionMamba,
+    path: PathLike,
+    *,
+    use_ema: bool = False,
+    strict: bool = True,
+    drop_head: bool = False,
+) -> Dict[str, List[str]]:
+    """Load an official ``.pth``, one of ours, a bare/DDP state dict or a safetensors file into ``model``.
+
+    ``use_ema`` picks the EMA weights of a container; ``drop_head`` keeps the model's own (fresh) head when
+    the checkpoint's has another class count. Returns ``{"missing": [...], "unexpected": [...]}`` (empty
+    lists after a strict load). With ``strict=False`` mis-shaped tensors are skipped and reported as missing.
+    """
+    return load_weights(model, path, use_ema=use_ema, strict=strict,
+                        filter_fn=partial(checkpoint_filter_fn, drop_head=drop_head))

@@ -1,22 +1,23 @@
-"""Read and write Vim weights: official ``.pth`` containers, bare or DDP state dicts, safetensors.
+"""Read, check and convert weight files: official ``.pth`` containers, ours, bare or DDP state dicts, safetensors.
 
 Official checkpoints pickle an ``argparse.Namespace`` beside the weights; they are read with
 ``torch.load(weights_only=True)`` and that one class allow-listed, never with arbitrary unpickling.
+Nothing here knows a model: the conversion from a file's keys to a model's is the model's
+``checkpoint_filter_fn`` (:func:`visionmamba.models.vim.checkpoint_filter_fn`), passed in as ``filter_fn``.
 """
 import argparse
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
-from visionmamba.models.vim import VisionMamba, grid_from_pos_embed, pos_embed_resample
+from visionmamba.files import PathLike, atomic_write
 
-PathLike = Union[str, os.PathLike]
+StateDict = Dict[str, torch.Tensor]
+FilterFn = Callable[[StateDict, nn.Module], StateDict]
 
 # Containers we know: which key holds the raw weights and which the EMA weights.
 _MODEL_KEYS = ("model", "state_dict")
@@ -45,7 +46,7 @@ def read_file(path: PathLike) -> Dict[str, Any]:
     return obj
 
 
-def extract_state_dict(obj: Mapping[str, Any], *, use_ema: bool = False, source: str = "checkpoint") -> Dict[str, torch.Tensor]:
+def extract_state_dict(obj: Mapping[str, Any], *, use_ema: bool = False, source: str = "checkpoint") -> StateDict:
     """Pick the (EMA) weights out of a container and strip a DDP ``module.`` prefix."""
     keys = _EMA_KEYS if use_ema else _MODEL_KEYS
     found = next((k for k in keys if k in obj), None)
@@ -62,33 +63,10 @@ def extract_state_dict(obj: Mapping[str, Any], *, use_ema: bool = False, source:
     return dict(state)
 
 
-def adapt_state_dict(state: Dict[str, torch.Tensor], model: VisionMamba, *, drop_head: bool = False) -> Dict[str, torch.Tensor]:
-    """The conversion table from a checkpoint to ``model``, every key on purpose.
-
-    * Official, ours and safetensors files use the same names: kept as they are.
-    * ``pos_embed`` of another grid: resampled (class row kept at the middle; square source grid).
-    * ``head.*``: dropped when the model has no head (``num_classes=0``), or, with ``drop_head``, when the
-      checkpoint's head has another number of classes (fine-tuning on a new label set).
-    Anything else that does not fit is reported by :func:`load_checkpoint`.
-    """
-    state = dict(state)
-    pos = state.get("pos_embed")
-    if pos is not None and pos.dim() == 3 and pos.shape[1] != model.pos_embed.shape[1] and pos.shape[2] == model.embed_dim:
-        state["pos_embed"] = pos_embed_resample(pos, grid_from_pos_embed(pos.shape[1]), model.patch_embed.grid_size)
-    head = model.head
-    other_classes = drop_head and isinstance(head, nn.Linear) and "head.weight" in state and (
-        tuple(state["head.weight"].shape) != tuple(head.weight.shape)
-    )
-    if isinstance(head, nn.Identity) or other_classes:
-        for key in ("head.weight", "head.bias"):
-            state.pop(key, None)
-    return state
-
-
-def check_keys(state: Mapping[str, torch.Tensor], model: nn.Module, source: str, optional: frozenset = frozenset()) -> None:
-    """Raise one ValueError listing missing, unexpected and mis-shaped keys (``optional`` may be missing)."""
+def check_keys(state: Mapping[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    """Raise one ValueError listing missing, unexpected and mis-shaped keys."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state and k not in optional]
+    missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mis_shaped = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
@@ -105,49 +83,30 @@ def check_keys(state: Mapping[str, torch.Tensor], model: nn.Module, source: str,
         raise ValueError("\n".join(lines))
 
 
-def load_checkpoint(
-    model: VisionMamba,
+def load_weights(
+    model: nn.Module,
     path: PathLike,
     *,
     use_ema: bool = False,
     strict: bool = True,
-    drop_head: bool = False,
+    filter_fn: Optional[FilterFn] = None,
 ) -> Dict[str, List[str]]:
-    """Load an official ``.pth``, one of ours, a bare/DDP state dict or a safetensors file into ``model``.
+    """Load the (EMA) weights of any accepted file into ``model``, through ``filter_fn(state, model)``.
 
-    ``drop_head`` keeps the model's own (fresh) head when the checkpoint's has another class count.
     Returns ``{"missing": [...], "unexpected": [...]}`` (empty lists after a strict load). With
     ``strict=False`` mis-shaped tensors are skipped and reported as missing.
     """
     source = f"checkpoint {str(path)!r}"
-    state = adapt_state_dict(extract_state_dict(read_file(path), use_ema=use_ema, source=source), model, drop_head=drop_head)
-    new_head = frozenset({"head.weight", "head.bias"} - set(state)) if isinstance(model.head, nn.Linear) and drop_head else frozenset()
+    state = extract_state_dict(read_file(path), use_ema=use_ema, source=source)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
     if strict:
-        check_keys(state, model, source, optional=new_head)
+        check_keys(state, model, source)
     else:
         expected = model.state_dict()
         state = {k: v for k, v in state.items() if k not in expected or tuple(v.shape) == tuple(expected[k].shape)}
-    result = model.load_state_dict(state, strict=strict and not new_head)
-    return {
-        "missing": [k for k in result.missing_keys if k not in new_head],
-        "unexpected": list(result.unexpected_keys),
-    }
-
-
-def atomic_write(path: PathLike, write) -> None:
-    """Call ``write(tmp_path)`` and rename the result onto ``path``: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    result = model.load_state_dict(state, strict=strict)
+    return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
 
 
 def convert_to_safetensors(src: PathLike, dst: PathLike, *, use_ema: bool = False) -> Tuple[int, int]:

@@ -1,1 +1,2 @@
-"""ops"""
+"""Kernels and numerics: the selective scan (reference, chunked, C++ and Triton backends, one dispatch point),
+the oneDNN route for CPU matrix products, and process-memory settings. Imports nothing else of the package."""

@@ -1,14 +1,15 @@
 """Float32 matrix products on the CPU through oneDNN instead of the BLAS behind ``F.linear``.
 
 Why: torch's CPU ``F.linear`` in float32 calls MKL's sgemm, which on AMD processors takes a generic code
-path. On this project's 2-core AMD EPYC (AVX-512) it reached 170-190 GFLOP/s on Vim's projection shapes
-where oneDNN (shipped inside torch, used by torch.compile's CPU freezing path) reached 400-440 GFLOP/s,
-with the same float32 results to rounding. :class:`Linear` is ``nn.Linear`` (same parameters, state-dict
-keys and initialisation) whose forward takes that route where it applies: float32 CPU tensors outside
-autocast, tracing, scripting, compiling, export and Python dispatch modes. (oneDNN's call costs ~13 us
-against MKL's ~3 us: a few milliseconds per Vim forward at batch 1, repaid many times from a few hundred
-rows up.) Everywhere else it is ``F.linear`` unchanged. ``VISIONMAMBA_ONEDNN_LINEAR=0`` turns the route off.
+path; oneDNN (shipped inside torch, used by torch.compile's CPU freezing path) computes the same float32
+results to rounding at about twice the speed on Vim's projection shapes there (measured figures in
+``benchmarks/RESULTS.md``). :class:`Linear` is ``nn.Linear`` (same parameters, state-dict keys and
+initialisation) whose forward takes that route where it applies: float32 CPU tensors outside autocast,
+tracing, scripting, compiling, export and Python dispatch modes. oneDNN's call has a larger fixed cost than
+MKL's, repaid from a few hundred rows up. Everywhere else it is ``F.linear`` unchanged.
+``VISIONMAMBA_ONEDNN_LINEAR=0`` turns the route off.
 """
+import functools
 import os
 from typing import Optional
 
@@ -18,25 +19,21 @@ import torch.nn.functional as F
 
 ENV = "VISIONMAMBA_ONEDNN_LINEAR"
 
-_usable: Optional[bool] = None
 
-
+@functools.cache
 def _op_works() -> bool:
     """Whether torch has the oneDNN linear op and it computes what ``F.linear`` does (checked once)."""
-    global _usable
-    if _usable is None:
-        try:
-            op = torch.ops.mkldnn._linear_pointwise
-            # fixed values, not torch.randn: this runs at first use, and must not move the global RNG
-            # (a resumed training run would draw different random numbers from the uninterrupted one)
-            x = torch.linspace(-1, 1, 15).view(3, 5)
-            w, b = torch.linspace(-2, 1, 20).view(4, 5), torch.linspace(0, 1, 4)
-            _usable = torch.backends.mkldnn.is_available() and torch.allclose(
-                op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5
-            )
-        except (AttributeError, RuntimeError):
-            _usable = False
-    return _usable
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        # fixed values, not torch.randn: this runs at first use, and must not move the global RNG
+        # (a resumed training run would draw different random numbers from the uninterrupted one)
+        x = torch.linspace(-1, 1, 15).view(3, 5)
+        w, b = torch.linspace(-2, 1, 20).view(4, 5), torch.linspace(0, 1, 4)
+        return torch.backends.mkldnn.is_available() and torch.allclose(
+            op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5
+        )
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _autocasting() -> bool:

@@ -1,1 +1,1 @@
-"""tools"""
+"""Using a model: inference and features, ONNX export, the speed/memory benchmark, the demos."""

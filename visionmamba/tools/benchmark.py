@@ -17,8 +17,8 @@ from typing import List, Optional
 
 import torch
 
-from visionmamba.train.trainer import peak_memory_mb
-from visionmamba.ops.memory import keep_freed_memory
+from visionmamba.ops.linear import use_onednn_linears
+from visionmamba.ops.memory import keep_freed_memory, peak_memory_mb, reset_peak_memory
 
 
 @dataclass
@@ -36,7 +36,7 @@ def build(spec: str, res: int) -> torch.nn.Module:
     """A model from ``name[:naive|:onednn]`` for res x res inputs."""
     import timm
 
-    import visionmamba  # noqa: F401  (registers the Vim entrypoints)
+    import visionmamba.models  # noqa: F401  (registers the Vim entrypoints)
 
     name, _, variant = spec.partition(":")
     model = timm.create_model(name, img_size=res)
@@ -45,8 +45,6 @@ def build(spec: str, res: int) -> torch.nn.Module:
             if hasattr(module, "fused_attn"):
                 module.fused_attn = False
     elif variant == "onednn":
-        from visionmamba.ops.linear import use_onednn_linears
-
         use_onednn_linears(model)
     elif variant:
         raise ValueError(f"unknown model variant {variant!r} in {spec!r} (':naive' or ':onednn')")
@@ -58,7 +56,7 @@ def measure(spec: str, res: int, batch: int, device: str, dtype: str, train: boo
     point = Point(spec, res, batch, "train" if train else "infer")
     dev = torch.device(device)
     if dev.type == "cpu":
-        keep_freed_memory()  # every model under the allocator settings Vim's CPU path uses (see visionmamba.malloc)
+        keep_freed_memory()  # every model under the allocator settings Vim's CPU path uses (visionmamba.ops.memory)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     try:
         model = build(spec, res).to(dev)
@@ -77,10 +75,7 @@ def measure(spec: str, res: int, batch: int, device: str, dtype: str, train: boo
                 with torch.no_grad(), autocast:
                     model(x)
 
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        else:
-            _reset_peak_rss()
+        reset_peak_memory(dev)
         step()
         _sync(dev)
         start = time.perf_counter()
@@ -99,14 +94,6 @@ def measure(spec: str, res: int, batch: int, device: str, dtype: str, train: boo
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-def _reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
 
 
 def measure_in_fresh_process(spec: str, res: int, batch: int, dtype: str, train: bool, repeats: int, threads: int) -> Point:

@@ -1,12 +1,12 @@
-"""ONNX export. The scan runs as the plain reference loop (pure tensor ops), which the exporter unrolls
-over the sequence: an exported graph therefore has one fixed input resolution (export one file per
-resolution; dynamic height/width is not feasible this way)."""
+"""Export to deployment formats. ONNX: the scan runs as the plain reference loop (pure tensor ops), which
+the exporter unrolls over the sequence, so an exported graph has one fixed input resolution (export one
+file per resolution; dynamic height/width is not feasible this way)."""
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from visionmamba.tools.inference import load_for_inference
+from visionmamba.models.factory import load_for_inference
 
 
 def export_onnx(
@@ -20,8 +20,7 @@ def export_onnx(
         import timm
 
         model = timm.create_model(model_name, img_size=img_size, **(model_args or {})).eval()
-    for block in model.layers:
-        block.mixer.scan_backend = "reference"
+    model.set_scan_backend("reference")
     x = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
@@ -35,3 +34,7 @@ def export_onnx(
         got = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
         report["max_abs_diff"] = (got - expected).abs().max().item()
     return report
+
+
+# format name -> exporter (the CLI's --format choices)
+EXPORTERS: Dict[str, Callable[..., Dict[str, float]]] = {"onnx": export_onnx}

@@ -1,66 +1,18 @@
-"""Using a trained Vim: load any checkpoint for inference, predict labels, extract features at any size.
-
-A checkpoint written by ``visionmamba train`` carries the model name and arguments, the class names and
-the evaluation transform; an official ``.pth`` (or a bare state dict) needs the model name, and gets the
-released models' transform and the ImageNet class names.
-"""
+"""Using a trained Vim: predict labels, extract features at any size (see
+:func:`visionmamba.models.factory.load_for_inference` for loading any checkpoint)."""
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import timm
 import torch
-from timm.data import ImageNetInfo, resolve_data_config
 from torchvision import transforms
 from tqdm import tqdm
 
-from visionmamba.models.weights import load_checkpoint, read_file
 from visionmamba.data.folders import eval_transform, load_rgb
-from visionmamba.train.trainer import peak_rss_mb
+from visionmamba.files import atomic_write
+from visionmamba.models.factory import InferenceModel
 from visionmamba.models.vim import VisionMamba
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-
-@dataclass
-class Loaded:
-    """A model ready for inference with what it needs to read images and name classes."""
-
-    model: VisionMamba
-    data_config: Dict[str, Any]
-    labels: List[str]  # a name per output
-    name: str
-    classes: Optional[List[str]] = None  # the class folders of a model trained by visionmamba train
-
-
-def load_for_inference(
-    checkpoint: Optional[str], model_name: Optional[str] = None, *, use_ema: bool = False, img_size: Optional[int] = None,
-    device: str = "cpu",
-) -> Loaded:
-    """Build the model a checkpoint holds (ours: everything inside; official: pass ``model_name``)."""
-    meta: Dict[str, Any] = read_file(checkpoint) if checkpoint else {}
-    name = model_name or meta.get("model_name")
-    if not name:
-        raise ValueError("this checkpoint does not say which model it holds: pass --model NAME")
-    args = dict(meta.get("model_args") or {})
-    if img_size:
-        args["img_size"] = img_size
-    model = timm.create_model(name, **args)
-    if checkpoint:
-        load_checkpoint(model, checkpoint, use_ema=use_ema)
-    model.eval().to(device)
-    data_config = dict(meta["data_config"]) if meta.get("data_config") else resolve_data_config({}, model=model)
-    if img_size:
-        data_config["input_size"] = (3, img_size, img_size)
-    if meta.get("classes"):
-        labels = list(meta["classes"])
-    elif model.num_classes == 1000:
-        info = ImageNetInfo()
-        labels = [info.index_to_description(i) for i in range(1000)]
-    else:
-        labels = [str(i) for i in range(model.num_classes)]
-    return Loaded(model=model, data_config=data_config, labels=labels, name=name, classes=meta.get("classes"))
+from visionmamba.ops.memory import peak_rss_mb
 
 
 def resize_transform(size: Tuple[int, int], data_config: Dict[str, Any]):
@@ -72,28 +24,13 @@ def resize_transform(size: Tuple[int, int], data_config: Dict[str, Any]):
     ])
 
 
-def list_images(paths: Sequence[str]) -> List[Path]:
-    """Image files named directly or found (recursively, sorted) under directories."""
-    found: List[Path] = []
-    for item in map(Path, paths):
-        if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
-            found.append(item)
-        else:
-            raise FileNotFoundError(f"{str(item)!r} is neither an image file nor a folder")
-    if not found:
-        raise FileNotFoundError(f"no images found in {list(paths)}")
-    return found
-
-
 def _batches(paths: List[Path], size: int) -> Iterator[List[Path]]:
     for start in range(0, len(paths), size):
         yield paths[start : start + size]
 
 
 @torch.no_grad()
-def predict(loaded: Loaded, paths: List[Path], *, topk: int = 5, batch_size: int = 32, progress: bool = False) -> List[Dict[str, Any]]:
+def predict(loaded: InferenceModel, paths: List[Path], *, topk: int = 5, batch_size: int = 32, progress: bool = False) -> List[Dict[str, Any]]:
     """Top-k labels and softmax scores per image: [{"path", "predictions": [{"label", "index", "score"}]}]."""
     transform = eval_transform(loaded.data_config)
     device = next(loaded.model.parameters()).device
@@ -140,13 +77,11 @@ def extract_features(
 
 
 def write_features(
-    loaded: Loaded, paths: List[Path], out: Path, *, size: Tuple[int, int], kind: str, layers: Optional[Sequence[int]] = None,
+    loaded: InferenceModel, paths: List[Path], out: Path, *, size: Tuple[int, int], kind: str, layers: Optional[Sequence[int]] = None,
     batch_size: int = 8, per_batch: bool = False, dtype: torch.dtype = torch.float32, progress: bool = True,
 ) -> Dict[str, Any]:
     """Extract features of every image at ``size`` and write safetensors files; returns a summary."""
     from safetensors.torch import save_file
-
-    from visionmamba.models.weights import atomic_write
 
     loaded.model.patch_embed.check_size(*size)
     transform = resize_transform(size, loaded.data_config)

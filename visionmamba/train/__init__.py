@@ -1,1 +1,1 @@
-"""train"""
+"""Training and evaluation: configs, one trainer base, classification and dense-prediction runs, metrics."""

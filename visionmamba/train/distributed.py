@@ -1,6 +1,7 @@
 """torchrun helpers around PyTorch's own distributed package (DDP does the work; nothing here replaces it)."""
 import os
 from dataclasses import dataclass
+from typing import Any, List
 
 import torch
 import torch.distributed as dist
@@ -59,6 +60,15 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
     if dist.is_available() and dist.is_initialized():
         for buffer in model.buffers():
             dist.broadcast(buffer.data, src=0)
+
+
+def all_gather_lists(items: List[Any]) -> List[Any]:
+    """Every rank's list of picklable items, concatenated in rank order, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return items
+    gathered: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
 
 
 def barrier() -> None:

@@ -1,204 +1,235 @@
-"""One epoch of training and one pass of evaluation; the loops under ``visionmamba train`` / ``eval``."""
-import contextlib
-import time
-from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional
+"""What every training run shares: :class:`Trainer` (DDP, precision, checkpoints, resume, records) and
+:func:`run_training`, which joins the process group and runs one.
 
+Nothing is lost: checkpoints are written atomically and carry the model, optimizer, scheduler, scaler, RNG
+states, the config and the versions, so a killed run resumes exactly where its last checkpoint stopped. A
+non-finite loss is detected on every rank alike, before the optimizer touches the weights.
+"""
+import contextlib
+import json
+import platform
+import random
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, Iterable, Optional, Sequence, Tuple, Type
+
+import numpy as np
+import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from visionmamba.train.distributed import all_reduce_sum
+from visionmamba.data.folders import ResumableSampler
+from visionmamba.files import atomic_write
+from visionmamba.models.weights import extract_state_dict, read_file
+from visionmamba.train.config import RunConfig
+from visionmamba.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from visionmamba.train.records import Record, append_record, plot_records, summary
+from visionmamba.version import __version__
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped before the bad step was applied."""
 
 
-@dataclass
-class StepContext:
-    """What a training step needs besides the model and the batch."""
-
-    optimizer: torch.optim.Optimizer
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    device: torch.device
-    autocast: Callable[[], contextlib.AbstractContextManager]
-    mixup: Optional[Callable] = None
-    ema: Optional[nn.Module] = None
-    scaler: Optional[torch.amp.GradScaler] = None
-    clip_grad: Optional[float] = None
-    skip_nonfinite: bool = False
-    accum_steps: int = 1  # batches whose gradients add up to one optimizer step
+def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextManager]:
+    """A zero-argument factory of the autocast context for ``precision`` (fp32: none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-@dataclass
-class EpochStats:
-    loss_sum: float = 0.0
-    images: int = 0
-    steps: int = 0
-    skipped_steps: int = 0
-    skipped_images: int = 0
-    seconds: float = 0.0
-
-
-def train_one_epoch(
-    model: nn.Module,
-    loader: Iterable,
-    ctx: StepContext,
-    *,
-    epoch: int,
-    start_step: int = 0,
-    stats: Optional[EpochStats] = None,
-    total_steps: Optional[int] = None,
-    on_step: Optional[Callable[[int, EpochStats], None]] = None,
-    progress: bool = True,
-) -> EpochStats:
-    """Train over ``loader`` (already positioned after ``start_step`` batches of this epoch).
-
-    ``stats`` carries the sums of the batches before ``start_step`` (after a resume); the returned
-    stats are summed over all ranks. Gradients of ``ctx.accum_steps`` batches add up to one optimizer
-    step; ``on_step(batches_done_in_epoch, stats)`` runs after every optimizer step (checkpointing hooks
-    in there; ``reduce_stats`` gives the all-rank sums so far).
-    Every rank takes the same decision on a non-finite loss: skip the step (``skip_nonfinite``) or
-    raise :class:`NonFiniteLossError` before the optimizer touches the weights.
-    """
-    model.train()
-    stats = stats if stats is not None else EpochStats()
-    start = time.perf_counter() - stats.seconds
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"epoch {epoch}", disable=not progress, dynamic_ncols=True)
-    step, poisoned = start_step, False
-    ctx.optimizer.zero_grad(set_to_none=True)
-    for images, targets, skipped in loader:
-        step += 1
-        bar.update(1)
-        stats.skipped_images += skipped
-        images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
-        if ctx.mixup is not None and len(images) % 2:  # timm's batch mixup needs an even batch
-            images, targets = images[:-1], targets[:-1]
-        if len(images) == 0:
-            continue
-        if ctx.mixup is not None:
-            images, targets = ctx.mixup(images, targets)
-        boundary = step % ctx.accum_steps == 0
-        # DDP averages gradients across ranks only on the last batch of an accumulation.
-        sync = boundary or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if sync else model.no_sync():
-            with ctx.autocast():
-                loss = ctx.loss_fn(model(images), targets)
-            bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0]))
-            if bad.item() > 0:
-                if not ctx.skip_nonfinite:
-                    bar.close()
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step} of the epoch; the step was not "
-                        "applied. Lower the learning rate, use --precision fp32, enable --clip-grad, or pass "
-                        "--skip-nonfinite to skip such steps."
-                    )
-                poisoned = True
-            else:
-                scaled = loss / ctx.accum_steps
-                (ctx.scaler.scale(scaled) if ctx.scaler is not None else scaled).backward()
-                stats.loss_sum += loss.item() * len(images)
-                stats.images += len(images)
-        if not boundary:
-            continue
-        if poisoned:  # the whole accumulation is dropped, on every rank alike
-            ctx.optimizer.zero_grad(set_to_none=True)
-            stats.skipped_steps += 1
-            poisoned = False
-            continue
-        if ctx.scaler is not None:
-            if ctx.clip_grad:
-                ctx.scaler.unscale_(ctx.optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), ctx.clip_grad)
-            ctx.scaler.step(ctx.optimizer)
-            ctx.scaler.update()
-        else:
-            if ctx.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), ctx.clip_grad)
-            ctx.optimizer.step()
-        ctx.optimizer.zero_grad(set_to_none=True)
-        if ctx.ema is not None:
-            ctx.ema.update(model.module if hasattr(model, "module") else model)
-        stats.steps += 1
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{ctx.optimizer.param_groups[0]['lr']:.2e}")
-        if on_step is not None:
-            stats.seconds = time.perf_counter() - start
-            on_step(step, stats)
-    ctx.optimizer.zero_grad(set_to_none=True)  # an incomplete accumulation at the end of the epoch is dropped
-    bar.close()
-    stats.seconds = time.perf_counter() - start
-    return reduce_stats(stats)
-
-
-def reduce_stats(stats: EpochStats) -> EpochStats:
-    """Image, loss and skip sums over all ranks (a collective: every rank must call it)."""
-    totals = all_reduce_sum(torch.tensor([stats.loss_sum, stats.images, stats.skipped_images], dtype=torch.float64))
-    return EpochStats(
-        loss_sum=totals[0].item(), images=int(totals[1].item()), steps=stats.steps,
-        skipped_steps=stats.skipped_steps, skipped_images=int(totals[2].item()), seconds=stats.seconds,
-    )
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable,
-    *,
-    device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    progress: bool = False,
-    desc: str = "eval",
-) -> Dict[str, float]:
-    """Top-1, top-5 (in %) and mean cross-entropy over ``loader``, summed over all ranks."""
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, correct@1, correct@5, count
-    skipped = 0
-    for images, targets, n_skipped in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
-        skipped += n_skipped
-        if len(images) == 0:
-            continue
-        images, targets = images.to(device), targets.to(device)
-        with autocast():
-            logits = model(images)
-        logits = logits.float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums += torch.tensor(
-            [
-                F.cross_entropy(logits, targets, reduction="sum").item(),
-                (top[:, 0] == targets).sum().item(),
-                (top == targets[:, None]).any(dim=1).sum().item(),
-                len(targets),
-            ],
-            dtype=torch.float64,
-        )
-    sums = all_reduce_sum(sums)
-    count = max(sums[3].item(), 1.0)
-    skipped_total = int(all_reduce_sum(torch.tensor([float(skipped)]))[0].item())
+def rng_state() -> Dict[str, Any]:
+    """Every RNG a run draws from (torch CPU and CUDA, numpy, python), as tensors and plain values."""
+    np_state = np.random.get_state()
     return {
-        "loss": sums[0].item() / count,
-        "top1": 100.0 * sums[1].item() / count,
-        "top5": 100.0 * sums[2].item() / count,
-        "count": int(sums[3].item()),
-        "skipped_images": skipped_total,
+        "torch": torch.random.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
     }
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on ``device``, or the process's peak resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return peak_rss_mb()
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.random.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (Linux: VmHWM, which can be reset; elsewhere ru_maxrss)."""
+def versions() -> Dict[str, str]:
+    return {"visionmamba": __version__, "torch": str(torch.__version__), "timm": timm.__version__, "python": platform.python_version()}
+
+
+class Trainer:
+    """One training run (one instance per process). Subclasses build the data, model and optimization and
+    write the loop with :meth:`loss_is_usable`, :meth:`backward`, :meth:`optimizer_step` and
+    :meth:`finish_record`; checkpoints, resume, DDP, precision and records are here."""
+
+    kind = "train"  # the command, for messages
+    step_key = "epoch"  # what records are keyed by
+    metric = ""  # the record entry best.pth is chosen by
+    panels: Sequence[Tuple[str, Sequence[str]]] = ()  # curves.png: (y label, record keys) per panel
+    resume_keys: Sequence[str] = ()  # besides model, optimizer, scheduler, rng
+    find_unused_parameters = False
+    nonfinite_hint = "Lower the learning rate, use --precision fp32, or pass --skip-nonfinite to skip such steps."
+
+    def __init__(self, cfg: RunConfig, dist: DistInfo) -> None:
+        self.cfg, self.dist, self.out = cfg, dist, Path(cfg.output)
+        self.build_data()
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        model = self.build_model()
+        torch.manual_seed(cfg.seed + dist.rank)  # per-rank randomness (drop path) from here on
+        self.model = model.to(dist.device)
+        self.ddp = self.model
+        if dist.distributed:
+            device_ids = [dist.local_rank] if dist.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=self.find_unused_parameters)
+        self.ema: Optional[nn.Module] = None
+        self.optimizer, self.scheduler = self.build_optimization()
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
+        self.autocast = autocast_for(cfg.precision, dist.device)
+        self.sampler = ResumableSampler(self.train_sampler())
+        self.steps_per_epoch = len(self.sampler.base) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(self.train_set)} training images over {dist.world_size} process(es) make no full batch of "
+                f"{cfg.batch_size}; lower --batch-size"
+            )
+        self.best = -1.0
+
+    # --------------------------------------------------------------------------------- built by subclasses
+    def build_data(self) -> None:
+        """Set ``self.train_set`` (and whatever evaluation needs)."""
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_optimization(self) -> Tuple[torch.optim.Optimizer, Any]:
+        """(optimizer, timm scheduler)."""
+        raise NotImplementedError
+
+    def train_sampler(self) -> Sampler:
+        """Each rank's shard of the training set, reshuffled per epoch."""
+        return DistributedSampler(
+            self.train_set, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True, seed=self.cfg.seed
+        )
+
+    def run(self) -> Record:
+        """The loop from the current state to the end; returns the last record."""
+        raise NotImplementedError
+
+    def extra_state(self) -> Dict[str, Any]:
+        """What the subclass adds to a checkpoint."""
+        return {}
+
+    def load_extra_state(self, ckpt: Dict[str, Any]) -> None:
+        pass
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def train(self) -> Record:
+        """Write config.json and run to the end; returns the last record."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            (self.out / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+        return self.run()
+
+    def loader(self, dataset: Dataset, sampler: Iterable[int], *, seed: int, collate: Callable, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.workers, collate_fn=collate,
+            drop_last=drop_last, pin_memory=self.dist.device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed),  # keeps the global RNG untouched
+        )
+
+    def progress_bar(self, *, total: int, initial: int, desc: str) -> tqdm:
+        show = self.cfg.progress and self.dist.is_main
+        return tqdm(total=total, initial=initial, desc=desc, disable=not show, dynamic_ncols=True)
+
+    def loss_is_usable(self, loss: torch.Tensor, where: str) -> bool:
+        """True when the loss is finite on every rank. Otherwise every rank alike raises
+        :class:`NonFiniteLossError` or, with ``skip_nonfinite``, returns False (the step is to be skipped)."""
+        bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0]))
+        if bad.item() == 0:
+            return True
+        if self.cfg.skip_nonfinite:
+            return False
+        raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at {where}; the step was not applied. {self.nonfinite_hint}")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def optimizer_step(self, clip: Optional[float] = None) -> None:
+        """Clip the (unscaled) gradients, step through the scaler, clear the gradients, update the EMA."""
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def finish_record(self, record: Record) -> None:
+        """Log the record (log.jsonl, curves.png, one printed line), save last.pth, and best.pth if it is the best."""
+        if self.dist.is_main:
+            records = append_record(self.out / "log.jsonl", record, self.step_key)
+            plot_records(records, self.out / "curves.png", self.step_key, self.panels)
+            print(summary(record, self.step_key), flush=True)
+        self.save()
+        if record.get(self.metric, -1.0) > self.best:
+            self.best = record[self.metric]
+            self.save("best.pth")
+        barrier()
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def state(self) -> Dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
+            "config": asdict(self.cfg), "versions": versions(), **self.extra_state(),
+        }
+
+    def save(self, name: str = "last.pth") -> None:
+        if self.dist.is_main:
+            state = self.state()
+            atomic_write(self.out / name, lambda tmp: torch.save(state, tmp))
+
+    def resume(self, path: str) -> None:
+        ckpt = read_file(path)
+        missing = [k for k in ("model", "optimizer", "scheduler", "rng", *self.resume_keys) if k not in ckpt]
+        if missing:
+            raise ValueError(
+                f"{path!r} is not a {self.kind} checkpoint of visionmamba (no {missing[0]!r}); "
+                "use --finetune to start from its weights"
+            )
+        self.model.load_state_dict(extract_state_dict(ckpt))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.load_extra_state(ckpt)
+        set_rng_state(ckpt["rng"])
+
+
+def run_training(cfg: RunConfig, trainer_cls: Type[Trainer]) -> Record:
+    """Join the process group, seed every RNG per rank, build the run, resume it if asked (``cfg.resume``: a
+    path, or "auto" for OUTPUT/last.pth when it exists), train; returns the last record."""
+    dist = init_distributed(cfg.device)
     try:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
+        torch.manual_seed(cfg.seed + dist.rank)
+        np.random.seed(cfg.seed + dist.rank)
+        random.seed(cfg.seed + dist.rank)
+        trainer = trainer_cls(cfg, dist)
+        if cfg.resume:
+            path = Path(cfg.output) / "last.pth" if cfg.resume == "auto" else Path(cfg.resume)
+            if cfg.resume != "auto" or path.is_file():
+                trainer.resume(str(path))
+        return trainer.train()
+    finally:
+        cleanup()

@@ -1,30 +1,38 @@
-"""The single dispatch point for the selective scan.
+"""The one dispatch point of the selective scan: a backend is picked per call from :data:`BACKENDS`.
 
-Model code calls :func:`selective_scan` (or :func:`bidirectional`) and never imports a backend module.
-Backends, all implementing the contract of :func:`visionmamba.scan.reference.selective_scan`:
+Model code calls :func:`bidirectional` (the mixer core) or :func:`selective_scan` and never imports a
+backend module. Each backend is the module ``visionmamba.ops.scan.<name>`` and implements the contract of
+:mod:`visionmamba.ops.scan.reference`, the specification every other backend is tested against. The
+``cpu`` and ``triton`` modules also fuse the whole mixer core (``bidirectional``); for the others it is
+composed from their one-direction scan exactly as the reference writes it.
 
-* ``reference``: the specification, a plain loop over the sequence (autograd does the backward);
-* ``cpu``: a fused C++ kernel compiled at first use (the default on CPU);
-* ``chunked``: pure PyTorch, closed form inside chunks, memory-lean recomputing backward (any device);
-* ``triton``: fused GPU kernels, forward and backward (the default on CUDA when Triton imports).
-
-``"auto"`` picks per device; the environment variable ``VISIONMAMBA_SCAN_BACKEND`` overrides "auto",
-and the model argument ``scan_backend=`` overrides both. Every backend but ``reference`` runs as the
-``torch.library`` custom op ``visionmamba::selective_scan``, so ``torch.compile(fullgraph=True)`` works.
+``"auto"`` picks per device (``cpu`` on the CPU, falling back to ``reference`` with a warning when no
+compiler is available; ``triton`` on CUDA when Triton imports, else ``chunked``); the environment variable
+``VISIONMAMBA_SCAN_BACKEND`` overrides "auto", and a model's ``scan_backend=`` overrides both. The kernel
+backends run the one-direction scan as the custom op ``visionmamba::selective_scan``
+(:mod:`~visionmamba.ops.scan.custom_op`); the fused mixer cores are ``torch.autograd.Function`` s. The
+first use of the ``cpu`` backend compiles its C++ kernels and applies
+:func:`visionmamba.ops.memory.keep_freed_memory` (the CPU path's large activations would otherwise be
+page-faulted in anew every layer).
 """
+import functools
 import os
 import warnings
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 
-from visionmamba.ops.scan import reference
+from visionmamba.ops.scan import cpu, reference
+from visionmamba.ops.scan.custom_op import selective_scan_op
 
 BACKEND_ENV = "VISIONMAMBA_SCAN_BACKEND"
-BACKENDS = ("reference", "cpu", "chunked", "triton")
 
-_fallback_warned = False
+BACKENDS: Dict[str, str] = {
+    "reference": "the specification: a plain loop over the sequence, autograd for the backward",
+    "cpu": "fused C++ kernels compiled at first use (the default on the CPU)",
+    "chunked": "pure PyTorch: closed form inside chunks, hand-written recomputing backward (any device)",
+    "triton": "fused Triton kernels, forward and backward (the default on CUDA)",
+}
 
 
 def available_backends() -> list:
@@ -32,9 +40,8 @@ def available_backends() -> list:
     return list(BACKENDS)
 
 
-def _cpu_available() -> bool:
-    from visionmamba.ops.scan import cpu
-
+def cpu_available() -> bool:
+    """True when the C++ CPU kernels build here (the first call compiles them, about a minute)."""
     return cpu.available()
 
 
@@ -47,18 +54,19 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.cache
+def _warn_cpu_fallback() -> None:
+    reason = cpu.build_error()
+    warnings.warn(f"visionmamba: C++ CPU scan unavailable ({reason}); using the slower pure-PyTorch scan")
+
+
 def _auto_backend(device: torch.device) -> str:
-    global _fallback_warned
     if device.type == "cuda":
         return "triton" if triton_available() else "chunked"
     if device.type == "cpu":
-        if _cpu_available():
+        if cpu_available():
             return "cpu"
-        if not _fallback_warned:
-            from visionmamba.ops.scan import cpu
-
-            warnings.warn(f"visionmamba: C++ CPU scan unavailable ({cpu._build_error}); using the slower pure-PyTorch scan")
-            _fallback_warned = True
+        _warn_cpu_fallback()
         return "reference"
     return "chunked"
 
@@ -79,10 +87,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         )
     if backend == "triton" and not triton_available():
         raise RuntimeError("the 'triton' scan backend needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
-    if backend == "cpu" and not _cpu_available():
-        from visionmamba.ops.scan import cpu
-
-        raise RuntimeError(f"the 'cpu' scan backend is unavailable: {cpu._build_error}")
+    if backend == "cpu" and not cpu_available():
+        raise RuntimeError(f"the 'cpu' scan backend is unavailable: {cpu.build_error()}")
     return backend
 
 
@@ -102,14 +108,12 @@ def selective_scan(
 
     Shapes: u, delta, z (batch, E, L); A (E, N); B, C (batch, N, L); D, delta_bias (E,).
     Returns (batch, E, L) in u's dtype, computed in (at least) float32. See
-    :func:`visionmamba.scan.reference.selective_scan` for the recurrence.
+    :func:`visionmamba.ops.scan.reference.selective_scan` for the recurrence.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     name = resolve_backend(backend, u.device)
     if name == "reference":
         return reference.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
-    from visionmamba.ops.scan.custom_op import selective_scan_op
-
     return selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, name)
 
 
@@ -125,38 +129,22 @@ def bidirectional(
     D: torch.Tensor,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Vim's bidirectional mixer core: conv, SiLU, x_proj, dt_proj and scan for both directions, averaged.
+    """Vim's bidirectional mixer core with the chosen backend; token-major (batch, L, E) in and out.
 
-    x, z (batch, E, L); per direction, stacked on a leading axis of 2 (forward, backward):
-    conv_weight (2, E, K), conv_bias (2, E), x_proj_weight (2, R + 2N, E), dt_proj_weight (2, E, R),
-    dt_proj_bias (2, E), A (2, E, N) (= -exp(A_log)), D (2, E). Returns (batch, E, L) in x's dtype:
-    ``(y_fwd + flip(y_bwd(flip(x), flip(z)))) / 2``. The ``triton`` and ``cpu`` backends run it as fused
-    kernels (both directions per call, the backward one read in reverse, no flips); the others compose
-    :func:`selective_scan` exactly as the official code does.
+    Same arguments and result as :func:`visionmamba.ops.scan.reference.bidirectional`. The ``cpu`` and
+    ``triton`` backends run it as fused kernels (both directions per call, the backward one read in
+    reverse: no flips, no layout copies); the others compose their one-direction scan.
     """
     name = resolve_backend(backend, x.device)
-    if name in ("triton", "cpu"):
-        from visionmamba.ops.scan.custom_op import kernel
+    params = (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
+    if name == "cpu":
+        return cpu.bidirectional(*params)
+    if name == "triton":
+        from visionmamba.ops.scan import triton  # imports Triton: only where this backend runs
 
-        return kernel(name).bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
-    y_fwd = _direction(x, z, conv_weight[0], conv_bias[0], x_proj_weight[0], dt_proj_weight[0], dt_proj_bias[0], A[0], D[0], name)
-    y_bwd = _direction(
-        x.flip(-1), z.flip(-1), conv_weight[1], conv_bias[1], x_proj_weight[1], dt_proj_weight[1], dt_proj_bias[1], A[1], D[1], name
-    ).flip(-1)
-    return (y_fwd + y_bwd) / 2
-
-
-def _direction(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, backend) -> torch.Tensor:
-    """One causal direction. x, z (batch, E, L) -> gated scan output (batch, E, L)."""
-    length, taps = x.shape[-1], conv_weight.shape[-1]
-    u = F.silu(F.conv1d(x, conv_weight[:, None], conv_bias, padding=taps - 1, groups=x.shape[1])[..., :length])
-    rank, state = dt_proj_weight.shape[1], A.shape[1]
-    dt, B, C = F.linear(u.transpose(1, 2), x_proj_weight).split([rank, state, state], dim=-1)
-    delta = F.linear(dt, dt_proj_weight).transpose(1, 2)  # the bias is added inside the scan
-    return selective_scan(
-        u, delta, A, B.transpose(1, 2), C.transpose(1, 2), D=D, z=z, delta_bias=dt_proj_bias,
-        delta_softplus=True, backend=backend,
-    )
+        return triton.bidirectional(*params)
+    scan = reference.selective_scan if name == "reference" else functools.partial(selective_scan, backend=name)
+    return reference.bidirectional(*params, scan=scan)
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:

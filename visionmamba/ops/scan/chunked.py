@@ -7,18 +7,22 @@ delta grows (the single-cumsum trick exp(S_t) * cumsum(exp(-S_s) ...) overflows 
 ~80). The backward recomputes each chunk from its start state (batch, E, N) and applies hand-written
 gradients inside the chunk only (no autograd, so it also runs inside the custom op): memory is
 O(batch E N L / T) plus one chunk's terms, never batch x E x N x L.
+
+The core computes y_t = <h_t, C_t> only; the rest of the contract (delta bias, softplus, D skip, SiLU(z)
+gate) is applied around it, forward and backward written out by hand (:func:`forward`, :func:`backward`).
 """
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
-from visionmamba.ops.scan.custom_op import fused_backward, fused_forward
+from visionmamba.ops.scan.reference import compute_dtype
 
-CHUNK = 16
+CLOSED_FORM_STEPS = 16  # chunk length: the T x T segment sums cost O(T^2) per chunk
 
 
 def _chunk_terms(u, delta, A, B, C, h0):
-    """Shared by forward and backward: (S, x, W, exp(S), h, y) for one chunk (see the module docstring)."""
+    """Shared by forward and backward: (x, W, exp(S), h, y) for one chunk (see the module docstring)."""
     length = u.shape[-1]
     S = (delta.unsqueeze(-1) * A[:, None, :]).cumsum(2)  # (b, E, T, N), non-positive, decreasing
     x = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (b, E, T, N)
@@ -59,7 +63,7 @@ def _chunk_backward(u, delta, A, B, C, h0, dy, dh_end):
 
 
 def _bounds(length: int) -> List[Tuple[int, int]]:
-    return [(start, min(start + CHUNK, length)) for start in range(0, length, CHUNK)]
+    return [(start, min(start + CLOSED_FORM_STEPS, length)) for start in range(0, length, CLOSED_FORM_STEPS)]
 
 
 def _forward_with_states(u, delta, A, B, C) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -73,11 +77,13 @@ def _forward_with_states(u, delta, A, B, C) -> Tuple[torch.Tensor, List[torch.Te
 
 
 def core_forward(u, delta, A, B, C) -> torch.Tensor:
+    """y_t = <h_t, C_t> for inputs already in the compute dtype, delta final (bias and softplus applied)."""
     with torch.no_grad():
         return _forward_with_states(u, delta, A, B, C)[0]
 
 
 def core_backward(u, delta, A, B, C, dy) -> Tuple[torch.Tensor, ...]:
+    """(du, ddelta, dA, dB, dC, y) of :func:`core_forward` given dL/dy; y is recomputed anyway."""
     with torch.no_grad():
         _, starts = _forward_with_states(u, delta, A, B, C)
     y, du, ddelta, dB, dC = (torch.empty_like(t) for t in (u, u, delta, B, C))
@@ -92,9 +98,46 @@ def core_backward(u, delta, A, B, C, dy) -> Tuple[torch.Tensor, ...]:
     return du, ddelta, dA, dB, dC, y
 
 
+def _delta(delta: torch.Tensor, delta_bias: Optional[torch.Tensor], softplus: bool) -> torch.Tensor:
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    return F.softplus(delta) if softplus else delta
+
+
 def forward(u, delta, A, B, C, D, z, delta_bias, softplus) -> torch.Tensor:
-    return fused_forward(core_forward, u, delta, A, B, C, D, z, delta_bias, softplus)
+    """The whole contract around :func:`core_forward`; returns u's dtype."""
+    ct = compute_dtype(u.dtype)
+    uf = u.to(ct)
+    bias = None if delta_bias is None else delta_bias.to(ct)
+    y = core_forward(uf, _delta(delta.to(ct), bias, softplus), A.to(ct), B.to(ct), C.to(ct))
+    if D is not None:
+        y = y + uf * D.to(ct)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    return y.to(u.dtype)
 
 
 def backward(u, delta, A, B, C, D, z, delta_bias, softplus, dout):
-    return fused_backward(core_backward, u, delta, A, B, C, D, z, delta_bias, softplus, dout)
+    """Gradients of :func:`forward` for every input (None where the input is None)."""
+    ct = compute_dtype(u.dtype)
+    uf, dout = u.to(ct), dout.to(ct)
+    raw = delta.to(ct) + (delta_bias.to(ct)[:, None] if delta_bias is not None else 0)
+    d = F.softplus(raw) if softplus else raw
+    if z is not None:
+        zf = z.to(ct)
+        sig = torch.sigmoid(zf)
+        dy1 = dout * zf * sig  # out = y1 * silu(z)
+    else:
+        dy1 = dout
+    du, ddelta, dA, dB, dC, y = core_backward(uf, d, A.to(ct), B.to(ct), C.to(ct), dy1)
+    dD = dz = None
+    if D is not None:
+        du = du + dy1 * D.to(ct)[:, None]
+        dD = (dy1 * uf).sum((0, 2)).to(D.dtype)
+        y = y + uf * D.to(ct)[:, None]
+    if z is not None:
+        dz = (dout * y * sig * (1 + zf * (1 - sig))).to(z.dtype)
+    if softplus:
+        ddelta = ddelta * torch.sigmoid(raw).masked_fill(raw > 20, 1.0)  # softplus threshold 20: identity above
+    ddelta_bias = ddelta.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
+    return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dz, ddelta_bias)

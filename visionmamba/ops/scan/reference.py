@@ -1,12 +1,18 @@
-"""The selective scan as a plain loop over the sequence: the specification every backend is tested against.
+"""The specification: the selective scan as a plain loop over the sequence, and Vim's bidirectional mixer
+core written plainly around it. Every other backend is tested against these two functions.
 
 Imports only torch. Computes in float32 (float64 inputs stay float64, so tests can use it as a float64
-oracle too) and returns the dtype of ``u``.
+oracle too) and returns the dtype of the input.
 """
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the scan computes in for inputs of ``dtype``: float64 stays, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def selective_scan(
@@ -31,7 +37,7 @@ def selective_scan(
         y      = y * silu(z)
     """
     out_dtype = u.dtype
-    compute = torch.promote_types(u.dtype, torch.float32)
+    compute = compute_dtype(u.dtype)
     u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
     if delta_bias is not None:
         delta = delta + delta_bias.to(compute)[:, None]
@@ -52,3 +58,44 @@ def selective_scan(
     if z is not None:
         y = y * F.silu(z.to(compute))
     return y.to(out_dtype)
+
+
+def bidirectional(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor,
+    x_proj_weight: torch.Tensor,
+    dt_proj_weight: torch.Tensor,
+    dt_proj_bias: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+    *,
+    scan: Callable[..., torch.Tensor] = selective_scan,
+) -> torch.Tensor:
+    """Vim's bidirectional mixer core: per direction depthwise causal conv, SiLU, x_proj, dt_proj and the
+    gated scan; the backward direction is the same computation on the sequence reversed in time.
+
+    x, z (batch, L, E) token-major (strided views of in_proj's output are fine); the parameters of the two
+    directions stacked on a leading axis of 2 (forward, backward): conv_weight (2, E, K), conv_bias (2, E),
+    x_proj_weight (2, R + 2N, E), dt_proj_weight (2, E, R), dt_proj_bias (2, E), A (2, E, N)
+    (= -exp(A_log)), D (2, E). Returns ``(y_fwd + flip(y_bwd(flip(x), flip(z)))) / 2`` as (batch, L, E) in
+    x's dtype. ``scan`` is the one-direction scan to compose (another backend's, for the unfused paths).
+    """
+    params = (conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
+    y_fwd = _direction(x, z, *(p[0] for p in params), scan)
+    y_bwd = _direction(x.flip(1), z.flip(1), *(p[1] for p in params), scan).flip(1)
+    return (y_fwd + y_bwd) / 2
+
+
+def _direction(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, scan) -> torch.Tensor:
+    """One causal direction: x, z (batch, L, E) -> the gated scan output (batch, L, E)."""
+    length, channels, taps = x.shape[1], x.shape[2], conv_weight.shape[-1]
+    u = F.conv1d(x.transpose(1, 2), conv_weight[:, None], conv_bias, padding=taps - 1, groups=channels)
+    u = F.silu(u[..., :length])  # (batch, E, L): the causal part of the padded convolution
+    rank, state = dt_proj_weight.shape[1], A.shape[1]
+    dt, B, C = F.linear(u.transpose(1, 2), x_proj_weight).split([rank, state, state], dim=-1)
+    delta = F.linear(dt, dt_proj_weight).transpose(1, 2)  # the bias is added inside the scan
+    y = scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), D=D, z=z.transpose(1, 2), delta_bias=dt_proj_bias,
+             delta_softplus=True)
+    return y.transpose(1, 2)

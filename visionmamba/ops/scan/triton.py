@@ -1,27 +1,27 @@
 """Triton backend: fused selective-scan kernels, forward and backward, one or both directions per launch.
 
 Layers: ``_*_kernel`` (Triton) -> ``_launch_*`` (allocation, grids, strides) -> ``torch.autograd.Function``
--> public functions with shape docstrings (``forward``/``backward`` for the custom op, ``bidirectional``).
+-> public functions with shape docstrings (``forward``/``backward`` for the custom op, ``bidirectional``, the
+mixer core, token-major in and out).
 
 * Scan: one program per (batch, block of channels, direction); the state (BLOCK_E, N) stays in registers
   and the program walks the sequence, forwards for direction 0 and backwards (through the indices, no
   flipped copies) for direction 1. softplus(delta + bias), the D skip, the SiLU(z) gate and the average of
-  the two directions are fused. Chunk-start states are saved; the backward recomputes each chunk from its
-  start state, then walks it in reverse.
+  the two directions are fused. The states at every CHECKPOINT_STEPS-th step are saved; the backward
+  recomputes each chunk from its start state, then walks it in reverse.
 * Depthwise conv + SiLU, causal for direction 0 and anti-causal for direction 1, in one launch.
 
 Determinism: reductions over channels, batch or time go to per-program partial buffers summed afterwards
 in a fixed order. The only atomics add exactly two terms (one per direction) to a zeroed buffer, and
 0 + a + b == 0 + b + a in floating point, so results do not depend on scheduling.
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-
-CHUNK = 64
+CHECKPOINT_STEPS = 64  # steps between the saved states the backward restarts from
 BLOCK_E = 16
 CONV_BLOCK_E = 16
 CONV_BLOCK_T = 64
@@ -34,7 +34,7 @@ def _softplus(x):
 
 @triton.jit
 def _scan_fwd_kernel(
-    u, delta, A, Bm, Cm, D, z, bias, out, states,
+    u, delta, A, B, C, D, z, bias, out, states,
     L, E, N, n_chunks, scale,
     s_u_d, s_u_b, s_u_e, s_u_t,
     s_dt_d, s_dt_b, s_dt_e, s_dt_t,
@@ -57,36 +57,42 @@ def _scan_fwd_kernel(
     if HAS_BIAS:
         b_bias = tl.load(bias + i_d * E + o_e, mask=m_e, other=0.0).to(tl.float32)
     h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
+    # This program's rows; step t adds t times the time stride.
     p_h = states + i_d * s_h_d + i_b * s_h_b + o_e[:, None] * s_h_e + o_n[None, :]
+    p_u = u + i_d * s_u_d + i_b * s_u_b + o_e * s_u_e
+    p_dt = delta + i_d * s_dt_d + i_b * s_dt_b + o_e * s_dt_e
+    p_B = B + i_d * s_B_d + i_b * s_B_b + o_n * s_B_n
+    p_C = C + i_d * s_C_d + i_b * s_C_b + o_n * s_C_n
+    p_z = z + i_b * s_z_b + o_e * s_z_e
+    p_o = out + i_b * s_o_b + o_e * s_o_e
     for i in range(0, L):
         t = i + (L - 1 - 2 * i) * i_d  # direction 1 reads the sequence backwards
         if i % CHUNK == 0:
             tl.store(p_h + (i // CHUNK) * s_h_c, h, mask=m_en)
-        b_u = tl.load(u + i_d * s_u_d + i_b * s_u_b + o_e * s_u_e + t * s_u_t, mask=m_e, other=0.0).to(tl.float32)
-        b_dt = tl.load(delta + i_d * s_dt_d + i_b * s_dt_b + o_e * s_dt_e + t * s_dt_t, mask=m_e, other=0.0).to(tl.float32)
+        b_u = tl.load(p_u + t * s_u_t, mask=m_e, other=0.0).to(tl.float32)
+        b_dt = tl.load(p_dt + t * s_dt_t, mask=m_e, other=0.0).to(tl.float32)
         if HAS_BIAS:
             b_dt = b_dt + b_bias
         if SOFTPLUS:
             b_dt = _softplus(b_dt)
-        b_B = tl.load(Bm + i_d * s_B_d + i_b * s_B_b + o_n * s_B_n + t * s_B_t, mask=m_n, other=0.0).to(tl.float32)
-        b_C = tl.load(Cm + i_d * s_C_d + i_b * s_C_b + o_n * s_C_n + t * s_C_t, mask=m_n, other=0.0).to(tl.float32)
+        b_B = tl.load(p_B + t * s_B_t, mask=m_n, other=0.0).to(tl.float32)
+        b_C = tl.load(p_C + t * s_C_t, mask=m_n, other=0.0).to(tl.float32)
         h = tl.exp(b_dt[:, None] * b_A) * h + (b_dt * b_u)[:, None] * b_B[None, :]
         b_y = tl.sum(h * b_C[None, :], axis=1)
         if HAS_D:
             b_y += b_D * b_u
         if HAS_Z:
-            b_z = tl.load(z + i_b * s_z_b + o_e * s_z_e + t * s_z_t, mask=m_e, other=0.0).to(tl.float32)
+            b_z = tl.load(p_z + t * s_z_t, mask=m_e, other=0.0).to(tl.float32)
             b_y = b_y * b_z * tl.sigmoid(b_z)
-        p_o = out + i_b * s_o_b + o_e * s_o_e + t * s_o_t
         if BIDIR:
-            tl.atomic_add(p_o, b_y * scale, mask=m_e)
+            tl.atomic_add(p_o + t * s_o_t, b_y * scale, mask=m_e)
         else:
-            tl.store(p_o, (b_y * scale).to(out.dtype.element_ty), mask=m_e)
+            tl.store(p_o + t * s_o_t, (b_y * scale).to(out.dtype.element_ty), mask=m_e)
 
 
 @triton.jit
 def _scan_bwd_kernel(
-    u, delta, A, Bm, Cm, D, z, bias, states, scratch, dout,
+    u, delta, A, B, C, D, z, bias, states, scratch, dout,
     du, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part, dz,
     L, E, N, n_chunks, scale,
     s_u_d, s_u_b, s_u_e, s_u_t,
@@ -113,6 +119,14 @@ def _scan_bwd_kernel(
     if HAS_BIAS:
         b_bias = tl.load(bias + i_d * E + o_e, mask=m_e, other=0.0).to(tl.float32)
     p_h = states + i_d * s_h_d + i_b * s_h_b + o_e[:, None] * s_h_e + o_n[None, :]
+    p_u = u + i_d * s_u_d + i_b * s_u_b + o_e * s_u_e
+    p_dt = delta + i_d * s_dt_d + i_b * s_dt_b + o_e * s_dt_e
+    p_B = B + i_d * s_B_d + i_b * s_B_b + o_n * s_B_n
+    p_C = C + i_d * s_C_d + i_b * s_C_b + o_n * s_C_n
+    p_z = z + i_b * s_z_b + o_e * s_z_e
+    p_do = dout + i_b * s_o_b + o_e * s_o_e
+    p_dz = dz + i_b * s_dz_b + o_e * s_dz_e
+    p_g = i_d * s_g_d + i_b * s_g_b + o_e * s_g_e  # offsets into du and ddelta
     # Private scratch of this program: the states of one chunk, (CHUNK, BLOCK_E, BLOCK_N).
     p_s = scratch + ((i_d * tl.num_programs(0) + i_b) * tl.num_programs(1) + i_eb) * CHUNK * BLOCK_E * BLOCK_N
     p_s = p_s + tl.arange(0, BLOCK_E)[:, None] * BLOCK_N + o_n[None, :]
@@ -128,13 +142,13 @@ def _scan_bwd_kernel(
         for j in range(0, steps):  # recompute the chunk's states
             i = c * CHUNK + j
             t = i + (L - 1 - 2 * i) * i_d
-            b_u = tl.load(u + i_d * s_u_d + i_b * s_u_b + o_e * s_u_e + t * s_u_t, mask=m_e, other=0.0).to(tl.float32)
-            b_dt = tl.load(delta + i_d * s_dt_d + i_b * s_dt_b + o_e * s_dt_e + t * s_dt_t, mask=m_e, other=0.0).to(tl.float32)
+            b_u = tl.load(p_u + t * s_u_t, mask=m_e, other=0.0).to(tl.float32)
+            b_dt = tl.load(p_dt + t * s_dt_t, mask=m_e, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 b_dt = b_dt + b_bias
             if SOFTPLUS:
                 b_dt = _softplus(b_dt)
-            b_B = tl.load(Bm + i_d * s_B_d + i_b * s_B_b + o_n * s_B_n + t * s_B_t, mask=m_n, other=0.0).to(tl.float32)
+            b_B = tl.load(p_B + t * s_B_t, mask=m_n, other=0.0).to(tl.float32)
             h = tl.exp(b_dt[:, None] * b_A) * h + (b_dt * b_u)[:, None] * b_B[None, :]
             tl.store(p_s + j * BLOCK_E * BLOCK_N, h)
         tl.debug_barrier()
@@ -142,16 +156,16 @@ def _scan_bwd_kernel(
             j = steps - 1 - jj
             i = c * CHUNK + j
             t = i + (L - 1 - 2 * i) * i_d
-            b_u = tl.load(u + i_d * s_u_d + i_b * s_u_b + o_e * s_u_e + t * s_u_t, mask=m_e, other=0.0).to(tl.float32)
-            b_raw = tl.load(delta + i_d * s_dt_d + i_b * s_dt_b + o_e * s_dt_e + t * s_dt_t, mask=m_e, other=0.0).to(tl.float32)
+            b_u = tl.load(p_u + t * s_u_t, mask=m_e, other=0.0).to(tl.float32)
+            b_raw = tl.load(p_dt + t * s_dt_t, mask=m_e, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 b_raw = b_raw + b_bias
             b_dt = b_raw
             if SOFTPLUS:
                 b_dt = _softplus(b_raw)
-            b_B = tl.load(Bm + i_d * s_B_d + i_b * s_B_b + o_n * s_B_n + t * s_B_t, mask=m_n, other=0.0).to(tl.float32)
-            b_C = tl.load(Cm + i_d * s_C_d + i_b * s_C_b + o_n * s_C_n + t * s_C_t, mask=m_n, other=0.0).to(tl.float32)
-            b_do = tl.load(dout + i_b * s_o_b + o_e * s_o_e + t * s_o_t, mask=m_e, other=0.0).to(tl.float32) * scale
+            b_B = tl.load(p_B + t * s_B_t, mask=m_n, other=0.0).to(tl.float32)
+            b_C = tl.load(p_C + t * s_C_t, mask=m_n, other=0.0).to(tl.float32)
+            b_do = tl.load(p_do + t * s_o_t, mask=m_e, other=0.0).to(tl.float32) * scale
             h_t = tl.load(p_s + j * BLOCK_E * BLOCK_N)
             if j > 0:
                 h_prev = tl.load(p_s + (j - 1) * BLOCK_E * BLOCK_N)
@@ -163,15 +177,14 @@ def _scan_bwd_kernel(
                 b_y = tl.sum(h_t * b_C[None, :], axis=1)
                 if HAS_D:
                     b_y += b_D * b_u
-                b_z = tl.load(z + i_b * s_z_b + o_e * s_z_e + t * s_z_t, mask=m_e, other=0.0).to(tl.float32)
+                b_z = tl.load(p_z + t * s_z_t, mask=m_e, other=0.0).to(tl.float32)
                 sig = tl.sigmoid(b_z)
                 b_dy = b_do * b_z * sig
                 b_dz = b_do * b_y * sig * (1.0 + b_z * (1.0 - sig))
-                p_dz = dz + i_b * s_dz_b + o_e * s_dz_e + t * s_dz_t
                 if BIDIR:
-                    tl.atomic_add(p_dz, b_dz, mask=m_e)
+                    tl.atomic_add(p_dz + t * s_dz_t, b_dz, mask=m_e)
                 else:
-                    tl.store(p_dz, b_dz.to(dz.dtype.element_ty), mask=m_e)
+                    tl.store(p_dz + t * s_dz_t, b_dz.to(dz.dtype.element_ty), mask=m_e)
             gt = g + b_dy[:, None] * b_C[None, :]
             tl.store(dC_part + p_part + t * N, tl.sum(b_dy[:, None] * h_t, axis=0), mask=m_n)
             tl.store(dB_part + p_part + t * N, tl.sum(gt * (b_dt * b_u)[:, None], axis=0), mask=m_n)
@@ -184,15 +197,28 @@ def _scan_bwd_kernel(
             if SOFTPLUS:
                 b_ddt = b_ddt * tl.where(b_raw > 20.0, 1.0, tl.sigmoid(b_raw))
             acc_db += b_ddt
-            p_g = i_d * s_g_d + i_b * s_g_b + o_e * s_g_e + t * s_g_t
-            tl.store(ddelta + p_g, b_ddt, mask=m_e)
-            tl.store(du + p_g, b_du, mask=m_e)
+            tl.store(ddelta + p_g + t * s_g_t, b_ddt, mask=m_e)
+            tl.store(du + p_g + t * s_g_t, b_du, mask=m_e)
             g = gt * a
         tl.debug_barrier()
     p_acc = (i_d * tl.num_programs(0) + i_b) * E + o_e
     tl.store(dA_part + p_acc[:, None] * N + o_n[None, :], acc_dA, mask=m_en)
     tl.store(dD_part + p_acc, acc_dD, mask=m_e)
     tl.store(dbias_part + p_acc, acc_db, mask=m_e)
+
+
+@triton.jit
+def _conv_preact(x, w, bias, i_b, o_e, o_t, m_e, L, E, s_x_b, s_x_e, s_x_t, d: tl.constexpr, K: tl.constexpr,
+                 BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Pre-activation (BLOCK_E, BLOCK_T) of direction d: bias + the K taps, causal for d = 0, anti-causal for 1."""
+    acc = tl.zeros([BLOCK_E, BLOCK_T], dtype=tl.float32) + tl.load(bias + d * E + o_e, mask=m_e, other=0.0).to(tl.float32)[:, None]
+    for k in tl.static_range(K):
+        src = o_t + (1 - 2 * d) * (k - (K - 1))
+        m_src = (src >= 0) & (src < L)
+        b_x = tl.load(x + i_b * s_x_b + o_e[:, None] * s_x_e + src[None, :] * s_x_t, mask=m_e[:, None] & m_src[None, :], other=0.0)
+        b_w = tl.load(w + (d * E + o_e) * K + k, mask=m_e, other=0.0).to(tl.float32)
+        acc += b_w[:, None] * b_x.to(tl.float32)
+    return acc
 
 
 @triton.jit
@@ -206,13 +232,7 @@ def _conv_fwd_kernel(
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
     m_e, m_t = o_e < E, o_t < L
     for d in tl.static_range(NDIR):
-        acc = tl.zeros([BLOCK_E, BLOCK_T], dtype=tl.float32) + tl.load(bias + d * E + o_e, mask=m_e, other=0.0).to(tl.float32)[:, None]
-        for k in tl.static_range(K):
-            src = o_t + (1 - 2 * d) * (k - (K - 1))  # causal taps for d = 0, anti-causal for d = 1
-            m_src = (src >= 0) & (src < L)
-            b_x = tl.load(x + i_b * s_x_b + o_e[:, None] * s_x_e + src[None, :] * s_x_t, mask=m_e[:, None] & m_src[None, :], other=0.0)
-            b_w = tl.load(w + (d * E + o_e) * K + k, mask=m_e, other=0.0).to(tl.float32)
-            acc += b_w[:, None] * b_x.to(tl.float32)
+        acc = _conv_preact(x, w, bias, i_b, o_e, o_t, m_e, L, E, s_x_b, s_x_e, s_x_t, d, K, BLOCK_E, BLOCK_T)
         b_u = acc * tl.sigmoid(acc)
         p_u = u + ((d * tl.num_programs(0) + i_b) * E + o_e[:, None]) * L + o_t[None, :]
         tl.store(p_u, b_u.to(u.dtype.element_ty), mask=m_e[:, None] & m_t[None, :])
@@ -231,13 +251,7 @@ def _conv_bwd_kernel(
     m_e, m_t = o_e < E, o_t < L
     m_et = m_e[:, None] & m_t[None, :]
     for d in tl.static_range(NDIR):
-        acc = tl.zeros([BLOCK_E, BLOCK_T], dtype=tl.float32) + tl.load(bias + d * E + o_e, mask=m_e, other=0.0).to(tl.float32)[:, None]
-        for k in tl.static_range(K):
-            src = o_t + (1 - 2 * d) * (k - (K - 1))
-            m_src = (src >= 0) & (src < L)
-            b_x = tl.load(x + i_b * s_x_b + o_e[:, None] * s_x_e + src[None, :] * s_x_t, mask=m_e[:, None] & m_src[None, :], other=0.0)
-            b_w = tl.load(w + (d * E + o_e) * K + k, mask=m_e, other=0.0).to(tl.float32)
-            acc += b_w[:, None] * b_x.to(tl.float32)
+        acc = _conv_preact(x, w, bias, i_b, o_e, o_t, m_e, L, E, s_x_b, s_x_e, s_x_t, d, K, BLOCK_E, BLOCK_T)
         p = ((d * tl.num_programs(0) + i_b) * E + o_e[:, None]) * L + o_t[None, :]
         sig = tl.sigmoid(acc)
         b_g = tl.load(du + p, mask=m_et, other=0.0).to(tl.float32) * sig * (1.0 + acc * (1.0 - sig))
@@ -274,10 +288,6 @@ def _conv_dx_kernel(
 
 
 # ------------------------------------------------------------------------------------------- launchers
-def _strides4(t: torch.Tensor) -> Tuple[int, ...]:
-    return tuple(t.stride())
-
-
 def _launch_scan_fwd(u, delta, A, B, C, D, z, bias, softplus: bool, out: torch.Tensor) -> torch.Tensor:
     """u, delta: (ndir, b, E, L); A (ndir, E, N); B, C (ndir, b, N, L); D, bias (ndir, E); z, out (b, E, L).
 
@@ -286,16 +296,16 @@ def _launch_scan_fwd(u, delta, A, B, C, D, z, bias, softplus: bool, out: torch.T
     """
     ndir, batch, channels, length = u.shape
     state = A.shape[-1]
-    n_chunks = triton.cdiv(length, CHUNK)
+    n_chunks = triton.cdiv(length, CHECKPOINT_STEPS)
     states = torch.empty(ndir, batch, channels, n_chunks, state, device=u.device, dtype=torch.float32)
     grid = (batch, triton.cdiv(channels, BLOCK_E), ndir)
     z_ = z if z is not None else out
     _scan_fwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else A, z_, bias if bias is not None else A, out, states,
         length, channels, state, n_chunks, 0.5 if ndir == 2 else 1.0,
-        *_strides4(u), *_strides4(delta), *_strides4(B), *_strides4(C), *z_.stride(), *out.stride(),
+        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_.stride(), *out.stride(),
         *states.stride()[:4],
-        BLOCK_E=BLOCK_E, BLOCK_N=triton.next_power_of_2(state), CHUNK=CHUNK,
+        BLOCK_E=BLOCK_E, BLOCK_N=triton.next_power_of_2(state), CHUNK=CHECKPOINT_STEPS,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, BIDIR=ndir == 2,
     )
     return states
@@ -309,7 +319,7 @@ def _launch_scan_bwd(u, delta, A, B, C, D, z, bias, softplus, states, dout):
     n_eblk = triton.cdiv(channels, BLOCK_E)
     block_n = triton.next_power_of_2(state)
     f32 = dict(device=u.device, dtype=torch.float32)
-    scratch = torch.empty(ndir * batch * n_eblk * CHUNK * BLOCK_E * block_n, **f32)
+    scratch = torch.empty(ndir * batch * n_eblk * CHECKPOINT_STEPS * BLOCK_E * block_n, **f32)
     du, ddelta = torch.empty(ndir, batch, channels, length, **f32), torch.empty(ndir, batch, channels, length, **f32)
     dA_part = torch.empty(ndir, batch, channels, state, **f32)
     dB_part = torch.empty(ndir, batch, n_eblk, length, state, **f32)
@@ -321,10 +331,10 @@ def _launch_scan_bwd(u, delta, A, B, C, D, z, bias, softplus, states, dout):
         u, delta, A, B, C, D if D is not None else A, z_, bias if bias is not None else A, states, scratch, dout,
         du, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part, dz if dz is not None else du,
         length, channels, state, n_chunks, 0.5 if ndir == 2 else 1.0,
-        *_strides4(u), *_strides4(delta), *_strides4(B), *_strides4(C), *z_.stride(), *dout.stride(),
+        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_.stride(), *dout.stride(),
         *states.stride()[:4], *du.stride(), *(dB_part.stride()[:3] + (1,)),
         *(dz.stride() if dz is not None else (0, 0, 0)),
-        BLOCK_E=BLOCK_E, BLOCK_N=block_n, CHUNK=CHUNK,
+        BLOCK_E=BLOCK_E, BLOCK_N=block_n, CHUNK=CHECKPOINT_STEPS,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, BIDIR=ndir == 2,
     )
     dB = dB_part.sum(2).transpose(2, 3)
@@ -433,16 +443,14 @@ def bidirectional(
     A: torch.Tensor,
     D: torch.Tensor,
 ) -> torch.Tensor:
-    """The fused bidirectional mixer core.
-
-    x, z (b, E, L) (strided views of in_proj's output are fine); per direction, stacked on a leading axis of
-    2: conv_weight (2, E, K), conv_bias (2, E), x_proj_weight (2, R + 2N, E), dt_proj_weight (2, E, R),
-    dt_proj_bias (2, E), A (2, E, N) (= -exp(A_log)), D (2, E). Returns (b, E, L) in x's dtype:
-    the average of the causal and the anti-causal direction, each gated by silu(z).
+    """The fused bidirectional mixer core. Same arguments and result as
+    :func:`visionmamba.ops.scan.reference.bidirectional`: x, z (b, L, E) token-major (strided views of
+    in_proj's output are fine) -> (b, L, E) in x's dtype. (The kernels read channel-major views of them.)
     """
+    x, z = x.transpose(1, 2), z.transpose(1, 2)  # (b, E, L) views
     rank, state = dt_proj_weight.shape[-1], A.shape[-1]
     u = _ConvSiLU.apply(x, conv_weight, conv_bias)  # (2, b, E, L)
     x_dbl = torch.matmul(u.transpose(2, 3), x_proj_weight.to(u.dtype).transpose(1, 2)[:, None])  # (2, b, L, R + 2N)
     dt, B, C = x_dbl.split([rank, state, state], dim=-1)
     delta = torch.matmul(dt, dt_proj_weight.to(dt.dtype).transpose(1, 2)[:, None]).transpose(2, 3)  # (2, b, E, L)
-    return _BiScan.apply(u, delta, A, B.transpose(2, 3), C.transpose(2, 3), D, z, dt_proj_bias)
+    return _BiScan.apply(u, delta, A, B.transpose(2, 3), C.transpose(2, 3), D, z, dt_proj_bias).transpose(1, 2)

@@ -1,0 +1,28 @@
+"""The speed/memory benchmarks: the CLI's table, CSV and plot, and the scan benchmark script, on tiny shapes."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import cli
+
+
+def test_scan_benchmark_smoke_run(tmp_path):
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_scan.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--json", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert [r["backend"] for r in results["scan"]] == ["official", "reference", "cpu", "chunked"]
+    assert all(r["fwd_ms"] > 0 for r in results["scan"]) and len(results["memory"]) == 3
+    assert "speed-up = official formulation time / backend time" in proc.stdout
+
+
+def test_benchmark_smoke_run_writes_csv_and_plot(tmp_path):
+    out = cli("benchmark", "--models", "vim_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_patch16_224:naive",
+              "--res", 32, 48, "--batch", 1, "--repeats", 1, "--out", tmp_path).stdout
+    assert "speed vs first" in out and "deit_tiny_patch16_224:naive" in out
+    rows = (tmp_path / "benchmark.csv").read_text().splitlines()
+    assert len(rows) == 1 + 6 and rows[0].startswith("model,res,batch,mode,status,img_per_s,peak_mem_mb")
+    assert all(",ok," in row for row in rows[1:])
+    assert (tmp_path / "benchmark.png").stat().st_size > 5000

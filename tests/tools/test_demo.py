@@ -1,0 +1,20 @@
+"""The demos' wiring on tiny budgets."""
+import functools
+
+import torch
+
+from visionmamba.data.digits import write_scenes
+from visionmamba.tools import demo
+
+
+def test_dense_demo_runs_end_to_end_on_a_small_budget(tmp_path, monkeypatch, capsys):
+    """The demo's wiring (scenes, pre-training, both fine-tunings, evaluation) with tiny budgets."""
+    monkeypatch.setattr(demo, "write_scenes", functools.partial(write_scenes, train=8, val=4))
+    monkeypatch.setitem(demo.PRETRAIN, "epochs", 1)
+    figures = demo.run_dense_demo(str(tmp_path / "demo"), iters=2)
+    assert set(figures) == {"mIoU", "box_AP50", "box_AP", "mask_AP50"}
+    assert all(0.0 <= v <= 1.0 for v in figures.values())
+    text = capsys.readouterr().out
+    assert "segmentation demo: mIoU" in text and "detection demo: box mAP@0.5" in text
+    ckpt = torch.load(tmp_path / "demo" / "seg" / "last.pth", weights_only=False)
+    assert ckpt["config"]["finetune"] == str(tmp_path / "demo" / "pretrain" / "last.pth")

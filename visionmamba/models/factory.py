@@ -1,0 +1,90 @@
+"""Building models: by name (:func:`create_model`, through timm's registry) or from a checkpoint file with
+what inference needs (:func:`load_for_inference`).
+
+A checkpoint written by ``visionmamba train`` carries the model name and arguments, the class names and
+the evaluation transform; an official ``.pth`` (or a bare state dict) needs the model name, and gets the
+released models' transform and the ImageNet class names.
+"""
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import timm
+from timm.data import ImageNetInfo, resolve_data_config
+
+from visionmamba.files import PathLike
+from visionmamba.models.registry import CUSTOM, OFFICIAL_ALIASES, VARIANTS
+from visionmamba.models.vim import VisionMamba, load_checkpoint
+from visionmamba.models.weights import read_file
+
+
+def list_models() -> list:
+    """Our variant names (the official long names are registered too, as aliases)."""
+    return list(VARIANTS)
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: bool = False,
+    checkpoint_path: Optional[PathLike] = None,
+    use_ema: bool = False,
+    **kwargs: Any,
+) -> VisionMamba:
+    """Build a Vim variant (an official alias, or ``vim_custom``) through timm, optionally loading weights.
+
+    ``pretrained=True`` fetches the released weights from the Hugging Face hub; ``checkpoint_path``
+    loads a local official ``.pth``, one of ours, or a safetensors file (``use_ema`` picks the EMA
+    weights of a container). Other keyword arguments go to :class:`VisionMamba` (``img_size``,
+    ``num_classes``, ``drop_path_rate``, ``scan_backend``, ...).
+    """
+    if name not in VARIANTS and name not in OFFICIAL_ALIASES and name != CUSTOM:
+        raise ValueError(f"unknown Vim model {name!r}; choose one of {list_models()} (or an official long name, or {CUSTOM!r})")
+    if pretrained and checkpoint_path is not None:
+        raise ValueError("pass either pretrained=True or checkpoint_path=..., not both")
+    if use_ema and checkpoint_path is None:
+        raise ValueError("use_ema=True selects the EMA weights of a checkpoint file; pass checkpoint_path=... too")
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if checkpoint_path is not None:
+        load_checkpoint(model, os.fspath(checkpoint_path), use_ema=use_ema)
+    return model
+
+
+@dataclass
+class InferenceModel:
+    """A model ready for inference with what it needs to read images and name classes."""
+
+    model: VisionMamba  # in eval mode, on its device
+    data_config: Dict[str, Any]  # the evaluation transform (timm data config)
+    labels: List[str]  # a name per output
+    name: str
+    classes: Optional[List[str]] = None  # the class folders of a model trained by visionmamba train
+
+
+def load_for_inference(
+    checkpoint: Optional[str], model_name: Optional[str] = None, *, use_ema: bool = False, img_size: Optional[int] = None,
+    device: str = "cpu",
+) -> InferenceModel:
+    """Build the model a checkpoint holds (ours: everything inside; official: pass ``model_name``)."""
+    meta: Dict[str, Any] = read_file(checkpoint) if checkpoint else {}
+    name = model_name or meta.get("model_name")
+    if not name:
+        raise ValueError("this checkpoint does not say which model it holds: pass --model NAME")
+    args = dict(meta.get("model_args") or {})
+    if img_size:
+        args["img_size"] = img_size
+    model = timm.create_model(name, **args)
+    if checkpoint:
+        load_checkpoint(model, checkpoint, use_ema=use_ema)
+    model.eval().to(device)
+    data_config = dict(meta["data_config"]) if meta.get("data_config") else resolve_data_config({}, model=model)
+    if img_size:
+        data_config["input_size"] = (3, img_size, img_size)
+    if meta.get("classes"):
+        labels = list(meta["classes"])
+    elif model.num_classes == 1000:
+        info = ImageNetInfo()
+        labels = [info.index_to_description(i) for i in range(1000)]
+    else:
+        labels = [str(i) for i in range(model.num_classes)]
+    return InferenceModel(model=model, data_config=data_config, labels=labels, name=name, classes=meta.get("classes"))

@@ -1,0 +1,40 @@
+"""Position tables with the class token in the middle: resampling to another patch grid."""
+import math
+from typing import Tuple
+
+import torch
+from timm.layers import resample_abs_pos_embed
+
+
+def pos_embed_resample(
+    pos_embed: torch.Tensor,
+    old_grid: Tuple[int, int],
+    new_grid: Tuple[int, int],
+) -> torch.Tensor:
+    """Resample a middle-class-token position table (1, M + 1, dim) from one patch grid to another.
+
+    The class-token row sits at index M // 2 (M = patches). It is taken out, the M patch rows are
+    resampled bicubically as a 2-D grid, and the class row is put back at the new middle, M' // 2. (The
+    official helper assumes the class row comes first, which is wrong for these models.)
+    """
+    old_m, new_m = old_grid[0] * old_grid[1], new_grid[0] * new_grid[1]
+    if pos_embed.shape[1] != old_m + 1:
+        raise ValueError(
+            f"pos_embed has {pos_embed.shape[1]} rows, expected {old_m} patches + 1 class token for grid {old_grid}"
+        )
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    cls_row = pos_embed[:, old_m // 2 : old_m // 2 + 1]
+    patches = torch.cat([pos_embed[:, : old_m // 2], pos_embed[:, old_m // 2 + 1 :]], dim=1)
+    patches = resample_abs_pos_embed(
+        patches, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=0, interpolation="bicubic"
+    )
+    return torch.cat([patches[:, : new_m // 2], cls_row, patches[:, new_m // 2 :]], dim=1)
+
+
+def grid_from_pos_embed(rows: int) -> Tuple[int, int]:
+    """The square patch grid of a (1, M + 1, dim) position table."""
+    side = math.isqrt(rows - 1)
+    if side * side != rows - 1:
+        raise ValueError(f"pos_embed with {rows} rows is not a square grid plus one class token")
+    return side, side

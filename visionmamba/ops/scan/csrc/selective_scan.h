@@ -1,0 +1,138 @@
+// The CPU selective-scan kernels: parameter structs and the entry points bound in bindings.cpp.
+//
+// Layouts (batch b, channels E, length L, states N, dt rank R; "2" stacks the forward and the backward
+// direction of the bidirectional mixer):
+//   one direction (the custom-op contract): u, delta, z (b, E, L) channel-major; A (E, N);
+//     BC (b, L, 2N) time-major: B_t then C_t; D (E,) or empty; z empty for no gate.
+//   bidirectional forward (scan_lanes.cpp): u (2, b, L, E) token-major; W_t (2, R, E); A_t (2, N, E);
+//     x_proj_out: x_proj's output (2, b, L, R + 2N) (dt_t, B_t, C_t per row); z (b, L, E) with contiguous
+//     channels; D, bias (2, E).
+//   bidirectional backward (scan_rows.cpp): u, delta (2, b, E, L) channel-major copies; A (2, E, N);
+//     x_proj_out, z, D, bias as in the forward; dout (b, E, L).
+//   conv (conv_silu.cpp): x (b, L, E) with contiguous channels (a strided view is fine); w (2, K, E)
+//     taps-major; bias (2, E).
+// Every kernel computes in the dtype of its inputs (float32 or float64). Reductions over channels or batch
+// go to per-task partial buffers that the caller sums in a fixed order: results are deterministic.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace visionmamba {
+
+// One (batch, channel) row of the recurrence. Sequence values are read through a pointer and a time
+// stride, so channel-major and token-major layouts both work without copies; B_t and C_t are N
+// contiguous values at B + t * sbc and C + t * sbc.
+template <typename T>
+struct Row {
+  const T* u;
+  int64_t su;
+  const T* delta;  // before bias and softplus
+  int64_t sd;
+  const T* B;
+  const T* C;
+  int64_t sbc;
+  const T* z;  // null: no gate
+  int64_t sz;
+  const T* A;  // the N values of this channel
+  T D;
+  T bias;
+  int64_t L;
+  int64_t N;
+  bool softplus;
+  bool reverse;  // walk t = L-1 .. 0 (the backward direction)
+  T scale;       // 1, or 1/2 when the two directions are averaged
+};
+
+// Where the gradients of one row go: du, ddelta (w.r.t. the raw delta) and dz through time strides (dz
+// added to with accumulate_dz, for the second direction of a pair); dB_t, dC_t added to the N values at
+// dB + t * sdbc; dA (N values), dD and dbias written.
+template <typename T>
+struct RowGrads {
+  const T* dout;
+  int64_t so;
+  T* du;
+  int64_t sdu;
+  T* ddelta;
+  int64_t sdd;
+  T* dz;
+  int64_t sdz;
+  bool accumulate_dz;
+  T* dB;
+  T* dC;
+  int64_t sdbc;
+  T* dA;
+  T* dD;
+  T* dbias;
+};
+
+// Work buffers of one thread for the backward of one row: the recomputed states H and decays Ad (L x N),
+// the pre-gate outputs ys, the adjoint state g, and per-step delta, sigmoid(z) and softplus'(delta).
+template <typename T>
+struct RowScratch {
+  RowScratch(int64_t L, int64_t N) : H(L * N), Ad(L * N), ys(L), g(N), dts(L), zsig(L), dsoftplus(L), zeros(N) {}
+  std::vector<T> H, Ad, ys, g, dts, zsig, dsoftplus, zeros;
+};
+
+// One direction of the bidirectional forward for one batch row, channels as the SIMD lanes.
+template <typename T>
+struct LaneDirection {
+  const T* u;           // (L, E)
+  const T* Wt;          // dt_proj's weight, transposed (R, E): delta = softplus(W dt_t + bias) inside the kernel
+  const T* A;           // (N, E)
+  const T* A2;          // A log2(e) (N, E), for the base-2 exps of the AVX-512 path
+  const T* x_proj_out;  // x_proj's output at t = 0: dt_t in columns [0, R), B_t from R, C_t from R + N
+  int64_t sx_t;
+  const T* D;     // (E,)
+  const T* bias;  // (E,)
+  const T* z;     // z_t: E contiguous channels at z + t * sz_t
+  int64_t sz_t;
+  T* out;  // (L, E): y / 2 is written (forward direction) or added (backward direction)
+  int64_t L;
+  int64_t E;
+  int64_t N;
+  int64_t R;
+  bool reverse;
+};
+
+// The depthwise conv + SiLU of both directions (causal for 0, anti-causal for 1).
+template <typename T>
+struct ConvParams {
+  const T* x;  // x_t (b, t) at x + b * sx_b + t * sx_t, E contiguous channels
+  int64_t sx_b;
+  int64_t sx_t;
+  const T* w;     // (2, K, E)
+  const T* bias;  // (2, E)
+  int64_t batch;
+  int64_t L;
+  int64_t E;
+  int64_t K;
+};
+
+// ------------------------------------------------------------------------------------------ entry points
+// One direction (scan_rows.cpp). Returns y (b, E, L).
+at::Tensor scan_forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& BC,
+                        const at::Tensor& D, const at::Tensor& z, bool softplus);
+// Returns du, ddelta, dz, dA_part (b, E, N), dBC_part (b, blocks, L, 2N), dD_part (b, E), dbias_part (b, E).
+std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                      const at::Tensor& BC, const at::Tensor& D, const at::Tensor& z, bool softplus,
+                                      const at::Tensor& dout);
+
+// Both directions (scan_lanes.cpp): returns (y_forward + y_backward) / 2 as (b, L, E).
+at::Tensor bi_forward(const at::Tensor& u, const at::Tensor& W_t, const at::Tensor& A_t, const at::Tensor& x_proj_out,
+                      const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias);
+// Gradients of bi_forward (scan_rows.cpp): du, ddelta (2, b, E, L), dz (b, E, L), dA_part (b, 2, E, N),
+// dBC_part (blocks, 2, b, L, 2N) in x_proj's column order, dD_part, dbias_part (b, 2, E).
+std::vector<at::Tensor> bi_backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                    const at::Tensor& x_proj_out, const at::Tensor& D, const at::Tensor& z,
+                                    const at::Tensor& bias, const at::Tensor& dout);
+
+// Depthwise conv + SiLU of both directions (conv_silu.cpp): returns u (2, b, L, E).
+at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias);
+// Returns dx (b, L, E), dw_part (b, 2, K, E), db_part (b, 2, E) (partial sums over the batch).
+std::vector<at::Tensor> conv_backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                                      const at::Tensor& du);
+
+}  // namespace visionmamba

@@ -1,0 +1,191 @@
+"""Typed configurations of every run, with the official recipes as defaults; the CLI turns each field into a flag.
+
+:class:`TrainConfig` (classification, spec §5), :class:`SegConfig` and :class:`DetConfig` (dense prediction,
+spec §6.2 / §6.3) share :class:`RunConfig`'s fields; :class:`EvalConfig` describes an evaluation.
+:func:`resolve` builds and validates one from defaults, the model's preset and the given overrides.
+"""
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional, Tuple, Type, TypeVar
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class RunConfig:
+    """Options every training run has."""
+
+    data: str = ""
+    output: str = "runs/vim"
+    model: str = "vim_tiny_patch16_224"
+    model_args: Dict[str, Any] = field(default_factory=dict)  # extra VisionMamba arguments (depth, embed_dim, ...)
+    finetune: Optional[str] = None  # initial weights (official .pth or ours); head dropped if classes differ
+    batch_size: int = 64  # per process
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    drop_path: float = 0.1
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; the scan state stays fp32 either way)
+    seed: int = 0
+    workers: int = 4
+    checkpoint_every: int = 1000  # optimizer steps between checkpoints
+    resume: Optional[str] = None  # a checkpoint of ours, or "auto" for OUTPUT/last.pth
+    skip_nonfinite: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ValueError("no data folder given: pass --data DIR")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Classification. Defaults are hustvl/Vim main.py's (spec §5.1); presets adjust per model.
+
+    ``data`` holds train/ and val/ class sub-folders (the ImageNet layout); ``batch_size`` is per process,
+    the global batch is batch_size x processes x accum_steps; ``lr`` is scaled by global batch / 512 unless
+    ``unscale_lr``; A_log is weight-decayed, as in the official recipe (1-D tensors, pos_embed, cls_token
+    are not); ``checkpoint_every`` counts optimizer steps between mid-epoch checkpoints (0: end of epoch only).
+    """
+
+    img_size: int = 224
+    epochs: int = 300
+    accum_steps: int = 1  # gradient accumulation: batches per optimizer step
+    unscale_lr: bool = False
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_epochs: int = 5
+    opt_eps: float = 1e-8
+    clip_grad: Optional[float] = None
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    hflip: float = 0.5
+    scale: Tuple[float, float] = (0.08, 1.0)
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1
+    repeated_aug: bool = True  # only when distributed, as officially
+    model_ema: bool = True
+    model_ema_decay: float = 0.99996
+    skip_corrupt: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.accum_steps < 1:
+            raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
+
+
+@dataclass
+class DenseConfig(RunConfig):
+    """Options shared by both dense tasks; :class:`SegConfig` and :class:`DetConfig` set each task's defaults.
+
+    Iteration-based: ``checkpoint_every`` counts iterations (a checkpoint is also written at every
+    evaluation and at the end).
+    """
+
+    output: str = "runs/dense"
+    train_split: str = ""
+    val_split: str = ""
+    out_indices: Optional[Tuple[int, int, int, int]] = None  # blocks feeding the pyramid; default: depth/4 steps
+    crop_size: int = 512
+    scale_range: Tuple[float, float] = (0.5, 2.0)
+    iters: int = 60000
+    batch_size: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 0.1
+    layer_decay: float = 0.92
+    warmup_iters: int = 1500
+    eval_every: int = 4000  # iterations between evaluations (0: only at the end)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.crop_size % 32:
+            raise ValueError(f"crop_size must be a multiple of 32 (the coarsest pyramid stride), got {self.crop_size}")
+
+
+@dataclass
+class SegConfig(DenseConfig):
+    """UperNet on ADE20K-layout data; defaults from the official Vim-Ti config and script (spec §6.2)."""
+
+    output: str = "runs/seg"
+    train_split: str = "training"
+    val_split: str = "validation"
+    num_classes: int = 150
+    reduce_zero_label: bool = True  # ADE20K: label 0 is "other" (ignored), classes are 1..150
+    decoder_channels: Optional[int] = None  # UperNet channels; default: the backbone's width (192 for Vim-Ti)
+    aux_weight: float = 0.4  # auxiliary FCN head on the stride-16 level (0: no auxiliary head)
+    eval_mode: str = "slide"  # "slide" (512 windows, stride 341, as officially) or "whole"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.eval_mode not in ("slide", "whole"):
+            raise ValueError(f"eval_mode must be 'slide' or 'whole', got {self.eval_mode!r}")
+
+
+@dataclass
+class DetConfig(DenseConfig):
+    """Mask R-CNN on COCO-layout data; defaults from the official ViTDet-style config (spec §6.3)."""
+
+    output: str = "runs/det"
+    train_split: str = "train2017"
+    val_split: str = "val2017"
+    crop_size: int = 1024
+    scale_range: Tuple[float, float] = (0.1, 2.0)
+    iters: int = 184375
+    batch_size: int = 16
+    lr: float = 1e-4
+    layer_decay: float = 0.837
+    warmup_iters: int = 250
+    eval_every: int = 0
+    fpn_channels: int = 256
+    anchor_sizes: Tuple[int, int, int, int, int] = (32, 64, 128, 256, 512)
+    detector_args: Dict[str, Any] = field(default_factory=dict)  # more torchvision MaskRCNN arguments
+
+
+@dataclass
+class EvalConfig:
+    data: str = ""  # a folder of class sub-folders (e.g. ImageNet val)
+    checkpoint: Optional[str] = None
+    model: Optional[str] = None  # needed for official / bare checkpoints; ours carry it
+    ema: bool = False
+    img_size: Optional[int] = None
+    batch_size: int = 64
+    workers: int = 4
+    precision: str = "fp32"
+    device: str = "auto"
+    skip_corrupt: bool = False
+    progress: bool = True
+
+
+# Per-model presets reproducing hustvl/Vim/vim/scripts/*.sh (8 processes: global batch 1024 or 512).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "vim_tiny_patch16_224": dict(batch_size=128, lr=5e-4, weight_decay=0.1, drop_path=0.0),
+    "vim_small_patch16_224": dict(batch_size=64, lr=1e-3, weight_decay=0.05, drop_path=0.05),
+    "vim_tiny_patch16_stride8_224": dict(
+        batch_size=128, lr=5e-6, weight_decay=1e-8, drop_path=0.0, epochs=30, warmup_lr=1e-5, min_lr=1e-5
+    ),
+    "vim_small_patch16_stride8_224": dict(
+        batch_size=128, lr=5e-6, weight_decay=1e-8, drop_path=0.0, epochs=30, warmup_lr=1e-5, min_lr=1e-5
+    ),
+}
+
+Config = TypeVar("Config", bound=RunConfig)
+
+
+def resolve(cls: Type[Config], overrides: Dict[str, Any], *, use_preset: bool = True) -> Config:
+    """``cls``'s defaults, then (classification) the model's preset, then ``overrides``; validated."""
+    unknown = set(overrides) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)}")
+    values: Dict[str, Any] = {}
+    if use_preset and issubclass(cls, TrainConfig):
+        values.update(PRESETS.get(overrides.get("model", cls.model), {}))
+    values.update(overrides)
+    cfg = cls(**values)
+    cfg.validate()
+    return cfg
