@@ -71,8 +71,8 @@ def test_timm_interface_shapes():
     assert model(x).shape == (3, 5)
     model.reset_classifier(0)
     assert model(x).shape == (3, 32)
-    with pytest.raises(ValueError, match="global_pool"):
-        model.reset_classifier(3, global_pool="avg")
+    with pytest.raises(AssertionError, match="global_pool"):  # timm's convention for an unsupported pool
+        model.reset_classifier(3, global_pool="max")
 
 
 def test_forward_intermediates_formats_and_class_token():
@@ -206,12 +206,75 @@ def test_bfloat16_autocast_runs_with_fp32_residual():
     assert torch.isfinite(out.float()).all()
 
 
-def test_torch_compile_gives_the_eager_outputs():
+def test_torch_compile_fullgraph_on_the_default_cpu_kernels():
+    """The C++ kernels are custom ops: one graph, the eager outputs and gradients (golden tolerances)."""
+    torch.manual_seed(0)
+    model = tiny_vim()
+    x = torch.randn(2, 3, 32, 40)
+    compiled, eager = torch.compile(model, fullgraph=True)(x), model(x)
+    assert_close(compiled, eager, atol=1e-4, name="compiled forward")
+    for got, want in zip(torch.autograd.grad(compiled.square().sum(), list(model.parameters())),
+                         torch.autograd.grad(eager.square().sum(), list(model.parameters()))):
+        assert_close(got, want, rtol_max=1e-4, atol=1e-7, name="compiled gradient")
+
+
+def test_torch_export_keeps_the_kernels_as_ops_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_vim().eval()
+    x = torch.randn(2, 3, 32, 32)
+    program = torch.export.export(model, (x,))
+    ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert {"visionmamba.cpu_conv_silu.default", "visionmamba.cpu_bi_scan.default"} <= ops
+    torch.export.save(program, tmp_path / "vim.pt2")
+    loaded = torch.export.load(tmp_path / "vim.pt2").module()
+    with torch.no_grad():
+        assert_close(loaded(x), model(x), atol=1e-5, name="exported")
+
+
+def test_torchscript_gives_the_eager_outputs():
     torch.manual_seed(0)
     model = tiny_vim().eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert_close(torch.compile(model)(x), model(x), atol=1e-5, name="compiled")
+        assert_close(torch.jit.script(model)(x), model(x), atol=1e-6, name="scripted")
+
+
+def test_factory_device_dtype_and_meta_then_init_weights_equal_a_direct_build():
+    torch.manual_seed(0)
+    direct = tiny_vim(depth=3, num_classes=5)
+    meta = tiny_vim(depth=3, num_classes=5, device="meta", dtype=torch.float64)
+    assert {(p.device.type, p.dtype) for p in meta.parameters()} == {("meta", torch.float64)}
+    rebuilt = meta.to_empty(device="cpu").float()
+    torch.manual_seed(0)
+    rebuilt.init_weights()
+    for (name, a), b in zip(direct.state_dict().items(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b), name
+    with torch.device("meta"):
+        assert tiny_vim(depth=2).pos_embed.device.type == "meta"
+
+
+def test_reset_classifier_follows_the_model_and_global_pool_avg():
+    model = tiny_vim().double().eval()
+    model.reset_classifier(5)
+    assert model.head.weight.dtype == torch.float64 and not model.head.training and model.num_classes == 5
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    tokens = model.forward_features(x)
+    model.reset_classifier(5, global_pool="avg")
+    pooled = model.forward_head(tokens, pre_logits=True)
+    assert torch.allclose(pooled, torch.cat([tokens[:, :8], tokens[:, 9:]], 1).mean(1))
+    avg = visionmamba.create_model("vim_tiny_patch16_224", depth=1, global_pool="avg")
+    assert avg.global_pool == "avg" and avg.head_hidden_size == 192 and avg.in_chans == 3
+    with pytest.raises(AssertionError, match="global_pool"):
+        visionmamba.create_model("vim_tiny_patch16_224", depth=1, global_pool="max")
+
+
+def test_one_channel_model_takes_rgb_weights(tmp_path):
+    torch.manual_seed(0)
+    rgb = tiny_vim()
+    torch.save({"model": rgb.state_dict()}, tmp_path / "rgb.pth")
+    grey = tiny_vim(in_chans=1)
+    visionmamba.load_checkpoint(grey, tmp_path / "rgb.pth")
+    assert torch.allclose(grey.patch_embed.proj.weight, rgb.patch_embed.proj.weight.sum(1, keepdim=True))
 
 
 def test_set_scan_backend_reaches_every_mixer():

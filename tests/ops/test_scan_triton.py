@@ -119,3 +119,19 @@ def test_model_with_triton_backend_matches_reference_model():
     ref_grads = torch.autograd.grad(ref.square().sum(), list(ref_model.parameters()))
     for (name, _), got, want in zip(model.named_parameters(), grads, ref_grads):
         assert_close(got, want, rtol_max=1e-4, atol=1e-7, name=name)
+
+
+def test_compile_fullgraph_and_export_see_the_kernels_as_ops():
+    from helpers import tiny_vim
+
+    torch.manual_seed(0)
+    model = tiny_vim(depth=1, scan_backend="triton").to(DEVICE)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    out, ref = torch.compile(model, fullgraph=True)(x), model(x)
+    assert_close(out, ref, atol=1e-5, name="compiled")
+    for got, want in zip(torch.autograd.grad(out.sum(), list(model.parameters())),
+                         torch.autograd.grad(ref.sum(), list(model.parameters()))):
+        assert_close(got, want, rtol_max=1e-4, atol=1e-7, name="compiled gradient")
+    program = torch.export.export(model.eval(), (x,))
+    ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert {"visionmamba.triton_conv_silu.default", "visionmamba.triton_bi_scan.default"} <= ops

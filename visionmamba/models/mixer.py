@@ -7,14 +7,17 @@ state dicts load unchanged: own parameters ``A_log, D, A_b_log, D_b`` first, the
 x_proj, dt_proj, conv1d_b, x_proj_b, dt_proj_b, out_proj``.
 """
 import math
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
+from timm.models import register_notrace_module
 
 from visionmamba.ops import scan
 from visionmamba.ops.linear import Linear
 
 
+@register_notrace_module  # a leaf for torch.fx: the scan dispatch is Python
 class BiMambaMixer(nn.Module):
     """Shared in/out projections, one (conv1d, x_proj, dt_proj, A_log, D) set per direction.
 
@@ -34,52 +37,81 @@ class BiMambaMixer(nn.Module):
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
         scan_backend: str = "auto",
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.dim = dim
         self.d_state = d_state
         self.d_conv = d_conv
         self.d_inner = expand * dim
         self.dt_rank = math.ceil(dim / 16)
+        self.dt_init = (dt_min, dt_max, dt_init_floor)
         self.scan_backend = scan_backend
         inner, rank = self.d_inner, self.dt_rank
 
-        # S4D-real initialisation: A = -(1, 2, ..., N) for every channel; D = 1.
-        a_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(inner, 1)
-        self.A_log = nn.Parameter(a_log.clone())
-        self.D = nn.Parameter(torch.ones(inner))
-        self.A_b_log = nn.Parameter(a_log.clone())
-        self.D_b = nn.Parameter(torch.ones(inner))
+        self.A_log = nn.Parameter(torch.empty(inner, d_state, **dd))
+        self.D = nn.Parameter(torch.empty(inner, **dd))
+        self.A_b_log = nn.Parameter(torch.empty(inner, d_state, **dd))
+        self.D_b = nn.Parameter(torch.empty(inner, **dd))
+        self._init_state_parameters()
 
-        self.in_proj = Linear(dim, 2 * inner, bias=False)
-        self.conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
-        self.x_proj = Linear(inner, rank + 2 * d_state, bias=False)
-        self.dt_proj = Linear(rank, inner, bias=True)
-        self._init_dt_proj(dt_min, dt_max, dt_init_floor)  # here, to draw random numbers in the official order
-        self.conv1d_b = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
-        self.x_proj_b = Linear(inner, rank + 2 * d_state, bias=False)
-        self.dt_proj_b = Linear(rank, inner, bias=True)
-        self.out_proj = Linear(inner, dim, bias=False)
+        self.in_proj = Linear(dim, 2 * inner, bias=False, **dd)
+        self.conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1, **dd)
+        self.x_proj = Linear(inner, rank + 2 * d_state, bias=False, **dd)
+        self.dt_proj = Linear(rank, inner, bias=True, **dd)
+        self._init_dt_proj()  # here, to draw random numbers in the official order
+        self.conv1d_b = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1, **dd)
+        self.x_proj_b = Linear(inner, rank + 2 * d_state, bias=False, **dd)
+        self.dt_proj_b = Linear(rank, inner, bias=True, **dd)
+        self.out_proj = Linear(inner, dim, bias=False, **dd)
 
     @torch.no_grad()
-    def _init_dt_proj(self, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
+    def _init_state_parameters(self) -> None:
+        """S4D-real initialisation: A = -(1, 2, ..., N) for every channel (stored as log(-A)); D = 1."""
+        a_log = torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device))
+        for log_a, skip in ((self.A_log, self.D), (self.A_b_log, self.D_b)):
+            log_a.copy_(a_log.expand_as(log_a))
+            skip.fill_(1.0)
+
+    @torch.no_grad()
+    def _init_dt_proj(self) -> None:
         """Official Mamba dt init, forward direction only (the official code forgets ``dt_proj_b``).
 
         Weight U(±rank^-1/2); bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max]. The
         backward direction keeps the default Linear init; its bias is zeroed later by
-        :func:`visionmamba.models.vim.init_weights`, exactly as in the official code (initial delta ln 2).
+        :func:`visionmamba.models.vim.official_init`, exactly as in the official code (initial delta ln 2).
         """
+        dt_min, dt_max, dt_init_floor = self.dt_init
         std = self.dt_rank ** -0.5
         nn.init.uniform_(self.dt_proj.weight, -std, std)
-        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        bias = self.dt_proj.bias
+        dt = torch.exp(torch.rand(self.d_inner, device=bias.device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=dt_init_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.dt_proj.bias._no_reinit = True
+        bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        bias._no_reinit = True
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw every parameter anew in construction order (the modules' defaults, then the dt init)."""
+        self._init_state_parameters()
+        for module in (self.in_proj, self.conv1d, self.x_proj, self.dt_proj):
+            module.reset_parameters()
+        self._init_dt_proj()
+        for module in (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.out_proj):
+            module.reset_parameters()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (batch, L, dim) -> (batch, L, dim)."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (batch, L, E) each
-        y = scan.bidirectional(
+        return self.out_proj(self.core(x, z))
+
+    @torch.jit.ignore
+    def core(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The scan's mixer core of both directions, with this mixer's parameters stacked per direction:
+        x, z (batch, L, E) -> (batch, L, E). (Python for TorchScript: the dispatch picks a backend.)"""
+        return scan.bidirectional(
             x,
             z,
             torch.stack([self.conv1d.weight[:, 0], self.conv1d_b.weight[:, 0]]),
@@ -91,4 +123,3 @@ class BiMambaMixer(nn.Module):
             torch.stack([self.D, self.D_b]).float(),
             backend=self.scan_backend,
         )
-        return self.out_proj(y)

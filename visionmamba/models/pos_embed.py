@@ -22,12 +22,13 @@ def pos_embed_resample(
         raise ValueError(
             f"pos_embed has {pos_embed.shape[1]} rows, expected {old_m} patches + 1 class token for grid {old_grid}"
         )
-    if tuple(old_grid) == tuple(new_grid):
+    if old_grid[0] == new_grid[0] and old_grid[1] == new_grid[1]:
         return pos_embed
     cls_row = pos_embed[:, old_m // 2 : old_m // 2 + 1]
     patches = torch.cat([pos_embed[:, : old_m // 2], pos_embed[:, old_m // 2 + 1 :]], dim=1)
     patches = resample_abs_pos_embed(
-        patches, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=0, interpolation="bicubic"
+        patches, new_size=[new_grid[0], new_grid[1]], old_size=[old_grid[0], old_grid[1]], num_prefix_tokens=0,
+        interpolation="bicubic",
     )
     return torch.cat([patches[:, : new_m // 2], cls_row, patches[:, new_m // 2 :]], dim=1)
 

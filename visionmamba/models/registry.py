@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional, Tuple
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from visionmamba.models.vim import VisionMamba
+from visionmamba.models.vim import VisionMamba, checkpoint_filter_fn
 
 # name -> constructor arguments (the official registrations, spec §1.2).
 VARIANTS: Dict[str, Dict[str, Any]] = {
@@ -95,6 +95,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamb
             VisionMamba,
             variant,
             pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
             feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
             **args,
         )

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, RmsNorm, lecun_normal_, to_2tuple, trunc_normal_
+from timm.models import adapt_input_conv, register_notrace_function, register_notrace_module
 from timm.models import checkpoint as grad_checkpoint
 from timm.models._features import feature_take_indices
 
@@ -20,7 +21,11 @@ from visionmamba.models.pos_embed import grid_from_pos_embed, pos_embed_resample
 from visionmamba.models.weights import StateDict, load_weights
 from visionmamba.ops.scan import BACKENDS
 
+Device = Optional[Union[str, torch.device]]
+POOLS = ("token", "avg")  # the middle class token (official), or the mean of the patch tokens
 
+
+@register_notrace_module  # a leaf for torch.fx: its input checks depend on the input's shape
 class PatchEmbed(nn.Module):
     """Image (batch, C, H, W) -> patch tokens (batch, H' * W', dim), raster order (row slow, column fast).
 
@@ -37,6 +42,8 @@ class PatchEmbed(nn.Module):
         in_chans: int = 3,
         embed_dim: int = 192,
         dynamic_img_size: bool = True,
+        device: Device = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         if not 0 < stride <= patch_size:
@@ -46,10 +53,10 @@ class PatchEmbed(nn.Module):
         self.stride = stride
         self.in_chans = in_chans
         self.dynamic_img_size = dynamic_img_size
-        self.check_size(*self.img_size)
-        self.grid_size = self.grid_for(*self.img_size)
+        self.check_size(self.img_size[0], self.img_size[1])
+        self.grid_size = self.grid_for(self.img_size[0], self.img_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride, device=device, dtype=dtype)
 
     def grid_for(self, height: int, width: int) -> Tuple[int, int]:
         return ((height - self.patch_size) // self.stride + 1, (width - self.patch_size) // self.stride + 1)
@@ -65,17 +72,15 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
-            raise ValueError(
-                f"expected a 4-D image batch (batch, {self.in_chans}, H, W), got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"expected a 4-D image batch (batch, {self.in_chans}, H, W), got shape {list(x.shape)}")
         if x.shape[1] != self.in_chans:
             raise ValueError(
                 f"expected {self.in_chans} input channels (batch, {self.in_chans}, H, W), got shape "
-                f"{tuple(x.shape)}; convert the images (e.g. grey -> RGB) or build the model with "
+                f"{list(x.shape)}; convert the images (e.g. grey -> RGB) or build the model with "
                 f"in_chans={x.shape[1]}"
             )
-        height, width = x.shape[-2:]
-        if not self.dynamic_img_size and (height, width) != self.img_size:
+        height, width = x.shape[-2], x.shape[-1]
+        if not self.dynamic_img_size and (height != self.img_size[0] or width != self.img_size[1]):
             raise ValueError(
                 f"expected input size {self.img_size[0]}x{self.img_size[1]}, got {height}x{width}; build the "
                 f"model with img_size={height} or dynamic_img_size=True"
@@ -84,11 +89,23 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+@register_notrace_function
+def insert_cls_token(tokens: torch.Tensor, cls_token: torch.Tensor, pos_embed: torch.Tensor,
+                     table_grid: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
+    """Patch tokens (batch, M, dim) -> (batch, M + 1, dim): the class token inserted at M // 2 and the position
+    table (1, M0 + 1, dim) of ``table_grid`` added, resampled to ``grid`` when they differ. (A leaf for
+    torch.fx: the resampling depends on the input size.)"""
+    mid = tokens.shape[1] // 2
+    tokens = torch.cat([tokens[:, :mid], cls_token.expand(tokens.shape[0], -1, -1), tokens[:, mid:]], dim=1)
+    return tokens + pos_embed_resample(pos_embed, table_grid, grid)
+
+
 class Block(nn.Module):
     """Pre-norm residual block: ``residual += drop_path(previous mixer output)``; ``mixer(norm(residual))``.
 
-    The residual stream is kept in float32 (official ``residual_in_fp32=True``); the norm output is cast
-    back to the dtype of the incoming hidden state, as in the official fused add-norm kernel.
+    The residual stream is kept in float32 (official ``residual_in_fp32=True``; float64 models keep float64);
+    the norm output is cast back to the dtype of the incoming hidden state, as in the official fused add-norm
+    kernel.
     """
 
     def __init__(
@@ -99,18 +116,30 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         norm_eps: float = 1e-5,
         scan_backend: str = "auto",
+        device: Device = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        self.mixer = BiMambaMixer(dim, d_state=d_state, scan_backend=scan_backend)
-        self.norm = RmsNorm(dim, eps=norm_eps)
+        self.mixer = BiMambaMixer(dim, d_state=d_state, scan_backend=scan_backend, device=device, dtype=dtype)
+        self.norm = RmsNorm(dim, eps=norm_eps, device=device, dtype=dtype)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
         self, hidden: torch.Tensor, residual: Optional[torch.Tensor]
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """hidden (batch, L, dim), residual (batch, L, dim) float32 or None -> (new hidden, new residual)."""
-        residual = hidden.float() if residual is None else residual + self.drop_path(hidden)
+        """hidden (batch, L, dim), residual (batch, L, dim) float32 (float64 for float64 models) or None -> (new
+        hidden, new residual)."""
+        if residual is None:
+            residual = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
+        else:
+            residual = residual + self.drop_path(hidden)
         return self.mixer(self.norm(residual).to(hidden.dtype)), residual
+
+
+def drop_path_rates(rate: float, depth: int) -> List[float]:
+    """The official schedule: rates rising linearly from 0 to ``rate`` over the blocks, in float32 as
+    torch.linspace computes them (on the CPU whatever the default device, e.g. under ``torch.device("meta")``)."""
+    return torch.linspace(0, rate, depth, device="cpu").tolist()
 
 
 class VisionMamba(nn.Module):
@@ -118,7 +147,9 @@ class VisionMamba(nn.Module):
 
     Constructor arguments are keyword-only; there is no ``**kwargs`` sink. ``dynamic_img_size`` lets a
     model built at one resolution run at any other whose sides fit the patch grid; the position table is
-    then resampled on the fly.
+    then resampled on the fly. ``global_pool`` picks the feature the head reads: ``"token"`` (the middle
+    class token, as officially) or ``"avg"`` (the mean of the patch tokens). ``device`` and ``dtype`` are
+    where and how the parameters are created (timm's factory arguments; ``"meta"`` builds without memory).
     """
 
     def __init__(
@@ -129,6 +160,7 @@ class VisionMamba(nn.Module):
         stride: int = 16,
         in_chans: int = 3,
         num_classes: int = 1000,
+        global_pool: str = "token",
         embed_dim: int = 192,
         depth: int = 24,
         d_state: int = 16,
@@ -137,44 +169,53 @@ class VisionMamba(nn.Module):
         norm_eps: float = 1e-5,
         dynamic_img_size: bool = True,
         scan_backend: str = "auto",
+        device: Device = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        assert global_pool in POOLS, f"global_pool must be one of {POOLS}, got {global_pool!r}"
+        dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
-        self.num_features = self.embed_dim = embed_dim
+        self.global_pool = global_pool
+        self.in_chans = in_chans
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(
-            img_size=img_size,
-            patch_size=patch_size,
-            stride=stride,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            dynamic_img_size=dynamic_img_size,
+            img_size=img_size, patch_size=patch_size, stride=stride, in_chans=in_chans, embed_dim=embed_dim,
+            dynamic_img_size=dynamic_img_size, **dd,
         )
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim, **dd))
         self.pos_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         # Mixer j's output is dropped with rate dpr[j]; it is added to the residual in block j + 1 (or
         # the final norm), hence block i uses dpr[i - 1] and the final add uses drop_path_rate.
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [0.0] + drop_path_rates(drop_path_rate, depth)
         self.layers = nn.ModuleList(
-            Block(
-                embed_dim,
-                d_state=d_state,
-                drop_path=([0.0] + dpr)[i],
-                norm_eps=norm_eps,
-                scan_backend=scan_backend,
-            )
+            Block(embed_dim, d_state=d_state, drop_path=dpr[i], norm_eps=norm_eps, scan_backend=scan_backend, **dd)
             for i in range(depth)
         )
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
-        self.norm_f = RmsNorm(embed_dim, eps=norm_eps)
+        self.norm_f = RmsNorm(embed_dim, eps=norm_eps, **dd)
         self.feature_info = [
             dict(num_chs=embed_dim, reduction=stride, module=f"layers.{i}") for i in range(depth)
         ]
-        init_weights(self)
+        official_init(self)
+
+    def init_weights(self) -> None:
+        """Draw every parameter anew as construction does: each module's default initialisation in
+        construction order, then the official pass. For timm's meta -> ``to_empty`` -> ``init_weights``
+        workflow; with the same seed the weights equal those of a model built directly."""
+        self.patch_embed.proj.reset_parameters()
+        if isinstance(self.head, nn.Linear):
+            self.head.reset_parameters()
+        for block in self.layers:
+            block.mixer.reset_parameters()
+            block.norm.reset_parameters()
+        self.norm_f.reset_parameters()
+        official_init(self)
 
     # ----------------------------------------------------------------------------------------- timm API
     @torch.jit.ignore
@@ -195,13 +236,17 @@ class VisionMamba(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool not in (None, "token"):
-            raise ValueError(f"Vim reads out its middle class token; global_pool={global_pool!r} is not supported")
+        """A new head for ``num_classes`` (0: none), on the model's device and dtype, in its mode."""
+        if global_pool is not None:
+            assert global_pool in POOLS, f"global_pool must be one of {POOLS}, got {global_pool!r}"
+            self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        dd = dict(device=self.cls_token.device, dtype=self.cls_token.dtype)
+        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+        self.head.train(self.training)
 
     def load_pretrained(self, path: str) -> None:
         """Hook for timm's ``custom_load``: read an official ``.pth`` (or any format we accept).
@@ -210,6 +255,7 @@ class VisionMamba(nn.Module):
         """
         load_checkpoint(self, path, drop_head=True)
 
+    @torch.jit.ignore
     def set_scan_backend(self, backend: str) -> None:
         """Run every block's scan on ``backend`` ("auto" or one of :data:`visionmamba.ops.scan.BACKENDS`)."""
         if backend != "auto" and backend not in BACKENDS:
@@ -224,17 +270,17 @@ class VisionMamba(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """Image -> (tokens (batch, M + 1, dim) with the class token at M // 2 and positions added, grid)."""
-        grid = self.patch_embed.grid_for(*x.shape[-2:])
-        x = self.patch_embed(x)
-        mid = self.cls_index(x.shape[1])
-        x = torch.cat([x[:, :mid], self.cls_token.expand(x.shape[0], -1, -1), x[:, mid:]], dim=1)
-        pos_embed = pos_embed_resample(self.pos_embed, self.patch_embed.grid_size, grid)
-        return self.pos_drop(x + pos_embed), grid
+        grid = self.patch_embed.grid_for(x.shape[-2], x.shape[-1])
+        tokens = insert_cls_token(self.patch_embed(x), self.cls_token, self.pos_embed, self.patch_embed.grid_size, grid)
+        return self.pos_drop(tokens), grid
 
+    @torch.jit.ignore
     def _run_block(
         self, block: Block, hidden: torch.Tensor, residual: Optional[torch.Tensor]
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+        """One block, recomputed in the backward when gradient checkpointing is on (forward_features inlines
+        this loop body: TorchScript cannot pass a submodule)."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
             return grad_checkpoint(block, hidden, residual)
         return block(hidden, residual)
 
@@ -244,14 +290,23 @@ class VisionMamba(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image (batch, C, H, W) -> all tokens after the final norm (batch, M + 1, dim), class token at M // 2."""
         hidden, _ = self._embed(x)
-        residual = None
+        residual: Optional[torch.Tensor] = None
         for block in self.layers:
-            hidden, residual = self._run_block(block, hidden, residual)
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                hidden, residual = grad_checkpoint(block, hidden, residual)
+            else:
+                hidden, residual = block(hidden, residual)
+        assert residual is not None, "a Vim has at least one block"
         return self._final_norm(hidden, residual)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens (batch, L, dim) -> logits (batch, classes), or the class-token feature (batch, dim)."""
-        x = x[:, self.cls_index(x.shape[1] - 1)]
+        """Tokens (batch, L, dim) -> logits (batch, classes), or the pooled feature (batch, dim): the middle
+        class token, or with ``global_pool="avg"`` the mean of the patch tokens."""
+        mid = self.cls_index(x.shape[1] - 1)
+        if self.global_pool == "avg":
+            x = torch.cat([x[:, :mid], x[:, mid + 1 :]], dim=1).mean(dim=1)
+        else:
+            x = x[:, mid]
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -312,7 +367,7 @@ class VisionMamba(nn.Module):
 
 
 @torch.no_grad()
-def init_weights(model: VisionMamba) -> None:
+def official_init(model: VisionMamba) -> None:
     """The official initialisation (spec §4), in the official order of random draws.
 
     Patch conv: LeCun normal, bias 0. Head: truncated normal std 0.02, bias 0. ``pos_embed`` and
@@ -343,6 +398,8 @@ def checkpoint_filter_fn(state_dict: StateDict, model: VisionMamba, *, drop_head
 
     * Official, ours and safetensors files use the same names: kept as they are.
     * ``pos_embed`` of another grid: resampled (class row kept at the middle; square source grid).
+    * ``patch_embed.proj.weight`` for another number of input channels: adapted as timm adapts first
+      convolutions (e.g. RGB weights summed for one grey channel).
     * ``head.*``: dropped when the model has no head (``num_classes=0``); with ``drop_head``, a checkpoint
       head of another class count (or none) is replaced by the model's own, freshly initialised one
       (fine-tuning on a new label set).
@@ -352,6 +409,9 @@ def checkpoint_filter_fn(state_dict: StateDict, model: VisionMamba, *, drop_head
     pos = state.get("pos_embed")
     if pos is not None and pos.dim() == 3 and pos.shape[1] != model.pos_embed.shape[1] and pos.shape[2] == model.embed_dim:
         state["pos_embed"] = pos_embed_resample(pos, grid_from_pos_embed(pos.shape[1]), model.patch_embed.grid_size)
+    conv = state.get("patch_embed.proj.weight")
+    if conv is not None and conv.dim() == 4 and conv.shape[1] != model.patch_embed.in_chans:
+        state["patch_embed.proj.weight"] = adapt_input_conv(model.patch_embed.in_chans, conv)
     head = model.head
     if isinstance(head, nn.Identity):
         for key in ("head.weight", "head.bias"):

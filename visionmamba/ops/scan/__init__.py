@@ -10,8 +10,8 @@ composed from their one-direction scan exactly as the reference writes it.
 compiler is available; ``triton`` on CUDA when Triton imports, else ``chunked``); the environment variable
 ``VISIONMAMBA_SCAN_BACKEND`` overrides "auto", and a model's ``scan_backend=`` overrides both. The kernel
 backends run the one-direction scan as the custom op ``visionmamba::selective_scan``
-(:mod:`~visionmamba.ops.scan.custom_op`); the fused mixer cores are ``torch.autograd.Function`` s. The
-first use of the ``cpu`` backend compiles its C++ kernels and applies
+(:mod:`~visionmamba.ops.scan.custom_op`), and their fused mixer cores as custom ops too, so that
+torch.compile and torch.export see one graph. The first use of the ``cpu`` backend compiles its C++ kernels and applies
 :func:`visionmamba.ops.memory.keep_freed_memory` (the CPU path's large activations would otherwise be
 page-faulted in anew every layer).
 """
@@ -40,11 +40,13 @@ def available_backends() -> list:
     return list(BACKENDS)
 
 
+@torch.compiler.assume_constant_result
 def cpu_available() -> bool:
     """True when the C++ CPU kernels build here (the first call compiles them, about a minute)."""
     return cpu.available()
 
 
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     """True when Triton imports and can run here (a CUDA device, or the CPU interpreter)."""
     try:

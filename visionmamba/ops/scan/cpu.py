@@ -21,12 +21,13 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from visionmamba.ops.linear import linear
 from visionmamba.ops.memory import keep_freed_memory
+from visionmamba.ops.scan.custom_op import register_backward
 from visionmamba.ops.scan.reference import compute_dtype
 
 CSRC = Path(__file__).with_name("csrc")
@@ -127,69 +128,99 @@ def backward(u, delta, A, B, C, D, z, delta_bias, softplus, dout):
 
 
 # ---------------------------------------------------------------------------- both directions (the mixer)
-class _ConvSiLU(torch.autograd.Function):
-    """x (b, L, E) token-major (a strided view is fine); w (2, E, K); bias (2, E) -> u (2, b, L, E)."""
-
-    @staticmethod
-    def forward(ctx, x, w, bias):
-        taps_major = w.transpose(1, 2).contiguous()  # (2, K, E)
-        bias = bias.contiguous()
-        ctx.save_for_backward(x, taps_major, bias)
-        return load().conv_forward(x, taps_major, bias)
-
-    @staticmethod
-    def backward(ctx, du):
-        x, taps_major, bias = ctx.saved_tensors
-        dx, dw_part, db_part = load().conv_backward(x, taps_major, bias, du.contiguous())
-        return dx, dw_part.sum(0).transpose(1, 2), db_part.sum(0)
+# The kernels as torch.library custom ops (fake shapes for tracing, a backward op for autograd), so that
+# torch.compile(fullgraph=True) and torch.export see each as one opaque operator.
+@torch.library.custom_op("visionmamba::cpu_conv_silu", mutates_args=())
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Depthwise conv + SiLU of both directions: x (b, L, E) token-major (a strided view of contiguous
+    channels is fine); weight (2, E, K); bias (2, E) -> u (2, b, L, E)."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return load().conv_forward(x, weight.transpose(1, 2).contiguous(), bias.contiguous())
 
 
-class _BiScan(torch.autograd.Function):
-    """Both directions, dt_proj included: u (2, b, L, E); x_proj_out, x_proj's output (2, b, L, R + 2N) (dt_t, B_t,
-    C_t per row); dt_weight (2, E, R); A (2, E, N); D, bias (2, E); z (b, L, E) -> (y_fwd + y_bwd) / 2 as
-    (b, L, E). The backward recomputes delta = dt_weight dt and works on channel-major copies."""
+@conv_silu.register_fake
+def _(x, weight, bias):
+    return x.new_empty((2, *x.shape))
 
-    @staticmethod
-    def forward(ctx, u, x_proj_out, dt_weight, A, D, z, bias):
-        if z.stride(-1) != 1:  # the kernels read z_t as contiguous channels (in the mixer it is a view that does)
-            z = z.contiguous()
-        u, x_proj_out = u.contiguous(), x_proj_out.contiguous()
-        ctx.save_for_backward(u, x_proj_out, dt_weight, A, D, z, bias)
-        A_t = A.transpose(1, 2).contiguous()  # (2, N, E): channels contiguous, the lanes
-        W_t = dt_weight.transpose(1, 2).contiguous()  # (2, R, E)
-        return load().bi_forward(u, W_t, A_t, x_proj_out, D, z, bias)
 
-    @staticmethod
-    def backward(ctx, dout):
-        u, x_proj_out, dt_weight, A, D, z, bias = ctx.saved_tensors
-        dt = x_proj_out[..., : dt_weight.shape[-1]]
-        u_c = u.transpose(2, 3).contiguous()  # (2, b, E, L)
-        delta_c = dt_weight.unsqueeze(1) @ dt.transpose(2, 3)  # (2, b, E, L), as the forward computed it
-        du, ddelta, dz, dA_part, dBC_part, dD_part, dbias_part = load().bi_backward(
-            u_c, delta_c, A, x_proj_out, D, z, bias, dout.transpose(1, 2).contiguous()
-        )
-        ddt = ddelta.transpose(2, 3) @ dt_weight.unsqueeze(1)  # (2, b, L, R)
-        dx_proj_out = torch.cat([ddt, dBC_part.sum(0)], dim=-1)
-        ddt_weight = torch.einsum("dbel,dblr->der", ddelta, dt)
-        return (du.transpose(2, 3), dx_proj_out, ddt_weight, dA_part.sum(0), dD_part.sum(0), dz.transpose(1, 2),
-                dbias_part.sum(0))
+@torch.library.custom_op("visionmamba::cpu_conv_silu_backward", mutates_args=())
+def conv_silu_backward(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> List[torch.Tensor]:
+    """(dx (b, L, E), dweight (2, E, K), dbias (2, E)) of :func:`conv_silu`."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    dx, dw_part, db_part = load().conv_backward(x, weight.transpose(1, 2).contiguous(), bias.contiguous(), du.contiguous())
+    return [dx, dw_part.sum(0).transpose(1, 2).contiguous(), db_part.sum(0)]
+
+
+@conv_silu_backward.register_fake
+def _(du, x, weight, bias):
+    return [t.new_empty(t.shape) for t in (x, weight, bias)]  # contiguous, as the real ones
+
+
+@torch.library.custom_op("visionmamba::cpu_bi_scan", mutates_args=())
+def bi_scan(u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+            z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Both directions, dt_proj included: u (2, b, L, E); x_proj_out, x_proj's output (2, b, L, R + 2N) (dt_t,
+    B_t, C_t per row); dt_weight (2, E, R); A (2, E, N); D, bias (2, E); z (b, L, E) -> (y_fwd + y_bwd) / 2
+    as (b, L, E). The kernel vectorises over channels and computes delta = dt_weight dt_t inside."""
+    z = z if z.stride(-1) == 1 else z.contiguous()  # the kernel reads z_t as contiguous channels
+    A_t = A.transpose(1, 2).contiguous()  # (2, N, E): channels contiguous, the lanes
+    W_t = dt_weight.transpose(1, 2).contiguous()  # (2, R, E)
+    return load().bi_forward(u.contiguous(), W_t, A_t, x_proj_out.contiguous(), D.contiguous(), z, bias.contiguous())
+
+
+@bi_scan.register_fake
+def _(u, x_proj_out, dt_weight, A, D, z, bias):
+    return u.new_empty(u.shape[1:])
+
+
+@torch.library.custom_op("visionmamba::cpu_bi_scan_backward", mutates_args=())
+def bi_scan_backward(dout: torch.Tensor, u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor,
+                     A: torch.Tensor, D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor) -> List[torch.Tensor]:
+    """The gradients of :func:`bi_scan` for its seven inputs; it recomputes delta and the states per
+    (direction, channel) row from channel-major copies."""
+    z = z if z.stride(-1) == 1 else z.contiguous()
+    x_proj_out = x_proj_out.contiguous()
+    dt = x_proj_out[..., : dt_weight.shape[-1]]
+    u_c = u.transpose(2, 3).contiguous()  # (2, b, E, L)
+    delta_c = dt_weight.unsqueeze(1) @ dt.transpose(2, 3)  # (2, b, E, L), as the forward computed it
+    du, ddelta, dz, dA_part, dBC_part, dD_part, dbias_part = load().bi_backward(
+        u_c, delta_c, A.contiguous(), x_proj_out, D.contiguous(), z, bias.contiguous(), dout.transpose(1, 2).contiguous()
+    )
+    ddt = ddelta.transpose(2, 3) @ dt_weight.unsqueeze(1)  # (2, b, L, R)
+    dx_proj_out = torch.cat([ddt, dBC_part.sum(0)], dim=-1)
+    ddt_weight = torch.einsum("dbel,dblr->der", ddelta, dt).contiguous()
+    return [du.transpose(2, 3).contiguous(), dx_proj_out, ddt_weight, dA_part.sum(0), dD_part.sum(0),
+            dz.transpose(1, 2).contiguous(), dbias_part.sum(0)]
+
+
+@bi_scan_backward.register_fake
+def _(dout, u, x_proj_out, dt_weight, A, D, z, bias):
+    return [t.new_empty(t.shape) for t in (u, x_proj_out, dt_weight, A, D, z, bias)]  # contiguous, as the real ones
+
+
+register_backward(conv_silu, conv_silu_backward)
+register_backward(bi_scan, bi_scan_backward)
 
 
 def bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D) -> torch.Tensor:
     """The mixer core on the CPU, token-major throughout: the conv, x_proj, dt_proj and the scan all
     vectorise over channels. Same arguments and result as :func:`visionmamba.ops.scan.reference.bidirectional`
     (x, z (b, L, E) -> (b, L, E))."""
-    with torch.autocast("cpu", enabled=False):  # the kernels compute in float32 whatever autocast says
-        dtype = x.dtype
-        ct = compute_dtype(dtype)
-        x = x.to(ct)
-        if x.stride(2) != 1:
-            x = x.contiguous()
-        batch, length, inner = x.shape
-        u = _ConvSiLU.apply(x, conv_weight.to(ct), conv_bias.to(ct))  # (2, b, L, E)
-        x_proj_weight = x_proj_weight.to(ct)
-        rows = u.view(2, batch * length, inner)
-        x_proj_out = torch.stack([linear(rows[i], x_proj_weight[i]) for i in range(2)]).view(2, batch, length, -1)
-        out = _BiScan.apply(u, x_proj_out, dt_proj_weight.to(ct), A.to(ct).contiguous(), D.to(ct).contiguous(), z.to(ct),
-                            dt_proj_bias.to(ct).contiguous())
-        return out.to(dtype)
+    params = (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
+    if torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):  # the kernels compute in float32 whatever autocast says
+            return _bidirectional(*params)
+    return _bidirectional(*params)
+
+
+def _bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D) -> torch.Tensor:
+    dtype = x.dtype
+    ct = compute_dtype(dtype)
+    x = x.to(ct)
+    batch, length, inner = x.shape
+    u = conv_silu(x, conv_weight.to(ct), conv_bias.to(ct))  # (2, b, L, E)
+    x_proj_weight = x_proj_weight.to(ct)
+    rows = u.view(2, batch * length, inner)
+    x_proj_out = torch.stack([linear(rows[i], x_proj_weight[i]) for i in range(2)]).view(2, batch, length, -1)
+    out = bi_scan(u, x_proj_out, dt_proj_weight.to(ct), A.to(ct), D.to(ct), z.to(ct), dt_proj_bias.to(ct))
+    return out.to(dtype)

@@ -88,3 +88,27 @@ def _backward(ctx, dout):
 
 
 selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def register_backward(op, backward_op, *, saved_outputs: int = 0) -> None:
+    """Autograd for a kernel custom op whose gradients come from another custom op:
+    ``backward_op(grad, *inputs, *outputs[1 : 1 + saved_outputs])`` returns one gradient per tensor input.
+
+    ``saved_outputs`` counts auxiliary outputs after the first (e.g. states kept for the backward), which are
+    not differentiable; the op's first output is the one the gradient ``grad`` belongs to. Non-tensor inputs
+    (sizes, flags) are passed to ``backward_op`` as they were given and get no gradient.
+    """
+
+    def setup_context(ctx, inputs, output) -> None:
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        ctx.is_tensor = [isinstance(x, torch.Tensor) for x in inputs]
+        ctx.constants = [None if t else x for t, x in zip(ctx.is_tensor, inputs)]
+        ctx.save_for_backward(*(x for x in inputs if isinstance(x, torch.Tensor)), *outputs[1 : 1 + saved_outputs])
+
+    def backward(ctx, grad, *unused):
+        saved = iter(ctx.saved_tensors)
+        inputs = [next(saved) if t else c for t, c in zip(ctx.is_tensor, ctx.constants)]
+        grads = iter(backward_op(grad.contiguous(), *inputs, *saved))
+        return tuple(next(grads) if t else None for t in ctx.is_tensor)
+
+    op.register_autograd(backward, setup_context=setup_context)

@@ -1,7 +1,7 @@
 """Triton backend: fused selective-scan kernels, forward and backward, one or both directions per launch.
 
-Layers: ``_*_kernel`` (Triton) -> ``_launch_*`` (allocation, grids, strides) -> ``torch.autograd.Function``
--> public functions with shape docstrings (``forward``/``backward`` for the custom op, ``bidirectional``, the
+Layers: ``_*_kernel`` (Triton) -> ``_launch_*`` (allocation, grids, strides) -> ``torch.library`` custom ops
+with fake shapes and backward ops -> public functions with shape docstrings (``forward``/``backward`` for the custom op, ``bidirectional``, the
 mixer core, token-major in and out).
 
 * Scan: one program per (batch, block of channels, direction); the state (BLOCK_E, N) stays in registers
@@ -15,11 +15,13 @@ Determinism: reductions over channels, batch or time go to per-program partial b
 in a fixed order. The only atomics add exactly two terms (one per direction) to a zeroed buffer, and
 0 + a + b == 0 + b + a in floating point, so results do not depend on scheduling.
 """
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from visionmamba.ops.scan.custom_op import register_backward
 
 CHECKPOINT_STEPS = 64  # steps between the saved states the backward restarts from
 BLOCK_E = 16
@@ -288,15 +290,15 @@ def _conv_dx_kernel(
 
 
 # ------------------------------------------------------------------------------------------- launchers
-def _launch_scan_fwd(u, delta, A, B, C, D, z, bias, softplus: bool, out: torch.Tensor) -> torch.Tensor:
+def _launch_scan_fwd(u, delta, A, B, C, D, z, bias, softplus: bool, out: torch.Tensor, steps: int) -> torch.Tensor:
     """u, delta: (ndir, b, E, L); A (ndir, E, N); B, C (ndir, b, N, L); D, bias (ndir, E); z, out (b, E, L).
 
     With two directions ``out`` must be a zeroed float32 tensor; it receives (y_0 + y_1) / 2.
-    Returns the chunk-start states (ndir, b, E, n_chunks, N).
+    Returns the states at every ``steps``-th step, (ndir, b, E, n_chunks, N).
     """
     ndir, batch, channels, length = u.shape
     state = A.shape[-1]
-    n_chunks = triton.cdiv(length, CHECKPOINT_STEPS)
+    n_chunks = triton.cdiv(length, steps)
     states = torch.empty(ndir, batch, channels, n_chunks, state, device=u.device, dtype=torch.float32)
     grid = (batch, triton.cdiv(channels, BLOCK_E), ndir)
     z_ = z if z is not None else out
@@ -305,13 +307,13 @@ def _launch_scan_fwd(u, delta, A, B, C, D, z, bias, softplus: bool, out: torch.T
         length, channels, state, n_chunks, 0.5 if ndir == 2 else 1.0,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_.stride(), *out.stride(),
         *states.stride()[:4],
-        BLOCK_E=BLOCK_E, BLOCK_N=triton.next_power_of_2(state), CHUNK=CHECKPOINT_STEPS,
+        BLOCK_E=BLOCK_E, BLOCK_N=triton.next_power_of_2(state), CHUNK=steps,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, BIDIR=ndir == 2,
     )
     return states
 
 
-def _launch_scan_bwd(u, delta, A, B, C, D, z, bias, softplus, states, dout):
+def _launch_scan_bwd(u, delta, A, B, C, D, z, bias, softplus, states, dout, steps: int):
     """Gradients of :func:`_launch_scan_fwd`, each in float32 with its input's shape (None if absent)."""
     ndir, batch, channels, length = u.shape
     state = A.shape[-1]
@@ -319,7 +321,7 @@ def _launch_scan_bwd(u, delta, A, B, C, D, z, bias, softplus, states, dout):
     n_eblk = triton.cdiv(channels, BLOCK_E)
     block_n = triton.next_power_of_2(state)
     f32 = dict(device=u.device, dtype=torch.float32)
-    scratch = torch.empty(ndir * batch * n_eblk * CHECKPOINT_STEPS * BLOCK_E * block_n, **f32)
+    scratch = torch.empty(ndir * batch * n_eblk * steps * BLOCK_E * block_n, **f32)
     du, ddelta = torch.empty(ndir, batch, channels, length, **f32), torch.empty(ndir, batch, channels, length, **f32)
     dA_part = torch.empty(ndir, batch, channels, state, **f32)
     dB_part = torch.empty(ndir, batch, n_eblk, length, state, **f32)
@@ -334,7 +336,7 @@ def _launch_scan_bwd(u, delta, A, B, C, D, z, bias, softplus, states, dout):
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_.stride(), *dout.stride(),
         *states.stride()[:4], *du.stride(), *(dB_part.stride()[:3] + (1,)),
         *(dz.stride() if dz is not None else (0, 0, 0)),
-        BLOCK_E=BLOCK_E, BLOCK_N=block_n, CHUNK=CHECKPOINT_STEPS,
+        BLOCK_E=BLOCK_E, BLOCK_N=block_n, CHUNK=steps,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, BIDIR=ndir == 2,
     )
     dB = dB_part.sum(2).transpose(2, 3)
@@ -376,33 +378,62 @@ def _launch_conv_bwd(x, w, bias, du):
     return dx, dw_part.sum((1, 2)).to(w.dtype), db_part.sum((1, 2)).to(bias.dtype)
 
 
-# ----------------------------------------------------------------------------------- autograd functions
-class _ConvSiLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, bias):
-        ctx.save_for_backward(x, w, bias)
-        return _launch_conv_fwd(x, w, bias)
-
-    @staticmethod
-    def backward(ctx, du):
-        return _launch_conv_bwd(*ctx.saved_tensors, du)
+# --------------------------------------------------------------------------------- custom ops (the mixer)
+# The launches as torch.library custom ops (fake shapes for tracing, a backward op for autograd), so that
+# torch.compile(fullgraph=True) and torch.export see each as one opaque operator.
+@torch.library.custom_op("visionmamba::triton_conv_silu", mutates_args=())
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x (b, E, L) (any strides); weight (2, E, K); bias (2, E) -> silu(conv) (2, b, E, L) in x's dtype."""
+    return _launch_conv_fwd(x, weight, bias)
 
 
-class _BiScan(torch.autograd.Function):
-    """Both directions in one launch: out = (y_fwd + y_bwd) / 2, each y = (scan + D u) * silu(z)."""
+@conv_silu.register_fake
+def _(x, weight, bias):
+    return x.new_empty((2, *x.shape))
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, bias):
-        out = torch.zeros(z.shape, device=z.device, dtype=torch.float32)
-        states = _launch_scan_fwd(u, delta, A, B, C, D, z, bias, True, out)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, bias, states)
-        return out.to(z.dtype)
 
-    @staticmethod
-    def backward(ctx, dout):
-        u, delta, A, B, C, D, z, bias, states = ctx.saved_tensors
-        grads = _launch_scan_bwd(u, delta, A, B, C, D, z, bias, True, states, dout)
-        return tuple(gr.to(t.dtype) for gr, t in zip(grads, (u, delta, A, B, C, D, z, bias)))
+@torch.library.custom_op("visionmamba::triton_conv_silu_backward", mutates_args=())
+def conv_silu_backward(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> List[torch.Tensor]:
+    return list(_launch_conv_bwd(x, weight, bias, du))
+
+
+@conv_silu_backward.register_fake
+def _(du, x, weight, bias):
+    return [t.new_empty(t.shape) for t in (x, weight, bias)]
+
+
+@torch.library.custom_op("visionmamba::triton_bi_scan", mutates_args=())
+def bi_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+            D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor, steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Both directions in one launch: out = (y_fwd + y_bwd) / 2, each y = (scan + D u) * silu(z), as (b, E, L)
+    in z's dtype; and the states at every ``steps``-th step (2, b, E, chunks, N) the backward restarts from."""
+    out = torch.zeros(z.shape, device=z.device, dtype=torch.float32)
+    states = _launch_scan_fwd(u, delta, A, B, C, D, z, bias, True, out, steps)
+    return out.to(z.dtype), states
+
+
+@bi_scan.register_fake
+def _(u, delta, A, B, C, D, z, bias, steps):
+    chunks = (u.shape[-1] + steps - 1) // steps
+    return z.new_empty(z.shape), u.new_empty((2, u.shape[1], u.shape[2], chunks, A.shape[-1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("visionmamba::triton_bi_scan_backward", mutates_args=())
+def bi_scan_backward(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                     C: torch.Tensor, D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor, steps: int,
+                     states: torch.Tensor) -> List[torch.Tensor]:
+    inputs = (u, delta, A, B, C, D, z, bias)
+    grads = _launch_scan_bwd(*inputs, True, states, dout, steps)
+    return [gr.to(t.dtype).contiguous() for gr, t in zip(grads, inputs)]
+
+
+@bi_scan_backward.register_fake
+def _(dout, u, delta, A, B, C, D, z, bias, steps, states):
+    return [t.new_empty(t.shape) for t in (u, delta, A, B, C, D, z, bias)]
+
+
+register_backward(conv_silu, conv_silu_backward)
+register_backward(bi_scan, bi_scan_backward, saved_outputs=1)
 
 
 # --------------------------------------------------------------------------------------- public functions
@@ -410,19 +441,17 @@ def forward(u, delta, A, B, C, D, z, delta_bias, softplus) -> torch.Tensor:
     """One direction (the custom-op contract): u, delta, z (b, E, L); A (E, N); B, C (b, N, L) -> (b, E, L)."""
     out = torch.empty_like(u)
     _launch_scan_fwd(
-        u[None], delta[None], A.float()[None], B[None], C[None], _opt1(D), z, _opt1(delta_bias), softplus, out
+        u[None], delta[None], A.float()[None], B[None], C[None], _opt1(D), z, _opt1(delta_bias), softplus, out,
+        CHECKPOINT_STEPS,
     )
     return out
 
 
 def backward(u, delta, A, B, C, D, z, delta_bias, softplus, dout):
     out = torch.empty_like(u)
-    states = _launch_scan_fwd(
-        u[None], delta[None], A.float()[None], B[None], C[None], _opt1(D), z, _opt1(delta_bias), softplus, out
-    )
-    du, ddelta, dA, dB, dC, dD, dz, dbias = _launch_scan_bwd(
-        u[None], delta[None], A.float()[None], B[None], C[None], _opt1(D), z, _opt1(delta_bias), softplus, states, dout
-    )
+    inputs = (u[None], delta[None], A.float()[None], B[None], C[None], _opt1(D), z, _opt1(delta_bias), softplus)
+    states = _launch_scan_fwd(*inputs, out, CHECKPOINT_STEPS)
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _launch_scan_bwd(*inputs, states, dout, CHECKPOINT_STEPS)
     cast = lambda gr, t: None if t is None else gr.reshape(t.shape).to(t.dtype)  # noqa: E731
     return (cast(du, u), cast(ddelta, delta), cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), cast(dz, z),
             cast(dbias, delta_bias))
@@ -449,8 +478,9 @@ def bidirectional(
     """
     x, z = x.transpose(1, 2), z.transpose(1, 2)  # (b, E, L) views
     rank, state = dt_proj_weight.shape[-1], A.shape[-1]
-    u = _ConvSiLU.apply(x, conv_weight, conv_bias)  # (2, b, E, L)
+    u = conv_silu(x, conv_weight, conv_bias)  # (2, b, E, L)
     x_dbl = torch.matmul(u.transpose(2, 3), x_proj_weight.to(u.dtype).transpose(1, 2)[:, None])  # (2, b, L, R + 2N)
     dt, B, C = x_dbl.split([rank, state, state], dim=-1)
     delta = torch.matmul(dt, dt_proj_weight.to(dt.dtype).transpose(1, 2)[:, None]).transpose(2, 3)  # (2, b, E, L)
-    return _BiScan.apply(u, delta, A, B.transpose(2, 3), C.transpose(2, 3), D, z, dt_proj_bias).transpose(1, 2)
+    out, _ = bi_scan(u, delta, A, B.transpose(2, 3), C.transpose(2, 3), D, z, dt_proj_bias, CHECKPOINT_STEPS)
+    return out.transpose(1, 2)
