@@ -28,3 +28,97 @@ def test_list_images_recurses_sorted_and_filters_suffixes(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images found"):
         list_images([tmp_path / "empty"])
+
+
+def test_atomic_write_follows_the_umask_and_clears_temporaries_of_killed_writers(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from visionmamba.files import _host
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.bin", lambda tmp: open(tmp, "wb").write(b"x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".a.bin.{_host()}.{int(dead.stdout)}.abc.tmp"  # what a SIGKILL mid-save leaves
+    stale.write_bytes(b"half a checkpoint")
+    mine = tmp_path / f".a.bin.{_host()}.{os.getpid()}.live.tmp"  # a live writer's: kept
+    mine.write_bytes(b"being written")
+    atomic_write(tmp_path / "a.bin", lambda tmp: open(tmp, "wb").write(b"y"))
+    assert not stale.exists() and mine.exists() and (tmp_path / "a.bin").read_bytes() == b"y"
+
+
+def test_a_full_disk_is_named_and_the_old_file_kept(tmp_path):
+    import errno
+
+    from visionmamba.files import OutputError
+
+    atomic_write(tmp_path / "ckpt.pth", lambda tmp: open(tmp, "wb").write(b"good"))
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OutputError, match="no space left on the disk of .*ckpt.pth.*unchanged"):
+        atomic_write(tmp_path / "ckpt.pth", full)
+    assert (tmp_path / "ckpt.pth").read_bytes() == b"good"
+
+
+def test_output_folders_that_cannot_be_used_are_one_line_errors(tmp_path, monkeypatch):
+    import os
+
+    from visionmamba.files import OutputError, prepare_output_dir
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        prepare_output_dir(tmp_path / "file" / "run")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only folder (root ignores the mode bits)
+    with pytest.raises(OutputError, match="permission denied"):
+        prepare_output_dir(tmp_path / "ro")
+
+
+def test_folder_lock_is_exclusive_and_released_by_a_killed_holder(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from visionmamba.files import FolderLock, OutputError
+
+    with FolderLock(tmp_path):
+        with pytest.raises(OutputError, match="in use by another run .*pid"):
+            FolderLock(tmp_path).__enter__()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom visionmamba.files import FolderLock\n"
+        f"lock = FolderLock({str(tmp_path)!r}).__enter__()\nprint('held', flush=True)\ntime.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(OutputError):
+        FolderLock(tmp_path).__enter__()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with FolderLock(tmp_path):  # no stale lock
+        pass
+
+
+def test_missing_paths_say_what_they_are(tmp_path):
+    from visionmamba.files import require_file, require_folder
+
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="is a folder, not a file"):
+        require_file(tmp_path, "checkpoint")
+    with pytest.raises(ValueError, match="is empty"):
+        require_file(tmp_path / "empty.pth", "checkpoint")
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
+        require_folder(tmp_path / "empty.pth", "image folder")
+
+
+def test_hidden_files_are_passed_over_in_folders(tmp_path):
+    (tmp_path / "a").mkdir()
+    for name in ("a/x.jpg", "a/._x.jpg", ".cache/y.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in list_images([tmp_path])] == ["x.jpg"]
+    assert list_images([tmp_path / "a" / "._x.jpg"])  # named directly: taken

@@ -15,6 +15,25 @@ from visionmamba.train.config import DetConfig, EvalConfig, SegConfig, TrainConf
 from visionmamba.version import __version__
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a wrong value is one line from argparse, exit 2)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def device_arg(text: str) -> str:
+    """An argparse type: a device this machine has ("auto", "cpu", "cuda", "cuda:N")."""
+    from visionmamba.ops.devices import resolve_device
+
+    try:
+        resolve_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: Dict[str, str]) -> None:
     """One ``--flag`` per dataclass field, typed from its annotation; unset flags stay absent."""
     hints = typing.get_type_hints(cls)
@@ -32,7 +51,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: Dict
         elif typing.get_origin(base) is dict:
             kwargs.update(type=json.loads, metavar="JSON")
         else:
-            kwargs["type"] = base
+            kwargs["type"] = device_arg if f.name == "device" else base
         if f.name == "resume":
             kwargs.update(nargs="?", const="auto")
         parser.add_argument(flag, **kwargs)
@@ -96,14 +115,22 @@ DENSE_HELP = {
 
 
 def _report_training(command: str, train_fn, cfg) -> int:
-    """Train; print the last record as JSON (exit 0), or why a non-finite loss stopped the run (exit 3)."""
+    """Train; print the last record as JSON (exit 0), or why a non-finite loss stopped the run (exit 3), or how
+    to continue after Ctrl-C (exit 130)."""
     from visionmamba.train.trainer import NonFiniteLossError
 
+    last = Path(cfg.output) / "last.pth"
     try:
         record = train_fn(cfg)
     except NonFiniteLossError as err:
-        print(f"visionmamba {command}: stopped: {err} The last good checkpoint is {cfg.output}/last.pth.", file=sys.stderr)
+        kept = f"The last good checkpoint is {last}." if last.is_file() else "No checkpoint was written yet."
+        print(f"visionmamba {command}: stopped: {err} {kept}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        where = f"the last checkpoint is {last}; continue with the same command and --resume" if last.is_file() else (
+            "no checkpoint was written yet")
+        print(f"visionmamba {command}: interrupted; {where}", file=sys.stderr)
+        return 130
     print(json.dumps(record))
     return 0
 
@@ -146,8 +173,9 @@ def _add_eval(sub) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from visionmamba.train.classification import evaluate_checkpoint
+    from visionmamba.train.config import resolve
 
-    metrics = evaluate_checkpoint(EvalConfig(**_dataclass_values(EvalConfig, args)))
+    metrics = evaluate_checkpoint(resolve(EvalConfig, _dataclass_values(EvalConfig, args)))
     skipped = metrics["skipped_images"]
     print(
         f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
@@ -161,7 +189,7 @@ def _add_dense_eval(sub, name: str, what: str) -> None:
     p.add_argument("--checkpoint", required=True, help=f"a {name.replace('eval', 'train')} checkpoint")
     p.add_argument("--data", help="data root (default: the one it was trained with)")
     p.add_argument("--split", help="split to evaluate (default: its validation split)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_arg, default="auto")
     if name == "seg-eval":
         p.add_argument("--mode", choices=["slide", "whole"], help="inference mode (default: the training config's)")
         p.add_argument("--per-class", action="store_true", help="also print every class's IoU")
@@ -188,7 +216,7 @@ def _cmd_dense_eval(args: argparse.Namespace) -> int:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train a small Vim on the bundled handwritten digits and report test accuracy")
     p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
-    p.add_argument("--epochs", type=int, default=None, help="override the demo's number of epochs")
+    p.add_argument("--epochs", type=positive_int, default=None, help="override the demo's number of epochs")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -202,10 +230,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _add_scenes(sub) -> None:
     p = sub.add_parser("scenes", help="write the digit-scenes data set (ADE20K and COCO layouts) from scikit-learn's digits")
     p.add_argument("out", help="output folder")
-    p.add_argument("--train", type=int, default=1000, help="training scenes")
-    p.add_argument("--val", type=int, default=200, help="validation scenes")
+    p.add_argument("--train", type=positive_int, default=1000, help="training scenes")
+    p.add_argument("--val", type=positive_int, default=200, help="validation scenes")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=128, help="canvas side in pixels")
+    p.add_argument("--size", type=positive_int, default=128, help="canvas side in pixels")
     p.set_defaults(func=_cmd_scenes)
 
 
@@ -222,7 +250,7 @@ def _add_dense_demo(sub) -> None:
     p = sub.add_parser("dense-demo", help="train and evaluate segmentation and detection on the bundled digit scenes")
     p.add_argument("--task", choices=["seg", "det", "both"], default="both")
     p.add_argument("--output", default="runs/dense-demo")
-    p.add_argument("--iters", type=int, help="override the demo's iterations (evaluation at the end only)")
+    p.add_argument("--iters", type=positive_int, help="override the demo's iterations (evaluation at the end only)")
     p.set_defaults(func=_cmd_dense_demo)
 
 
@@ -238,10 +266,11 @@ def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="top-k labels of images (ImageNet names, or the class folders a model was trained on)")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     _model_source(p)
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--topk", type=positive_int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--device", type=device_arg, default="cpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (listed) instead of stopping")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -251,14 +280,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from visionmamba.tools.inference import predict
 
     loaded = load_for_inference(args.checkpoint, args.model, use_ema=args.ema, device=args.device)
-    results = predict(loaded, list_images(args.images), topk=args.topk, batch_size=args.batch_size, progress=False)
+    results = predict(loaded, list_images(args.images), topk=args.topk, batch_size=args.batch_size,
+                      skip_corrupt=args.skip_corrupt, progress=False)
     if args.json:
         print(json.dumps(results, indent=2))
-        return 0
-    width = max(len(r["path"]) for r in results)
-    for r in results:
-        for rank, pred in enumerate(r["predictions"], 1):
-            print(f"{r['path'] if rank == 1 else '':{width}s}  {rank}. {pred['score']:6.2%}  {pred['label']}")
+    else:
+        width = max(len(r["path"]) for r in results)
+        for r in results:
+            if "error" in r:
+                print(f"{r['path']:{width}s}  skipped: {r['error']}")
+            for rank, pred in enumerate(r.get("predictions", []), 1):
+                print(f"{r['path'] if rank == 1 else '':{width}s}  {rank}. {pred['score']:6.2%}  {pred['label']}")
+    if all("error" in r for r in results):
+        print(f"visionmamba predict: error: none of the {len(results)} image(s) could be read", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -266,14 +301,15 @@ def _add_features(sub) -> None:
     p = sub.add_parser("features", help="features at any resolution, written as safetensors")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     _model_source(p)
-    p.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="S", help="S, or H W; each divisible by the stride")
+    p.add_argument("--img-size", type=positive_int, nargs="+", default=[224], metavar="S", help="S, or H W; each divisible by the stride")
     p.add_argument("--kind", choices=["pooled", "tokens", "map", "intermediates"], default="map")
     p.add_argument("--layers", type=int, nargs="+", help="blocks for --kind intermediates (default: the last)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--per-batch", action="store_true", help="one file per batch (tensors named <index>.<kind>)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the stored features")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_arg, default="cpu")
+    p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (counted) instead of stopping")
     p.set_defaults(func=_cmd_features)
 
 
@@ -284,15 +320,20 @@ def _cmd_features(args: argparse.Namespace) -> int:
     from visionmamba.models.factory import load_for_inference
     from visionmamba.tools.inference import write_features
 
+    if len(args.img_size) > 2:
+        raise ValueError(f"--img-size takes one size (S) or two (H W), got {len(args.img_size)}: {args.img_size}")
     size = (args.img_size[0], args.img_size[-1])
     loaded = load_for_inference(args.checkpoint, args.model, use_ema=args.ema, device=args.device)
     summary = write_features(
         loaded, list_images(args.images), Path(args.out), size=size, kind=args.kind, layers=args.layers,
-        batch_size=args.batch_size, per_batch=args.per_batch,
+        batch_size=args.batch_size, per_batch=args.per_batch, skip_corrupt=args.skip_corrupt,
         dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype],
     )
+    for path, why in summary["skipped"]:
+        print(f"skipped: {why}", file=sys.stderr)
     shapes = ", ".join(f"{k} {tuple(v)}" for k, v in summary["shapes"].items())
-    print(f"wrote {summary['files']} file(s) for {summary['images']} image(s) to {args.out}: {shapes}; "
+    skipped = f" ({len(summary['skipped'])} unreadable skipped)" if summary["skipped"] else ""
+    print(f"wrote {summary['files']} file(s) for {summary['images']} image(s){skipped} to {args.out}: {shapes}; "
           f"{summary['seconds']:.1f} s, peak memory {summary['peak_rss_mb']:.0f} MB")
     return 0
 
@@ -301,13 +342,13 @@ def _add_benchmark(sub) -> None:
     p = sub.add_parser("benchmark", help="images/s and peak memory vs resolution, with a table of ratios, CSV and plot")
     p.add_argument("--models", nargs="+", default=["vim_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_patch16_224:naive"],
                    help="timm names; ':naive' turns off fused attention, ':onednn' routes plain linears through oneDNN")
-    p.add_argument("--res", type=int, nargs="+", default=[224, 512])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--res", type=positive_int, nargs="+", default=[224, 512])
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--device", default="cpu", type=device_arg, choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--train", action="store_true", help="time training steps instead of inference")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2, help="CPU threads per point")
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads per point")
     p.add_argument("--out", default="runs/benchmark")
     p.set_defaults(func=_cmd_benchmark)
 
@@ -321,6 +362,9 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     )
     print(ratio_table(points))
     print(f"CSV: {args.out}/benchmark.csv, plot: {args.out}/benchmark.png")
+    if all(p.status != "ok" for p in points):
+        print(f"visionmamba benchmark: error: every point failed (first: {points[0].status})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -330,7 +374,7 @@ def _add_export(sub) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--checkpoint")
     p.add_argument("--ema", action="store_true")
-    p.add_argument("--img-size", type=int, nargs="+", default=[224], help="one file per size")
+    p.add_argument("--img-size", type=positive_int, nargs="+", default=[224], help="one file per size")
     p.add_argument("--out", required=True, help="output .onnx file (suffixed _<size> when several sizes)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True, help="compare with onnxruntime")
     p.set_defaults(func=_cmd_export)
@@ -352,7 +396,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="model card: parameters, compute, eval transform, released weights")
     p.add_argument("name")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=positive_int, default=224)
     p.set_defaults(func=_cmd_info)
 
 
@@ -420,11 +464,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run a subcommand. A user error (bad value, missing or unreadable file, an output that cannot be written)
+    is one line on stderr and exit 2; Ctrl-C is one line and exit 130; a bug keeps its traceback."""
     from visionmamba.data.folders import CorruptImageError
+    from visionmamba.files import OutputError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, CorruptImageError) as err:
+    except (ValueError, FileNotFoundError, CorruptImageError, OutputError) as err:
         print(f"visionmamba {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"visionmamba {args.command}: interrupted", file=sys.stderr)
+        return 130

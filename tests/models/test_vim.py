@@ -175,6 +175,7 @@ def test_stride8_grid():
         ((3, 32, 32), "4-D"),
         ((1, 1, 32, 32), "expected 3 input channels"),
         ((1, 3, 30, 32), "divisible by 8"),
+        ((1, 3, 29, 32), r"the nearest that fits: 32x32\)"),  # a size that fits, not the rejected one
         ((1, 3, 4, 32), ">= 8"),
     ],
 )

@@ -61,7 +61,7 @@ def test_bare_ddp_and_safetensors(tmp_path, states):
         model = tiny_vim()
         load_checkpoint(model, tmp_path / name)
         assert_loaded(model, raw)
-    with pytest.raises(KeyError, match="no EMA weights"):
+    with pytest.raises(ValueError, match="no EMA weights"):
         load_checkpoint(tiny_vim(), tmp_path / "bare.pth", use_ema=True)
 
 
@@ -106,6 +106,18 @@ def test_unsafe_pickles_are_refused(tmp_path):
         load_checkpoint(tiny_vim(), tmp_path / "evil.pth")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tiny_vim(), tmp_path / "absent.pth")
+
+
+def test_damaged_empty_and_folder_checkpoints_name_the_path(tmp_path):
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"")
+    with pytest.raises(ValueError, match=r"cannot read the safetensors file '.*cut.safetensors'.*damaged"):
+        load_checkpoint(tiny_vim(), tmp_path / "cut.safetensors")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        load_checkpoint(tiny_vim(), tmp_path / "empty.pth")
+    (tmp_path / "dir.pth").mkdir()
+    with pytest.raises(FileNotFoundError, match="is a folder, not a file"):
+        load_checkpoint(tiny_vim(), tmp_path / "dir.pth")
 
 
 def test_create_model_with_checkpoint_path(tmp_path):

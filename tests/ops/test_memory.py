@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from visionmamba.ops import memory
 
@@ -43,10 +42,18 @@ def test_opt_out(monkeypatch):
         memory.keep_freed_memory.cache_clear()
 
 
+PEAK_SCRIPT = r"""
+import torch
+from visionmamba.ops import memory
+device = torch.device("cpu")
+memory.reset_peak_memory(device)
+before = memory.peak_memory_mb(device)
+block = torch.ones(256 << 18)  # 256 MiB, touched
+print(memory.peak_memory_mb(device) - before)
+"""
+
+
 def test_peak_memory_reading_follows_a_large_block():
-    device = torch.device("cpu")
-    memory.reset_peak_memory(device)
-    before = memory.peak_memory_mb(device)
-    block = torch.ones(256 << 18)  # 256 MiB, touched
-    assert memory.peak_memory_mb(device) >= before + 200
-    del block
+    # a fresh process: in a long test run the allocator may hand back pages that are already resident
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip()) >= 200

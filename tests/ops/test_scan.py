@@ -223,3 +223,15 @@ def test_cpu_fused_bidirectional_matches_the_flip_composition(dtype, batch, leng
     names = ["x", "z", "conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "dt_proj_bias", "A", "D"]
     for name, got, want in zip(names, grads, ref_grads):
         assert_close(got, want, rtol_max=grad_tol, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "chunked", "reference"])
+def test_zero_size_batches_give_empty_results(backend):
+    from helpers import tiny_vim
+
+    model = tiny_vim(scan_backend=backend)
+    out = model(torch.empty(0, 3, 32, 32))
+    out.sum().backward()
+    assert out.shape == (0, 10)
+    inputs = scan_inputs(0, 5, 7, 3, torch.float32)
+    assert scan.selective_scan(**inputs, delta_softplus=True, backend=backend).shape == (0, 5, 7)

@@ -26,3 +26,10 @@ def test_benchmark_smoke_run_writes_csv_and_plot(tmp_path):
     assert len(rows) == 1 + 6 and rows[0].startswith("model,res,batch,mode,status,img_per_s,peak_mem_mb")
     assert all(",ok," in row for row in rows[1:])
     assert (tmp_path / "benchmark.png").stat().st_size > 5000
+
+
+def test_benchmark_refuses_zero_sizes_and_fails_when_every_point_fails(tmp_path):
+    proc = cli("benchmark", "--batch", 0, "--out", tmp_path, check=False)
+    assert proc.returncode == 2 and "must be at least 1" in proc.stderr
+    proc = cli("benchmark", "--models", "no_such_model", "--res", 32, "--batch", 1, "--repeats", 1, "--out", tmp_path, check=False)
+    assert proc.returncode == 1 and "every point failed" in proc.stderr

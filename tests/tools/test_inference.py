@@ -1,5 +1,7 @@
 """predict and features, end to end on CPU."""
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +89,62 @@ def test_features_match_the_model(trained):
     feats = extract_features(model, x, "map")
     assert torch.allclose(feats["map"].flatten(2).transpose(1, 2), torch.cat([tokens[:, :17], tokens[:, 18:]], 1))
     assert torch.allclose(extract_features(model, x, "pooled")["pooled"], tokens[:, 17])
+
+
+def test_features_mirror_folders_so_equal_names_do_not_overwrite(trained, tmp_path):
+    checkpoint, data = trained
+    images = tmp_path / "images"
+    for sub in ("a", "b"):
+        (images / sub).mkdir(parents=True)
+        shutil.copy(data / "train" / "cat" / "0.png", images / sub / "x.png")
+    out = tmp_path / "f"
+    stdout = cli("features", images, "--checkpoint", checkpoint, "--img-size", 32, "--kind", "pooled", "--out", out).stdout
+    assert "wrote 2 file(s) for 2 image(s)" in stdout
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.safetensors")) == ["a/x.safetensors", "b/x.safetensors"]
+    shutil.copy(data / "train" / "cat" / "1.png", images / "a" / "x.jpg")  # x.jpg beside x.png: one name
+    proc = cli("features", images, "--checkpoint", checkpoint, "--img-size", 32, "--out", tmp_path / "g", check=False)
+    assert proc.returncode == 2 and "would both be written to" in proc.stderr
+
+
+def test_unreadable_images_stop_with_a_hint_or_are_skipped_and_listed(trained, tmp_path):
+    checkpoint, data = trained
+    images = tmp_path / "images"
+    shutil.copytree(data / "train" / "dog", images)
+    (images / "broken.png").write_bytes(b"not an image")
+    (images / "._0.png").write_bytes(b"\0\0 macOS resource fork")  # hidden: never read
+    proc = cli("predict", images, "--checkpoint", checkpoint, check=False)
+    assert proc.returncode == 2 and "broken.png" in proc.stderr and "--skip-corrupt" in proc.stderr
+    results = json.loads(cli("predict", images, "--checkpoint", checkpoint, "--skip-corrupt", "--json").stdout)
+    assert sorted(Path(r["path"]).name for r in results) == ["0.png", "1.png", "broken.png"]
+    assert "error" in next(r for r in results if r["path"].endswith("broken.png"))
+    out = cli("features", images, "--checkpoint", checkpoint, "--img-size", 32, "--out", tmp_path / "f", "--skip-corrupt")
+    assert "wrote 2 file(s) for 2 image(s) (1 unreadable skipped)" in out.stdout and "broken.png" in out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["predict", "--topk", "0"], "must be at least 1"),
+    (["predict", "--topk", "-1"], "must be at least 1"),
+    (["predict", "--device", "bogus"], "unknown device"),
+    (["features", "--layers", "99", "--kind", "intermediates", "--out", "OUT"], "out of range: the model has 2 blocks"),
+    (["features", "--img-size", "32", "32", "32", "--out", "OUT"], "takes one size (S) or two (H W)"),
+    (["features", "--out", "FILE"], "is a file"),
+])
+def test_bad_arguments_are_one_line_errors(trained, tmp_path, args, message):
+    checkpoint, data = trained
+    (tmp_path / "FILE").write_text("x")
+    args = [str(tmp_path / a) if a in ("OUT", "FILE") else a for a in args]
+    proc = cli(args[0], data / "train" / "cat", "--checkpoint", checkpoint, *args[1:], check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_eval_and_convert_say_when_a_checkpoint_has_no_ema(trained, tmp_path):
+    checkpoint, data = trained  # trained with --no-model-ema: saved with model_ema None
+    for args in (["eval", "--data", data / "train", "--checkpoint", checkpoint, "--ema", "--workers", 0],
+                 ["convert", checkpoint, tmp_path / "w.safetensors", "--ema"]):
+        proc = cli(*args, check=False)
+        assert proc.returncode == 2 and "has no EMA weights" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    proc = cli("convert", tmp_path / "bad.safetensors", tmp_path / "o.safetensors", check=False)
+    assert proc.returncode == 2 and "bad.safetensors" in proc.stderr
+    proc = cli("eval", "--data", data / "train", "--checkpoint", tmp_path, check=False)
+    assert proc.returncode == 2 and "is a folder, not a file" in proc.stderr

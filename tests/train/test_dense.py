@@ -112,8 +112,10 @@ def test_nan_loss_stops_before_the_step(scenes, tmp_path, monkeypatch):
     monkeypatch.setattr(VimUperNet, "loss", lambda self, x, y: (torch.tensor(float("nan"), requires_grad=True), {}))
     with pytest.raises(NonFiniteLossError, match="iteration 1"):
         train_dense(cfg)
-    cfg.skip_nonfinite = True
-    assert train_dense(cfg)["skipped_steps"] == 2
+    cfg.skip_nonfinite, cfg.overwrite = True, True
+    with pytest.raises(NonFiniteLossError, match="every one of the run's 2 step"):  # nothing was ever applied
+        train_dense(cfg)
+    assert json.loads((tmp_path / "nan" / "log.jsonl").read_text().splitlines()[-1])["skipped_steps"] == 2
 
 
 @pytest.mark.parametrize("task", ["seg", "det"])

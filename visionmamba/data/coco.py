@@ -1,6 +1,7 @@
 """COCO-layout detection data: images with boxes, labels and instance masks, and the ViTDet-style transforms."""
 import contextlib
 import io
+import os
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -9,7 +10,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from visionmamba.data.folders import CorruptImageError, sample_rng
+from visionmamba.data.folders import CorruptImageError, load_rgb, sample_rng
 
 
 def train_transform(crop: int, scale_range: Tuple[float, float]) -> v2.Compose:
@@ -37,6 +38,10 @@ class CocoInstances(Dataset):
     def __init__(self, images_dir: str, annotation_file: str, transform: v2.Compose, *, train: bool, seed: int = 0) -> None:
         from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 
+        class Images(CocoDetection):
+            def _load_image(self, id: int):  # our reader: 16-bit and float images scaled, clear errors
+                return load_rgb(os.path.join(self.root, self.coco.loadImgs(id)[0]["file_name"]))
+
         for path in (Path(images_dir), Path(annotation_file)):
             if not path.exists():
                 raise FileNotFoundError(
@@ -44,7 +49,7 @@ class CocoInstances(Dataset):
                     "ROOT/annotations/instances_<split>.json"
                 )
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while indexing
-            base = CocoDetection(images_dir, annotation_file)
+            base = Images(images_dir, annotation_file)
         self.coco = base.coco
         self.images_dir = images_dir
         self.dataset = wrap_dataset_for_transforms_v2(base, target_keys=("image_id", "boxes", "labels", "masks"))
@@ -66,9 +71,8 @@ class CocoInstances(Dataset):
         i = self.indices[index]
         try:
             image, target = self.dataset[i]
-        except (OSError, ValueError, SyntaxError) as err:
-            name = self.coco.imgs[self.dataset.ids[i]]["file_name"]
-            raise CorruptImageError(f"cannot read image {str(Path(self.images_dir) / name)!r} ({err}); replace or remove it") from err
+        except CorruptImageError as err:  # said again without --skip-corrupt, which the dense trainers lack
+            raise CorruptImageError(f"{str(err).split('; ')[0]}; replace or remove it") from err
         image = tv_tensors.Image(v2.functional.pil_to_tensor(image))
         height, width = image.shape[-2:]
         if "boxes" not in target:  # an image without annotations

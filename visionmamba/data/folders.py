@@ -6,6 +6,7 @@ loader workers or processes and whether the run was interrupted and resumed.
 """
 import contextlib
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -16,24 +17,58 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
+from visionmamba.files import is_image, require_folder
+
 _logger = logging.getLogger(__name__)
 
 
 class CorruptImageError(RuntimeError):
-    """An image file that PIL cannot read."""
+    """An image file that cannot be read (damaged, empty, too large to decode safely, or of an unknown range)."""
+
+
+SKIP_HINT = "delete or replace the file, or pass --skip-corrupt to skip unreadable images"
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB, or raise :class:`CorruptImageError` naming the file."""
+    """Open an image as 8-bit RGB, or raise :class:`CorruptImageError` naming the file.
+
+    16-bit grey images (and 32-bit integer ones with values in 0..65535) are scaled by 255 / 65535, and float
+    images with values in [0, 1] by 255 (values in [0, 255] are taken as they are), instead of PIL's plain
+    conversion, which saturates the first and blackens the second; other ranges are refused.
+    """
     try:
         with open(path, "rb") as fh:
             image = Image.open(fh)
+            if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+                return _high_depth_to_rgb(image, path)
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except Image.DecompressionBombError as err:
         raise CorruptImageError(
-            f"cannot read image {path!r} ({type(err).__name__}: {err}); delete or replace the file, or pass "
-            "--skip-corrupt to skip unreadable images"
+            f"cannot read image {path!r}: {err}; if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS, else "
+            + SKIP_HINT
         ) from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        reason = "the file is empty" if os.path.getsize(path) == 0 else f"{type(err).__name__}: {err}"
+        raise CorruptImageError(f"cannot read image {path!r} ({reason}); {SKIP_HINT}") from err
+
+
+def _high_depth_to_rgb(image: Image.Image, path: str) -> Image.Image:
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode == "F":
+        if not np.isfinite(values).all() or low < 0 or high > 255:
+            raise ValueError(f"float image with values in [{low:g}, {high:g}]; only [0, 1] or [0, 255] are understood")
+        scale = 1.0 if high <= 1.0 else 255.0
+    else:
+        if low < 0 or high > 65535:
+            raise ValueError(f"{image.mode} image with values in [{low:g}, {high:g}]; only 0..65535 (16-bit) is understood")
+        scale = 65535.0
+    grey = np.clip(np.round(values * (255.0 / scale)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def _is_visible_image(path: str) -> bool:
+    return is_image(Path(path)) and not Path(path).name.startswith(".")
 
 
 class SeededImageFolder(Dataset):
@@ -52,10 +87,8 @@ class SeededImageFolder(Dataset):
         skip_corrupt: bool = False,
         target_map: Optional[Sequence[int]] = None,
     ) -> None:
-        root_path = Path(root)
-        if not root_path.is_dir():
-            raise FileNotFoundError(f"image folder {root!r} does not exist (expected class sub-folders of images)")
-        self.folder = ImageFolder(root, loader=load_rgb)
+        require_folder(root, "image folder (class sub-folders of images)")
+        self.folder = ImageFolder(root, loader=load_rgb, is_valid_file=_is_visible_image)
         self.transform = transform
         self.seed = seed
         self.epoch = 0

@@ -5,9 +5,10 @@ A checkpoint written by ``visionmamba train`` carries the model name and argumen
 the evaluation transform; an official ``.pth`` (or a bare state dict) needs the model name, and gets the
 released models' transform and the ImageNet class names.
 """
+import inspect
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import timm
 from timm.data import ImageNetInfo, resolve_data_config
@@ -16,6 +17,26 @@ from visionmamba.files import PathLike
 from visionmamba.models.registry import CUSTOM, OFFICIAL_ALIASES, VARIANTS
 from visionmamba.models.vim import VisionMamba, load_checkpoint
 from visionmamba.models.weights import read_file
+from visionmamba.ops.devices import resolve_device
+
+
+def check_model_name(name: str) -> None:
+    """A ValueError unless ``name`` is one of ours (variant, official alias or ``vim_custom``)."""
+    if name not in VARIANTS and name not in OFFICIAL_ALIASES and name != CUSTOM:
+        raise ValueError(f"unknown Vim model {name!r}; choose one of {list_models()} (or an official long name, or {CUSTOM!r})")
+
+
+def check_model_args(model_args: Dict[str, Any], reserved: Iterable[str] = ()) -> None:
+    """A ValueError for a ``model_args`` key :class:`VisionMamba` does not take, or one the caller sets itself
+    (``reserved``, e.g. ``num_classes`` from the data, ``img_size`` from ``--img-size``)."""
+    accepted = [k for k in inspect.signature(VisionMamba.__init__).parameters if k != "self"]
+    unknown = sorted(set(model_args) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown model argument(s) {unknown}; VisionMamba takes {accepted}")
+    taken = sorted(set(model_args) & set(reserved))
+    if taken:
+        raise ValueError(f"model argument(s) {taken} are set by the command itself (from the data or its own flags); "
+                         "leave them out of --model-args")
 
 
 def list_models() -> list:
@@ -38,8 +59,7 @@ def create_model(
     weights of a container). Other keyword arguments go to :class:`VisionMamba` (``img_size``,
     ``num_classes``, ``drop_path_rate``, ``scan_backend``, ...).
     """
-    if name not in VARIANTS and name not in OFFICIAL_ALIASES and name != CUSTOM:
-        raise ValueError(f"unknown Vim model {name!r}; choose one of {list_models()} (or an official long name, or {CUSTOM!r})")
+    check_model_name(name)
     if pretrained and checkpoint_path is not None:
         raise ValueError("pass either pretrained=True or checkpoint_path=..., not both")
     if use_ema and checkpoint_path is None:
@@ -76,7 +96,7 @@ def load_for_inference(
     model = timm.create_model(name, **args)
     if checkpoint:
         load_checkpoint(model, checkpoint, use_ema=use_ema)
-    model.eval().to(device)
+    model.eval().to(resolve_device(device))
     data_config = dict(meta["data_config"]) if meta.get("data_config") else resolve_data_config({}, model=model)
     if img_size:
         data_config["input_size"] = (3, img_size, img_size)

@@ -51,6 +51,22 @@ def compute(model: VisionMamba, img_size: Tuple[int, int]) -> Compute:
     )
 
 
+# Floats a training step keeps per token, per block and per channel of the model width (the activations saved
+# for the backward), measured on the CPU path with Vim-Ti at 224 and 512 (benchmarks/RESULTS.md).
+ACTIVATION_FLOATS_PER_TOKEN = 30
+
+
+def training_memory_mb(model: VisionMamba, img_size: Tuple[int, int], batch: int, *, activation_bytes: int = 4,
+                       ema: bool = False) -> float:
+    """About how much memory one training step of ``model`` takes (MB): weights, gradients and AdamW's two
+    moments (and an EMA copy), plus the activations of ``batch`` images of ``img_size``."""
+    params = sum(p.numel() for p in model.parameters())
+    grid = model.patch_embed.grid_for(*img_size)
+    tokens = grid[0] * grid[1] + 1
+    activations = ACTIVATION_FLOATS_PER_TOKEN * model.embed_dim * tokens * len(model.layers) * batch * activation_bytes
+    return (params * 4 * (4 + int(ema)) + activations) / 2**20
+
+
 def model_card(name: str, img_size: int) -> str:
     """The text of ``visionmamba info``: parameters, compute at ``img_size``, eval transform, released file."""
     variant = OFFICIAL_ALIASES.get(name, name)

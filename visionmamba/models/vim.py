@@ -61,13 +61,18 @@ class PatchEmbed(nn.Module):
     def grid_for(self, height: int, width: int) -> Tuple[int, int]:
         return ((height - self.patch_size) // self.stride + 1, (width - self.patch_size) // self.stride + 1)
 
+    def fitting_side(self, side: int) -> int:
+        """The side nearest to ``side`` that the patch grid fits."""
+        steps = (max(side - self.patch_size, 0) + self.stride // 2) // self.stride  # rounded to the nearest
+        return self.patch_size + steps * self.stride
+
     def check_size(self, height: int, width: int) -> None:
         for side in (height, width):
             if side < self.patch_size or (side - self.patch_size) % self.stride:
                 raise ValueError(
                     f"image size {height}x{width} does not fit patch {self.patch_size} / stride {self.stride}: "
-                    f"each side must be >= {self.patch_size} and divisible by {self.stride} "
-                    f"(e.g. {self.img_size[0]}); resize or crop the input"
+                    f"each side must be >= {self.patch_size} and divisible by {self.stride} (the nearest that fits: "
+                    f"{self.fitting_side(height)}x{self.fitting_side(width)}); resize or crop the input"
                 )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn as nn
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
-from visionmamba.files import PathLike, atomic_write
+from visionmamba.files import PathLike, atomic_write, require_file
 
 StateDict = Dict[str, torch.Tensor]
 FilterFn = Callable[[StateDict, nn.Module], StateDict]
@@ -28,18 +28,20 @@ _SAFE_GLOBALS = [argparse.Namespace]
 
 def read_file(path: PathLike) -> Dict[str, Any]:
     """The whole checkpoint file as a dict (a container or a bare state dict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    path = require_file(path, "checkpoint")
     if path.suffix == ".safetensors":
-        return load_safetensors(str(path), device="cpu")
+        try:
+            return load_safetensors(str(path), device="cpu")
+        except Exception as err:  # safetensors raises its own SafetensorError, without the path
+            raise ValueError(f"cannot read the safetensors file {str(path)!r}: {err}; it is damaged or not safetensors") from err
     with torch.serialization.safe_globals(_SAFE_GLOBALS):
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises UnpicklingError or RuntimeError with the offending global
             raise ValueError(
-                f"cannot read checkpoint {str(path)!r} safely: {err}. It is not a PyTorch/safetensors "
-                "checkpoint of a Vim model, or it pickles objects beyond tensors and argparse.Namespace."
+                f"cannot read checkpoint {str(path)!r} safely: {str(err).strip() or type(err).__name__}. It is not a "
+                "PyTorch/safetensors checkpoint of a Vim model, it is damaged, or it pickles objects beyond tensors "
+                "and argparse.Namespace."
             ) from err
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict of tensors")
@@ -49,15 +51,17 @@ def read_file(path: PathLike) -> Dict[str, Any]:
 def extract_state_dict(obj: Mapping[str, Any], *, use_ema: bool = False, source: str = "checkpoint") -> StateDict:
     """Pick the (EMA) weights out of a container and strip a DDP ``module.`` prefix."""
     keys = _EMA_KEYS if use_ema else _MODEL_KEYS
-    found = next((k for k in keys if k in obj), None)
+    found = next((k for k in keys if obj.get(k) is not None), None)
     if found is not None:
         state = obj[found]
     elif use_ema:
-        raise KeyError(f"{source} has no EMA weights (looked for {list(_EMA_KEYS)}; keys: {sorted(obj)[:10]})")
+        raise ValueError(f"{source} has no EMA weights (it was saved without an EMA, e.g. trained with --no-model-ema); "
+                         "leave out --ema / use_ema to use its weights")
     else:
         state = obj
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{source}: expected a state dict of tensors, found keys {sorted(state)[:10]}")
+        keys = sorted(state)[:10] if isinstance(state, Mapping) else type(state).__name__
+        raise ValueError(f"{source}: expected a state dict of tensors, found {keys}")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return dict(state)

@@ -74,3 +74,15 @@ def reset_peak_memory(device: torch.device) -> None:
             fh.write("5")
     except OSError:
         pass
+
+
+def available_memory_mb(device: torch.device) -> float:
+    """Memory a new allocation can still get: free CUDA memory on ``device``, or the system's MemAvailable
+    (Linux; elsewhere infinity, i.e. unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**20
+    try:
+        with open("/proc/meminfo") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:")) / 1024
+    except (OSError, StopIteration):
+        return float("inf")

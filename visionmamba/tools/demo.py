@@ -46,6 +46,7 @@ DEMO_CONFIG: Dict[str, Any] = dict(
     workers=0,
     checkpoint_every=0,
     progress=False,  # one summary line per epoch instead of bars
+    overwrite=True,  # a demo run replaces the previous demo run in its folder
 )
 
 
@@ -87,6 +88,7 @@ BACKBONE: Dict[str, Any] = dict(
     workers=0,
     checkpoint_every=100,
     progress=False,
+    overwrite=True,  # a demo run replaces the previous demo run in its folder
 )
 SEG_DEMO: Dict[str, Any] = dict(
     BACKBONE, iters=1500, lr=1e-3, weight_decay=0.05, warmup_iters=50, eval_every=500,

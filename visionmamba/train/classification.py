@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from visionmamba.data.folders import SeededImageFolder, collate_skipping, eval_transform, imagenet_targets
 from visionmamba.models.factory import load_for_inference
+from visionmamba.models.info import training_memory_mb
 from visionmamba.models.vim import load_checkpoint
 from visionmamba.ops.memory import peak_memory_mb
 from visionmamba.train.config import EvalConfig, TrainConfig
@@ -68,6 +69,7 @@ class ClassificationTrainer(Trainer):
     kind, step_key, metric = "train", "epoch", "top1"
     panels = (("loss", ("train_loss", "val_loss")), ("accuracy (%)", ("top1", "top5", "ema_top1")))
     resume_keys = ("epoch", "step_in_epoch")
+    same_run_keys = ("model", "model_args", "batch_size", "accum_steps", "img_size")
     nonfinite_hint = ("Lower the learning rate, use --precision fp32, enable --clip-grad, or pass --skip-nonfinite "
                       "to skip such steps.")
 
@@ -76,6 +78,7 @@ class ClassificationTrainer(Trainer):
         self.ema = ModelEmaV3(self.model, decay=cfg.model_ema_decay) if cfg.model_ema else None
         self.mixup, self.loss_fn = self.build_loss()
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.skipped_total = 0  # optimizer steps skipped for a non-finite loss, over the whole run
         self.partial = EpochStats()  # all-rank sums of the current epoch's steps before the last checkpoint
 
     # --------------------------------------------------------------------------------------------- build
@@ -87,6 +90,9 @@ class ClassificationTrainer(Trainer):
         )
         self.train_set = SeededImageFolder(str(root / "train"), train_tf, seed=cfg.seed, skip_corrupt=cfg.skip_corrupt)
         self.classes = self.train_set.classes
+        if len(self.classes) < 2:
+            raise ValueError(f"{str(root / 'train')!r} has {len(self.classes)} class folder(s) {self.classes}; a "
+                             "classifier needs at least 2 (one sub-folder of images per class)")
         self.val_set = None
         if (root / "val").is_dir():
             self.val_set = SeededImageFolder(str(root / "val"), eval_transform(data_config(cfg)), skip_corrupt=cfg.skip_corrupt)
@@ -111,6 +117,18 @@ class ClassificationTrainer(Trainer):
             optimizer, t_initial=cfg.epochs, lr_min=cfg.min_lr, warmup_t=cfg.warmup_epochs, warmup_lr_init=cfg.warmup_lr
         )
         return optimizer, scheduler
+
+    def memory_needed_mb(self, model: nn.Module) -> float:
+        cfg = self.cfg
+        activation_bytes = 4 if cfg.precision == "fp32" else 3  # the residual stream and the scan state stay float32
+        return training_memory_mb(model, (cfg.img_size, cfg.img_size), cfg.batch_size,
+                                  activation_bytes=activation_bytes, ema=cfg.model_ema)
+
+    def class_names(self):
+        return self.classes
+
+    def steps_applied_and_skipped(self) -> Tuple[int, int]:
+        return self.global_step, self.skipped_total
 
     def train_sampler(self) -> Sampler:
         if self.dist.distributed and self.cfg.repeated_aug:
@@ -174,6 +192,7 @@ class ClassificationTrainer(Trainer):
                 if poisoned:  # the whole accumulation is dropped, on every rank alike
                     self.optimizer.zero_grad(set_to_none=True)
                     stats.skipped_steps, poisoned = stats.skipped_steps + 1, False
+                    self.skipped_total += 1
                     continue
                 self.optimizer_step(clip=cfg.clip_grad)
                 stats.steps += 1
@@ -248,7 +267,7 @@ class ClassificationTrainer(Trainer):
         return {
             "model_ema": self.ema.module.state_dict() if self.ema is not None else None,
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-            "best_top1": self.best, "epoch_stats": asdict(self.partial),
+            "skipped_total": self.skipped_total, "best_top1": self.best, "epoch_stats": asdict(self.partial),
             "model_name": cfg.model,
             "model_args": dict(num_classes=len(self.classes), img_size=cfg.img_size, **cfg.model_args),
             "classes": list(self.classes), "data_config": data_config(cfg),
@@ -259,6 +278,7 @@ class ClassificationTrainer(Trainer):
             self.ema.module.load_state_dict(ckpt["model_ema"])
         self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
         self.global_step, self.best = ckpt["global_step"], ckpt["best_top1"]
+        self.skipped_total = ckpt.get("skipped_total", 0)
         if self.dist.is_main:  # the other ranks start from zero: the sums are reduced at the epoch's end
             self.partial = EpochStats(**ckpt["epoch_stats"])
 
@@ -305,6 +325,7 @@ def evaluate(
 
 def evaluate_checkpoint(cfg: EvalConfig) -> Dict[str, float]:
     """Top-1 / top-5 / loss of a checkpoint (ours or official) on a class-folder data set."""
+    cfg.validate()
     dist = init_distributed(cfg.device)
     try:
         loaded = load_for_inference(cfg.checkpoint, cfg.model, use_ema=cfg.ema, img_size=cfg.img_size, device=str(dist.device))

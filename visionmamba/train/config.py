@@ -7,7 +7,19 @@ spec §6.2 / §6.3) share :class:`RunConfig`'s fields; :class:`EvalConfig` descr
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple, Type, TypeVar
 
+from visionmamba.models.factory import check_model_args, check_model_name
+from visionmamba.ops.devices import resolve_device
+
 PRECISIONS = ("fp32", "bf16", "fp16")
+# VisionMamba arguments every run sets itself: from the data, --img-size / --crop-size and --drop-path.
+RESERVED_MODEL_ARGS = ("num_classes", "img_size", "drop_path_rate")
+
+
+def _at_least(cfg: Any, minimum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {minimum:g}, got {value}")
 
 
 @dataclass
@@ -28,6 +40,7 @@ class RunConfig:
     workers: int = 4
     checkpoint_every: int = 1000  # optimizer steps between checkpoints
     resume: Optional[str] = None  # a checkpoint of ours, or "auto" for OUTPUT/last.pth
+    overwrite: bool = False  # start afresh in an output folder that holds another run (its files are replaced)
     skip_nonfinite: bool = False
     device: str = "auto"
     progress: bool = True
@@ -37,6 +50,13 @@ class RunConfig:
             raise ValueError("no data folder given: pass --data DIR")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in the output folder and --overwrite replaces it: pick one")
+        check_model_name(self.model)
+        check_model_args(self.model_args, RESERVED_MODEL_ARGS)
+        resolve_device(self.device)
+        _at_least(self, 1, "batch_size")
+        _at_least(self, 0, "workers", "checkpoint_every", "lr", "weight_decay", "drop_path")
 
 
 @dataclass
@@ -76,8 +96,8 @@ class TrainConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.accum_steps < 1:
-            raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
+        _at_least(self, 1, "epochs", "accum_steps", "img_size")
+        _at_least(self, 0, "warmup_epochs", "min_lr", "warmup_lr")
 
 
 @dataclass
@@ -104,6 +124,8 @@ class DenseConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
+        _at_least(self, 1, "iters", "crop_size")
+        _at_least(self, 0, "eval_every", "warmup_iters", "layer_decay")
         if self.crop_size % 32:
             raise ValueError(f"crop_size must be a multiple of 32 (the coarsest pyramid stride), got {self.crop_size}")
 
@@ -123,6 +145,7 @@ class SegConfig(DenseConfig):
 
     def validate(self) -> None:
         super().validate()
+        _at_least(self, 2, "num_classes")
         if self.eval_mode not in ("slide", "whole"):
             raise ValueError(f"eval_mode must be 'slide' or 'whole', got {self.eval_mode!r}")
 
@@ -149,6 +172,8 @@ class DetConfig(DenseConfig):
 
 @dataclass
 class EvalConfig:
+    """Evaluation of a classification checkpoint on a class-folder data set."""
+
     data: str = ""  # a folder of class sub-folders (e.g. ImageNet val)
     checkpoint: Optional[str] = None
     model: Optional[str] = None  # needed for official / bare checkpoints; ours carry it
@@ -160,6 +185,17 @@ class EvalConfig:
     device: str = "auto"
     skip_corrupt: bool = False
     progress: bool = True
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ValueError("no data folder given: pass --data DIR (class sub-folders of images)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.model is not None:
+            check_model_name(self.model)
+        resolve_device(self.device)
+        _at_least(self, 1, "batch_size")
+        _at_least(self, 0, "workers")
 
 
 # Per-model presets reproducing hustvl/Vim/vim/scripts/*.sh (8 processes: global batch 1024 or 512).
@@ -174,7 +210,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     ),
 }
 
-Config = TypeVar("Config", bound=RunConfig)
+Config = TypeVar("Config", RunConfig, EvalConfig)
 
 
 def resolve(cls: Type[Config], overrides: Dict[str, Any], *, use_preset: bool = True) -> Config:
@@ -183,7 +219,7 @@ def resolve(cls: Type[Config], overrides: Dict[str, Any], *, use_preset: bool = 
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)}")
     values: Dict[str, Any] = {}
-    if use_preset and issubclass(cls, TrainConfig):
+    if use_preset and cls is TrainConfig:
         values.update(PRESETS.get(overrides.get("model", cls.model), {}))
     values.update(overrides)
     cfg = cls(**values)

@@ -23,10 +23,11 @@ from visionmamba.data.ade20k import train_transform as seg_train_transform
 from visionmamba.data.coco import CocoInstances, collate_lists
 from visionmamba.data.coco import eval_transform as det_eval_transform
 from visionmamba.data.coco import train_transform as det_train_transform
+from visionmamba.models.info import training_memory_mb
 from visionmamba.models.mask_rcnn import VimMaskRCNN
 from visionmamba.models.registry import default_out_indices
 from visionmamba.models.upernet import IGNORE_INDEX, VimUperNet, predict_logits
-from visionmamba.models.vim import load_checkpoint
+from visionmamba.models.vim import VisionMamba, load_checkpoint
 from visionmamba.models.weights import extract_state_dict, read_file
 from visionmamba.ops.memory import peak_memory_mb
 from visionmamba.train.config import DenseConfig, DetConfig, SegConfig
@@ -192,6 +193,8 @@ class DenseTrainer(Trainer):
 
     def __init__(self, cfg: DenseConfig, dist: DistInfo) -> None:
         self.kind = "seg-train" if isinstance(cfg, SegConfig) else "det-train"
+        self.same_run_keys = ("model", "model_args", "batch_size", "crop_size") + (
+            ("num_classes", "reduce_zero_label") if isinstance(cfg, SegConfig) else ())
         self.find_unused_parameters = isinstance(cfg, DetConfig)  # a batch without positives leaves the mask head unused
         super().__init__(cfg, dist)
         self.iteration = 0
@@ -216,6 +219,19 @@ class DenseTrainer(Trainer):
                 "batch (per process on CPU; over all GPUs with SyncBatchNorm): raise --batch-size"
             )
         return model
+
+    def memory_needed_mb(self, model: nn.Module) -> float:
+        """The backbone's part (a lower bound: the heads come on top)."""
+        vim = next(m for m in model.modules() if isinstance(m, VisionMamba))
+        activation_bytes = 4 if self.cfg.precision == "fp32" else 3
+        return training_memory_mb(vim, (self.cfg.crop_size, self.cfg.crop_size), self.cfg.batch_size,
+                                  activation_bytes=activation_bytes)
+
+    def class_names(self):
+        return self.task.classes
+
+    def steps_applied_and_skipped(self) -> Tuple[int, int]:
+        return self.iteration - self.skipped, self.skipped
 
     def build_optimization(self):
         cfg = self.cfg

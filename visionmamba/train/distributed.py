@@ -6,6 +6,8 @@ from typing import Any, List
 import torch
 import torch.distributed as dist
 
+from visionmamba.ops.devices import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -26,9 +28,10 @@ class DistInfo:
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group that ``torchrun`` describes in the environment (NCCL on GPU, gloo on CPU).
 
-    Without torchrun's variables this is a single process on ``device`` ("auto": CUDA when available).
+    Without torchrun's variables this is a single process on ``device`` ("auto": CUDA when available); an
+    unknown device or one this machine lacks is a ValueError.
     """
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    use_cuda = resolve_device(device).type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

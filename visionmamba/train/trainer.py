@@ -7,11 +7,12 @@ non-finite loss is detected on every rank alike, before the optimizer touches th
 """
 import contextlib
 import json
+import os
 import platform
 import random
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterable, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import timm
@@ -22,8 +23,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from visionmamba.data.folders import ResumableSampler
-from visionmamba.files import atomic_write
+from visionmamba.files import FolderLock, OutputError, atomic_write
 from visionmamba.models.weights import extract_state_dict, read_file
+from visionmamba.ops.memory import available_memory_mb
 from visionmamba.train.config import RunConfig
 from visionmamba.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from visionmamba.train.records import Record, append_record, plot_records, summary
@@ -76,6 +78,7 @@ class Trainer:
     metric = ""  # the record entry best.pth is chosen by
     panels: Sequence[Tuple[str, Sequence[str]]] = ()  # curves.png: (y label, record keys) per panel
     resume_keys: Sequence[str] = ()  # besides model, optimizer, scheduler, rng
+    same_run_keys: Sequence[str] = ("model", "model_args", "batch_size")  # config a resumed run must share
     find_unused_parameters = False
     nonfinite_hint = "Lower the learning rate, use --precision fp32, or pass --skip-nonfinite to skip such steps."
 
@@ -85,6 +88,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         model = self.build_model()
         torch.manual_seed(cfg.seed + dist.rank)  # per-rank randomness (drop path) from here on
+        self.check_memory(model)
         self.model = model.to(dist.device)
         self.ddp = self.model
         if dist.distributed:
@@ -125,6 +129,14 @@ class Trainer:
         """The loop from the current state to the end; returns the last record."""
         raise NotImplementedError
 
+    def memory_needed_mb(self, model: nn.Module) -> float:
+        """About how much memory a training step needs in each process (MB); 0: unknown."""
+        return 0.0
+
+    def steps_applied_and_skipped(self) -> Tuple[int, int]:
+        """(optimizer steps applied, steps skipped for a non-finite loss) so far in the run."""
+        raise NotImplementedError
+
     def extra_state(self) -> Dict[str, Any]:
         """What the subclass adds to a checkpoint."""
         return {}
@@ -132,13 +144,30 @@ class Trainer:
     def load_extra_state(self, ckpt: Dict[str, Any]) -> None:
         pass
 
+    def check_memory(self, model: nn.Module) -> None:
+        """Refuse a run that cannot fit before it starts (processes on one machine share its memory)."""
+        needed = self.memory_needed_mb(model)
+        sharing = 1 if self.dist.device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        available = available_memory_mb(self.dist.device) / sharing
+        if needed > available:
+            fitting = max(int(self.cfg.batch_size * available / needed), 0)
+            raise ValueError(
+                f"this run needs about {needed / 1024:.1f} GB per process but only {available / 1024:.1f} GB are free on "
+                f"{self.dist.device}; lower --batch-size (about {fitting} would fit) or the image size"
+            )
+
     # ------------------------------------------------------------------------------------------ the loop
     def train(self) -> Record:
-        """Write config.json and run to the end; returns the last record."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        """Write config.json and run to the end; returns the last record. A run in which every step was skipped
+        for a non-finite loss ends with :class:`NonFiniteLossError`: its weights never changed."""
         if self.dist.is_main:
-            (self.out / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
-        return self.run()
+            atomic_write(self.out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n"))
+        record = self.run()
+        applied, skipped = self.steps_applied_and_skipped()
+        if applied == 0 and skipped > 0:
+            raise NonFiniteLossError(f"every one of the run's {skipped} step(s) had a non-finite loss and was skipped; "
+                                     f"the weights never changed. {self.nonfinite_hint}")
+        return record
 
     def loader(self, dataset: Dataset, sampler: Iterable[int], *, seed: int, collate: Callable, drop_last: bool) -> DataLoader:
         return DataLoader(
@@ -192,7 +221,7 @@ class Trainer:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
-            "config": asdict(self.cfg), "versions": versions(), **self.extra_state(),
+            "config": asdict(self.cfg), "world_size": self.dist.world_size, "versions": versions(), **self.extra_state(),
         }
 
     def save(self, name: str = "last.pth") -> None:
@@ -208,6 +237,7 @@ class Trainer:
                 f"{path!r} is not a {self.kind} checkpoint of visionmamba (no {missing[0]!r}); "
                 "use --finetune to start from its weights"
             )
+        self.check_same_run(ckpt, path)
         self.model.load_state_dict(extract_state_dict(ckpt))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -217,19 +247,89 @@ class Trainer:
         set_rng_state(ckpt["rng"])
 
 
+    def check_same_run(self, ckpt: Dict[str, Any], path: str) -> None:
+        """Refuse to resume a checkpoint of another setup: another model, image size, class list or batch
+        geometry would train on swapped labels, skip images, or fail to load."""
+        recorded = ckpt.get("config") or {}
+        differences = [
+            f"{key} {recorded[key]!r} in the checkpoint, {getattr(self.cfg, key)!r} now"
+            for key in self.same_run_keys if key in recorded and _plain(recorded[key]) != _plain(getattr(self.cfg, key))
+        ]
+        if "world_size" in ckpt and ckpt["world_size"] != self.dist.world_size:
+            differences.append(f"{ckpt['world_size']} process(es) in the checkpoint, {self.dist.world_size} now")
+        if ckpt.get("classes") and list(ckpt["classes"]) != list(self.class_names()):
+            differences.append(f"classes {list(ckpt['classes'])[:5]}... in the checkpoint, {list(self.class_names())[:5]}... now")
+        if differences:
+            raise ValueError(
+                f"cannot resume from {path!r}, it belongs to another setup: " + "; ".join(differences) + ". Use the "
+                "checkpoint's settings (its config.json), or start a new run in another --output"
+            )
+
+    def class_names(self) -> Sequence[str]:
+        """The classes the model predicts (compared with a checkpoint's on resume)."""
+        return ()
+
+
+def _plain(value: Any) -> str:
+    """A config value as JSON (tuples and lists alike), to compare a recorded config with the current one."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+RUN_FILES = ("last.pth", "best.pth", "log.jsonl", "curves.png", "config.json")
+
+
+def claim_output(cfg: RunConfig) -> None:
+    """Make sure the output folder holds no other run, or that the user said what to do with it: ``--resume``
+    continues it, ``--overwrite`` deletes its files first. Otherwise a one-line ValueError."""
+    out = Path(cfg.output)
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if not existing or cfg.resume:
+        return
+    if not cfg.overwrite:
+        raise ValueError(
+            f"{str(out)!r} already holds a run ({', '.join(existing)}); pass --resume to continue it, --overwrite to "
+            "replace it, or choose another --output"
+        )
+    for name in existing:
+        (out / name).unlink()
+
+
+@contextlib.contextmanager
+def output_claimed(cfg: RunConfig, dist: DistInfo) -> Iterator[None]:
+    """Hold the output folder's lock (rank 0) for the whole run and check what it holds; every rank fails alike."""
+    lock, error = None, None
+    if dist.is_main:
+        try:
+            lock = FolderLock(cfg.output).__enter__()
+            claim_output(cfg)
+        except (OutputError, ValueError) as err:
+            error = err
+    if all_reduce_sum(torch.tensor([1.0 if error else 0.0])).item() > 0:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+        raise error if error is not None else ValueError("the output folder could not be claimed (see rank 0)")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
 def run_training(cfg: RunConfig, trainer_cls: Type[Trainer]) -> Record:
-    """Join the process group, seed every RNG per rank, build the run, resume it if asked (``cfg.resume``: a
-    path, or "auto" for OUTPUT/last.pth when it exists), train; returns the last record."""
+    """Join the process group, claim the output folder, seed every RNG per rank, build the run, resume it if
+    asked (``cfg.resume``: a path, or "auto" for OUTPUT/last.pth when it exists), train; returns the last record."""
+    cfg.validate()
     dist = init_distributed(cfg.device)
     try:
-        torch.manual_seed(cfg.seed + dist.rank)
-        np.random.seed(cfg.seed + dist.rank)
-        random.seed(cfg.seed + dist.rank)
-        trainer = trainer_cls(cfg, dist)
-        if cfg.resume:
-            path = Path(cfg.output) / "last.pth" if cfg.resume == "auto" else Path(cfg.resume)
-            if cfg.resume != "auto" or path.is_file():
-                trainer.resume(str(path))
-        return trainer.train()
+        with output_claimed(cfg, dist):
+            torch.manual_seed(cfg.seed + dist.rank)
+            np.random.seed(cfg.seed + dist.rank)
+            random.seed(cfg.seed + dist.rank)
+            trainer = trainer_cls(cfg, dist)
+            if cfg.resume:
+                path = Path(cfg.output) / "last.pth" if cfg.resume == "auto" else Path(cfg.resume)
+                if cfg.resume != "auto" or path.is_file():
+                    trainer.resume(str(path))
+            return trainer.train()
     finally:
         cleanup()

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -33,15 +34,37 @@ from visionmamba.ops.scan.reference import compute_dtype
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("scan_rows.cpp", "scan_lanes.cpp", "conv_silu.cpp", "bindings.cpp")
 HEADERS = ("selective_scan.h", "scan_math.h")
-CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
+CFLAGS = ("-O3", "-ffast-math", "-fopenmp")
+
+
+def instruction_set() -> Tuple[str, Tuple[str, ...]]:
+    """(name, compiler flags) of the instruction-set level the kernels are built for on this CPU.
+
+    Never ``-march=native``: a binary built for the build machine dies (SIGILL) on an older CPU that shares
+    the build cache, e.g. through a home folder on a cluster. x86-64 uses the level torch itself dispatches
+    to (``torch.backends.cpu.get_cpu_capability()``, lowered by ``ATEN_CPU_CAPABILITY``): v4 (AVX-512, for
+    the AVX-512 exp path), v3 (AVX2 + FMA) or the x86-64 baseline, tuned for the build machine (tuning only
+    orders legal instructions: the binary runs on any CPU of its level); ARM the ARMv8-A baseline.
+    """
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        capability = torch.backends.cpu.get_cpu_capability()
+        level = {"AVX512": "x86-64-v4", "AVX2": "x86-64-v3"}.get(capability, "x86-64")
+        return level, (f"-march={level}", "-mtune=native")  # tuning picks among legal instructions only
+    if machine in ("aarch64", "arm64"):
+        return "armv8-a", ("-march=armv8-a",)
+    return machine or "generic", ()
 
 
 def extension_name() -> str:
-    """The build's name: a hash of the sources, the flags and the torch version (torch caches builds by name)."""
-    digest = hashlib.sha1(torch.__version__.encode() + " ".join(CFLAGS).encode())
+    """The build's name: the instruction-set level, and a hash of the sources, the flags, the torch version and
+    the Python ABI. Builds are cached by name (TORCH_EXTENSIONS_DIR), so machines and environments that share
+    a cache each keep their own binary instead of crashing on, or rebuilding, another's."""
+    level, flags = instruction_set()
+    digest = hashlib.sha1(f"{torch.__version__} {sys.implementation.cache_tag} {' '.join(CFLAGS + flags)}".encode())
     for name in SOURCES + HEADERS:
         digest.update((CSRC / name).read_bytes())
-    return f"visionmamba_scan_cpu_{digest.hexdigest()[:10]}"
+    return f"visionmamba_scan_cpu_{level.replace('-', '_')}_{digest.hexdigest()[:10]}"
 
 
 @functools.cache
@@ -62,7 +85,7 @@ def _build() -> Tuple[Optional[ModuleType], Optional[str]]:
         module = load(
             name=name,
             sources=[str(CSRC / s) for s in SOURCES],
-            extra_cflags=list(CFLAGS),
+            extra_cflags=list(CFLAGS + instruction_set()[1]),
             extra_ldflags=["-fopenmp"],
             verbose=bool(os.environ.get("VISIONMAMBA_VERBOSE_BUILD")),
         )
@@ -221,6 +244,7 @@ def _bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
     u = conv_silu(x, conv_weight.to(ct), conv_bias.to(ct))  # (2, b, L, E)
     x_proj_weight = x_proj_weight.to(ct)
     rows = u.view(2, batch * length, inner)
-    x_proj_out = torch.stack([linear(rows[i], x_proj_weight[i]) for i in range(2)]).view(2, batch, length, -1)
+    width = x_proj_weight.shape[1]  # R + 2N
+    x_proj_out = torch.stack([linear(rows[i], x_proj_weight[i]) for i in range(2)]).view(2, batch, length, width)
     out = bi_scan(u, x_proj_out, dt_proj_weight.to(ct), A.to(ct), D.to(ct), z.to(ct), dt_proj_bias.to(ct))
     return out.to(dtype)
