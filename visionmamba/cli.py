@@ -341,7 +341,8 @@ def _cmd_features(args: argparse.Namespace) -> int:
 def _add_benchmark(sub) -> None:
     p = sub.add_parser("benchmark", help="images/s and peak memory vs resolution, with a table of ratios, CSV and plot")
     p.add_argument("--models", nargs="+", default=["vim_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_patch16_224:naive"],
-                   help="timm names; ':naive' turns off fused attention, ':onednn' routes plain linears through oneDNN")
+                   help="timm names; ':naive' turns off fused attention, ':onednn' routes plain linears through oneDNN, "
+                        "':onnx' exports the model and runs it in ONNX Runtime")
     p.add_argument("--res", type=positive_int, nargs="+", default=[224, 512])
     p.add_argument("--batch", type=positive_int, default=8)
     p.add_argument("--device", default="cpu", type=device_arg, choices=["cpu", "cuda"])
@@ -369,26 +370,30 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export to ONNX (one fixed resolution per file)")
-    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p = sub.add_parser("export", help="export to ONNX or torch.export: one file for every batch size and fitting image size")
+    p.add_argument("--format", choices=["onnx", "torch-export"], default="onnx",
+                   help="onnx: for ONNX Runtime and other runtimes; torch-export: a .pt2 program with our kernels")
     p.add_argument("--model", required=True)
     p.add_argument("--checkpoint")
     p.add_argument("--ema", action="store_true")
-    p.add_argument("--img-size", type=positive_int, nargs="+", default=[224], help="one file per size")
-    p.add_argument("--out", required=True, help="output .onnx file (suffixed _<size> when several sizes)")
-    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True, help="compare with onnxruntime")
+    p.add_argument("--img-size", type=positive_int, default=224,
+                   help="the size the model is built for (its position table) and the first size checked")
+    p.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare with PyTorch at two batch sizes and three image sizes before writing")
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from visionmamba.tools.export import EXPORTERS
 
-    export = EXPORTERS[args.format]
-    for size in args.img_size:
-        out = Path(args.out)
-        target = out.with_name(f"{out.stem}_{size}{out.suffix}") if len(args.img_size) > 1 else out
-        report = export(args.model, target, img_size=size, checkpoint=args.checkpoint, use_ema=args.ema, check=args.check)
-        print(f"wrote {target} ({size}x{size})" + (f", onnxruntime max abs diff {report['max_abs_diff']:.2e}" if args.check else ""))
+    report = EXPORTERS[args.format](args.model, Path(args.out), img_size=args.img_size, checkpoint=args.checkpoint,
+                                    use_ema=args.ema, check=args.check)
+    print(f"wrote {args.out} ({args.format}; any batch size, any image size that fits the patch grid; "
+          f"exported in {report['export_s']:.1f} s)")
+    if args.check:
+        diffs = report["max_abs_diff"]
+        print(f"max abs difference from PyTorch {max(diffs.values()):.1e} over batch x size {', '.join(diffs)}")
     return 0
 
 

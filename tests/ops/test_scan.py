@@ -110,7 +110,15 @@ def test_backend_matches_reference_forward_and_every_gradient(backend, dtype, ba
     check_against_reference(run, inputs, dtype)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch, length", [(3, 1), (1, 63), (2, 70)])  # 1 step; 7 loop iterations + 7; 9 - 2
+def test_loop_backend_matches_reference_forward_and_every_gradient(dtype, batch, length):
+    inputs = scan_inputs(batch, 37, length, 16, dtype)
+    run = lambda **kw: scan.selective_scan(**kw, backend="loop")  # noqa: E731
+    check_against_reference(run, inputs, dtype)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "chunked", "loop"])
 def test_backend_optional_inputs_and_plain_delta(backend):
     inputs = scan_inputs(2, 5, 40, 3, torch.float64)
     for absent in ("D", "z", "delta_bias"):
@@ -193,11 +201,12 @@ def test_torch_compile_fullgraph_with_the_custom_op():
         assert_close(a, b, atol=1e-5, rtol_max=1e-4, name="compiled grad")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "loop"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("batch, length, steep", [(3, 1, False), (1, 63, False), (2, 197, False), (2, 70, True)])
-def test_cpu_fused_bidirectional_matches_the_flip_composition(dtype, batch, length, steep):
-    """The CPU mixer core (conv + SiLU both ways, reverse scan, no flips, dt_proj fused, chunks of 32 steps) vs
-    the reference composition. ``steep``: delta ~ 60 with |A| up to 16 * e, so most decays exp(delta A)
+def test_fused_bidirectional_matches_the_flip_composition(backend, dtype, batch, length, steep):
+    """The fused mixer cores vs the reference composition: the CPU one (conv + SiLU both ways, reverse scan, no
+    flips, dt_proj fused, chunks of 32 steps) and the loop one (both directions as one time-major scan). ``steep``: delta ~ 60 with |A| up to 16 * e, so most decays exp(delta A)
     underflow to 0 (the fast exp must do so as the reference does)."""
     channels, state, rank, taps = 37, 16, 3, 4
     g = torch.Generator().manual_seed(0)
@@ -216,7 +225,7 @@ def test_cpu_fused_bidirectional_matches_the_flip_composition(dtype, batch, leng
         out = scan.bidirectional(*leaves, backend=backend)
         return out, torch.autograd.grad(out, leaves, dout)
 
-    out, grads = run("cpu")
+    out, grads = run(backend)
     ref, ref_grads = run("reference")
     fwd_tol, grad_tol = (1e-12, 1e-11) if dtype == torch.float64 else (2e-5, 1e-4)
     assert_close(out, ref, rtol_max=fwd_tol, name="forward")
@@ -225,7 +234,7 @@ def test_cpu_fused_bidirectional_matches_the_flip_composition(dtype, batch, leng
         assert_close(got, want, rtol_max=grad_tol, name=f"grad {name}")
 
 
-@pytest.mark.parametrize("backend", ["cpu", "chunked", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "chunked", "reference", "loop"])
 def test_zero_size_batches_give_empty_results(backend):
     from helpers import tiny_vim
 

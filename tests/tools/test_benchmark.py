@@ -33,3 +33,15 @@ def test_benchmark_refuses_zero_sizes_and_fails_when_every_point_fails(tmp_path)
     assert proc.returncode == 2 and "must be at least 1" in proc.stderr
     proc = cli("benchmark", "--models", "no_such_model", "--res", 32, "--batch", 1, "--repeats", 1, "--out", tmp_path, check=False)
     assert proc.returncode == 1 and "every point failed" in proc.stderr
+
+
+def test_onnx_runtime_points_beside_pytorch_ones(tmp_path):
+    out = cli("benchmark", "--models", "deit_tiny_patch16_224", "deit_tiny_patch16_224:onnx", "vim_tiny_patch16_224:onnx",
+              "--res", 32, "--batch", 2, "--repeats", 1, "--out", tmp_path).stdout
+    rows = (tmp_path / "benchmark.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["deit_tiny_patch16_224", "deit_tiny_patch16_224:onnx", "vim_tiny_patch16_224:onnx"]
+    assert all(",ok," in row for row in rows), rows
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["deit_tiny_patch16_224_32.onnx", "vim_tiny_patch16_224_32.onnx"]
+    assert "vim_tiny_patch16_224:onnx" in out
+    proc = cli("benchmark", "--models", "vim_tiny_patch16_224:onnx", "--train", "--res", 32, "--out", tmp_path, check=False)
+    assert proc.returncode == 2 and "ONNX Runtime points are CPU float32 inference" in proc.stderr

@@ -1,24 +1,101 @@
-"""ONNX export, checked against onnxruntime."""
+"""Export: one file for every batch size and fitting image size, checked against the PyTorch model."""
+import json
+import subprocess
+import sys
+
+import numpy as np
 import pytest
+import timm
 import torch
 
+import visionmamba  # noqa: F401  (registers the models)
+from visionmamba import cli
+from visionmamba.tools.export import EXPORTERS, StackedBlocks, export_onnx, export_torch, onnx_session
 
-def test_onnx_round_trip_at_two_resolutions(tmp_path):
+TINY = dict(depth=3, embed_dim=32, num_classes=10, patch_size=8, stride=8)
+
+
+def tiny(seed: int, **overrides) -> torch.nn.Module:
+    """The model the exporters build after ``torch.manual_seed(seed)`` (same draws, same weights)."""
+    torch.manual_seed(seed)
+    return timm.create_model("vim_tiny_patch16_224", img_size=32, **{**TINY, **overrides}).eval()
+
+
+def test_stacked_blocks_equal_the_model():
+    model = tiny(0)
+    x = torch.randn(2, 3, 40, 24)
+    with torch.no_grad():
+        assert torch.equal(StackedBlocks(model)(x), model(x))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"patch_size": 8, "stride": 4}], ids=["patch8", "stride4"])
+def test_one_onnx_file_serves_every_batch_and_fitting_size(tmp_path, overrides):
     pytest.importorskip("onnxruntime")
-    from visionmamba.tools.export import export_onnx
+    torch.manual_seed(0)
+    report = export_onnx("vim_tiny_patch16_224", tmp_path / "m.onnx", img_size=32, model_args={**TINY, **overrides})
+    assert set(report["max_abs_diff"]) == {f"{b}x{s}" for b in (1, 2) for s in (32, 48, 72)}  # 2 batches, 3 sizes
+    model, session = tiny(0, **overrides), onnx_session(str(tmp_path / "m.onnx"))
+    for shape in [(3, 3, 32, 56), (1, 3, 64, 40)]:  # other batch sizes, non-square
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert np.abs(session.run(None, {"image": x.numpy()})[0] - expected).max() < 1e-4
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["labels"]) == [str(i) for i in range(10)] and json.loads(meta["input_size"]) == [3, 32, 32]
+    assert "+ %d * k" % overrides.get("stride", 8) in meta["image_sizes"]
 
-    args = dict(depth=2, embed_dim=32, patch_size=8, stride=8, num_classes=10)
-    for size in (32, 48):
-        torch.manual_seed(0)
-        report = export_onnx("vim_tiny_patch16_224", tmp_path / f"m{size}.onnx", img_size=size, model_args=args)
-        assert report["max_abs_diff"] < 1e-4
+
+def test_the_readmes_onnx_runtime_example_classifies_an_image(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from pathlib import Path
+
+    from PIL import Image
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("Classifying an image with the ONNX file")[1].split("```python\n")[1].split("```")[0]
+    torch.manual_seed(0)
+    export_onnx("vim_tiny_patch16_224", tmp_path / "m.onnx", img_size=32, model_args=TINY, check=False)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(tmp_path / "c.jpg")
+    exec(example.replace("vim_t.onnx", str(tmp_path / "m.onnx")).replace("cat.jpg", str(tmp_path / "c.jpg")), {})
+    assert capsys.readouterr().out.strip() in [str(i) for i in range(10)]
+
+
+def test_torch_export_program_loads_and_runs_at_other_sizes(tmp_path):
+    torch.manual_seed(0)
+    export_torch("vim_tiny_patch16_224", tmp_path / "m.pt2", img_size=32, model_args=TINY)
+    x = torch.randn(3, 3, 48, 64)
+    with torch.no_grad():
+        torch.save((x, tiny(0)(x)), tmp_path / "expected.pt")
+    code = (  # a fresh process: what a user loading the file has
+        "import sys, torch, visionmamba\n"
+        "program = torch.export.load(sys.argv[1])\n"
+        "x, expected = torch.load(sys.argv[2])\n"
+        "print((program.module()(x) - expected).abs().max().item())\n"
+        "try:\n"
+        "    program.module()(torch.randn(1, 3, 44, 48))\n"
+        "except Exception as err:\n"
+        "    print('refused', type(err).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pt2"), str(tmp_path / "expected.pt")],
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    assert float(out[0]) < 1e-4
+    assert out[1].startswith("refused")  # 44 does not fit patch 8 / stride 8
+
+
+def test_sizes_that_do_not_fit_and_missing_files_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"does not fit patch 8 / stride 8.*nearest that fits: 40x40"):
+        export_torch("vim_tiny_patch16_224", tmp_path / "m.pt2", img_size=37, model_args=TINY)
+    assert cli.main(["export", "--model", "vim_tiny_patch16_224", "--img-size", "225", "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "image size 225x225 does not fit patch 16 / stride 16" in err and "224x224" in err
+    assert not (tmp_path / "m.onnx").exists()
+    assert cli.main(["export", "--model", "vim_tiny_patch16_224", "--checkpoint", str(tmp_path / "absent.pth"),
+                     "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_format_flag_selects_the_exporter():
-    from visionmamba import cli
-    from visionmamba.tools.export import EXPORTERS, export_onnx
-
-    args = cli.build_parser().parse_args(["export", "--model", "vim_tiny_patch16_224", "--out", "m.onnx", "--format", "onnx"])
-    assert EXPORTERS[args.format] is export_onnx
+    args = cli.build_parser().parse_args(["export", "--model", "vim_tiny_patch16_224", "--out", "m.pt2", "--format", "torch-export"])
+    assert EXPORTERS[args.format] is export_torch
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["export", "--model", "vim_tiny_patch16_224", "--out", "m.onnx", "--format", "tflite"])

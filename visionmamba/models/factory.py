@@ -100,11 +100,13 @@ def load_for_inference(
     data_config = dict(meta["data_config"]) if meta.get("data_config") else resolve_data_config({}, model=model)
     if img_size:
         data_config["input_size"] = (3, img_size, img_size)
-    if meta.get("classes"):
-        labels = list(meta["classes"])
-    elif model.num_classes == 1000:
-        info = ImageNetInfo()
-        labels = [info.index_to_description(i) for i in range(1000)]
-    else:
-        labels = [str(i) for i in range(model.num_classes)]
+    labels = list(meta["classes"]) if meta.get("classes") else default_labels(model.num_classes)
     return InferenceModel(model=model, data_config=data_config, labels=labels, name=name, classes=meta.get("classes"))
+
+
+def default_labels(num_classes: int) -> List[str]:
+    """ImageNet's class descriptions for a 1000-class head, else the class indices as strings."""
+    if num_classes == 1000:
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(1000)]
+    return [str(i) for i in range(num_classes)]

@@ -4,6 +4,7 @@ from typing import Tuple
 
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.layers.helpers import is_exporting
 
 
 def pos_embed_resample(
@@ -22,7 +23,8 @@ def pos_embed_resample(
         raise ValueError(
             f"pos_embed has {pos_embed.shape[1]} rows, expected {old_m} patches + 1 class token for grid {old_grid}"
         )
-    if old_grid[0] == new_grid[0] and old_grid[1] == new_grid[1]:
+    # no early return while exporting: it would specialise the graph to the example input's grid
+    if not is_exporting() and old_grid[0] == new_grid[0] and old_grid[1] == new_grid[1]:
         return pos_embed
     cls_row = pos_embed[:, old_m // 2 : old_m // 2 + 1]
     patches = torch.cat([pos_embed[:, : old_m // 2], pos_embed[:, old_m // 2 + 1 :]], dim=1)

@@ -3,13 +3,17 @@ Figure 1 (speed and memory vs resolution), with ratios against the first model m
 
 CPU points run each in a fresh process (peak resident memory is per process); GPU points run in this
 process with CUDA's peak-allocated counter reset per point. Out of memory is recorded as such.
-A model spec is a timm name, optionally with ":naive" to turn off fused attention (DeiT) or ":onednn" to
-give its plain linears Vim's oneDNN route (like-for-like matrix products on the CPU).
+A model spec is a timm name, optionally with ":naive" to turn off fused attention (DeiT), ":onednn" to
+give its plain linears Vim's oneDNN route (like-for-like matrix products on the CPU), or ":onnx" to run
+it in ONNX Runtime (CPU execution provider, the same thread count): the model is exported first (Vim
+through ``visionmamba export``'s graph, others with ``torch.onnx``) and measured by
+:mod:`visionmamba.tools.onnx_point` in a process without torch.
 """
 import csv
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +21,7 @@ from typing import List, Optional
 
 import torch
 
+from visionmamba.files import atomic_write
 from visionmamba.ops.linear import use_onednn_linears
 from visionmamba.ops.memory import keep_freed_memory, peak_memory_mb, reset_peak_memory
 
@@ -47,8 +52,37 @@ def build(spec: str, res: int) -> torch.nn.Module:
     elif variant == "onednn":
         use_onednn_linears(model)
     elif variant:
-        raise ValueError(f"unknown model variant {variant!r} in {spec!r} (':naive' or ':onednn')")
+        raise ValueError(f"unknown model variant {variant!r} in {spec!r} (':naive', ':onednn' or ':onnx')")
     return model
+
+
+def onnx_file(name: str, res: int, folder: Path) -> Path:
+    """``name`` exported for res x res inputs, written to ``folder`` (afresh: a file from an older run may
+    hold an older graph)."""
+    import timm
+
+    from visionmamba.models.registry import VARIANTS
+    from visionmamba.tools.export import export_onnx
+
+    path = folder / f"{name}_{res}.onnx"
+    if name in VARIANTS:
+        export_onnx(name, path, img_size=res, check=False)
+    else:
+        model = timm.create_model(name, img_size=res).eval()
+        batch = {0: torch.export.Dim("batch")}
+        with torch.no_grad():
+            program = torch.onnx.export(model, (torch.randn(2, 3, res, res),), dynamo=True, external_data=False, verbose=False,
+                                        dynamic_shapes=(batch,))
+        atomic_write(path, program.save)
+    return path
+
+
+def measure_onnx_in_fresh_process(spec: str, path: Path, res: int, batch: int, repeats: int, threads: int) -> Point:
+    """One ONNX Runtime point in its own process (:mod:`visionmamba.tools.onnx_point`)."""
+    script = Path(__file__).with_name("onnx_point.py")
+    proc = subprocess.run([sys.executable, str(script), str(path), str(res), str(batch), str(repeats), str(threads)],
+                          capture_output=True, text=True)
+    return _point_from(proc, Point(spec, res, batch, "infer"))
 
 
 def measure(spec: str, res: int, batch: int, device: str, dtype: str, train: bool, repeats: int) -> Point:
@@ -109,12 +143,19 @@ def measure_in_fresh_process(spec: str, res: int, batch: int, dtype: str, train:
         "print('POINT ' + json.dumps(asdict(p)))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return _point_from(proc, Point(spec, res, batch, "train" if train else "infer"))
+
+
+def _point_from(proc: subprocess.CompletedProcess, point: Point) -> Point:
+    """``point`` completed from a measuring process's ``POINT {...}`` line, or marked OOM / error."""
     line = next((l for l in proc.stdout.splitlines() if l.startswith("POINT ")), None)
     if line is None:
         killed = proc.returncode in (-9, 137)  # the kernel's OOM killer
-        status = "OOM" if killed else f"error: {(proc.stderr.strip().splitlines() or ['exit ' + str(proc.returncode)])[-1][:120]}"
-        return Point(spec, res, batch, "train" if train else "infer", status=status)
-    return Point(**json.loads(line[len("POINT "):]))
+        point.status = "OOM" if killed else f"error: {(proc.stderr.strip().splitlines() or ['exit ' + str(proc.returncode)])[-1][:120]}"
+        return point
+    for key, value in json.loads(line[len("POINT "):]).items():
+        setattr(point, key, value)
+    return point
 
 
 def run_benchmark(
@@ -122,22 +163,35 @@ def run_benchmark(
     train: bool = False, repeats: int = 3, threads: int = 2, out: Optional[Path] = None, progress: bool = True,
 ) -> List[Point]:
     """Every (model, resolution) point; writes ``benchmark.csv`` and ``benchmark.png`` under ``out``."""
+    onnx_specs = [spec for spec in models if spec.endswith(":onnx")]
+    if onnx_specs and (device != "cpu" or train or dtype != "fp32"):
+        raise ValueError(f"{onnx_specs}: ONNX Runtime points are CPU float32 inference (drop --train / --dtype / --device)")
     points = []
-    for res in resolutions:
-        for spec in models:
-            if device == "cpu":
-                point = measure_in_fresh_process(spec, res, batch, dtype, train, repeats, threads)
-            else:
-                point = measure(spec, res, batch, device, dtype, train, repeats)
-                torch.cuda.empty_cache()
-            if progress:
-                print(f"  {spec} @ {res}: {point.status}, {point.img_per_s:.1f} img/s, {point.peak_mem_mb:.0f} MB", flush=True)
-            points.append(point)
+    with tempfile.TemporaryDirectory(prefix="visionmamba-onnx-") as scratch:
+        onnx_folder = Path(scratch) if out is None else out / "onnx"
+        for res in resolutions:
+            for spec in models:
+                point = _measure_point(spec, res, batch, device, dtype, train, repeats, threads, onnx_folder)
+                if progress:
+                    print(f"  {spec} @ {res}: {point.status}, {point.img_per_s:.1f} img/s, {point.peak_mem_mb:.0f} MB", flush=True)
+                points.append(point)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_csv(points, out / "benchmark.csv")
         plot(points, out / "benchmark.png", title=f"{device}, {dtype}, batch {batch}, {'training' if train else 'inference'}")
     return points
+
+
+def _measure_point(spec: str, res: int, batch: int, device: str, dtype: str, train: bool, repeats: int, threads: int,
+                   onnx_folder: Path) -> Point:
+    name, _, variant = spec.partition(":")
+    if variant == "onnx":
+        return measure_onnx_in_fresh_process(spec, onnx_file(name, res, onnx_folder), res, batch, repeats, threads)
+    if device == "cpu":
+        return measure_in_fresh_process(spec, res, batch, dtype, train, repeats, threads)
+    point = measure(spec, res, batch, device, dtype, train, repeats)
+    torch.cuda.empty_cache()
+    return point
 
 
 def ratio_table(points: List[Point]) -> str:

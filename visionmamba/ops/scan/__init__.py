@@ -3,8 +3,9 @@
 Model code calls :func:`bidirectional` (the mixer core) or :func:`selective_scan` and never imports a
 backend module. Each backend is the module ``visionmamba.ops.scan.<name>`` and implements the contract of
 :mod:`visionmamba.ops.scan.reference`, the specification every other backend is tested against. The
-``cpu`` and ``triton`` modules also fuse the whole mixer core (``bidirectional``); for the others it is
-composed from their one-direction scan exactly as the reference writes it.
+``cpu``, ``triton`` and ``loop`` modules also fuse the whole mixer core (``bidirectional``); for the others
+it is composed from their one-direction scan exactly as the reference writes it. ``loop`` is the backend of
+the exporters (a loop that exported graphs keep), not a fast path.
 
 ``"auto"`` picks per device (``cpu`` on the CPU, falling back to ``reference`` with a warning when no
 compiler is available; ``triton`` on CUDA when Triton imports, else ``chunked``); the environment variable
@@ -22,7 +23,7 @@ from typing import Dict, Optional
 
 import torch
 
-from visionmamba.ops.scan import cpu, reference
+from visionmamba.ops.scan import cpu, loop, reference
 from visionmamba.ops.scan.custom_op import selective_scan_op
 
 BACKEND_ENV = "VISIONMAMBA_SCAN_BACKEND"
@@ -32,6 +33,7 @@ BACKENDS: Dict[str, str] = {
     "cpu": "fused C++ kernels compiled at first use (the default on the CPU)",
     "chunked": "pure PyTorch: closed form inside chunks, hand-written recomputing backward (any device)",
     "triton": "fused Triton kernels, forward and backward (the default on CUDA)",
+    "loop": "PyTorch's scan operator over chunks of steps: a loop exported graphs keep (ONNX, torch.export)",
 }
 
 
@@ -114,8 +116,9 @@ def selective_scan(
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     name = resolve_backend(backend, u.device)
-    if name == "reference":
-        return reference.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    if name in ("reference", "loop"):  # plain tensor code, no custom op: tracers and exporters see through it
+        module = reference if name == "reference" else loop
+        return module.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
     return selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, name)
 
 
@@ -141,6 +144,8 @@ def bidirectional(
     params = (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
     if name == "cpu":
         return cpu.bidirectional(*params)
+    if name == "loop":
+        return loop.bidirectional(*params)
     if name == "triton":
         from visionmamba.ops.scan import triton  # imports Triton: only where this backend runs
 
