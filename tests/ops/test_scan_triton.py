@@ -50,7 +50,7 @@ def on_device(inputs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch, length, state", [(3, 1, 16), (1, 63, 16), (3, 37, 5)])  # 37: 2 chunks + 5
 def test_single_direction_matches_reference(dtype, batch, length, state):
-    inputs = on_device(scan_inputs(batch, 37, length, state, dtype))  # 37 channels: 3 blocks, the last partial
+    inputs = on_device(scan_inputs(batch, 37, length, state, dtype))  # 37 channels: not a multiple of any block
     run = lambda **kw: scan.selective_scan(**kw, backend="triton")  # noqa: E731
     check_against_reference(run, inputs, dtype)
 
@@ -75,10 +75,10 @@ def bidirectional_inputs(batch, channels, length, state=4, rank=3, taps=4, seed=
     return [t.to(DEVICE) for t in [x, z, *params]]
 
 
-@pytest.mark.parametrize("batch, length", [(3, 1), (1, 63), (2, 37)])
-def test_fused_bidirectional_matches_the_flip_composition_forward_and_every_gradient(batch, length):
-    inputs = bidirectional_inputs(batch, 37, length)
-    dout = torch.randn(batch, length, 37, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+@pytest.mark.parametrize("batch, channels, length", [(3, 37, 1), (1, 70, 63), (2, 37, 37)])  # 70: 2 and 3 blocks
+def test_fused_bidirectional_matches_the_flip_composition_forward_and_every_gradient(batch, channels, length):
+    inputs = bidirectional_inputs(batch, channels, length)
+    dout = torch.randn(batch, length, channels, generator=torch.Generator().manual_seed(5)).to(DEVICE)
 
     def run(backend):
         leaves = [t.detach().clone().requires_grad_(True) for t in inputs]

@@ -1,380 +1,567 @@
 """Triton backend: fused selective-scan kernels, forward and backward, one or both directions per launch.
 
-Layers: ``_*_kernel`` (Triton) -> ``_launch_*`` (allocation, grids, strides) -> ``torch.library`` custom ops
-with fake shapes and backward ops -> public functions with shape docstrings (``forward``/``backward`` for the custom op, ``bidirectional``, the
-mixer core, token-major in and out).
+Layers: ``_*_kernel`` (Triton) -> ``*_launch`` (allocation, grid, arguments: one function per kernel, used
+by the launchers and by ``benchmarks/gpu_static.py``, so the machine code measured is the code that runs)
+-> ``torch.library`` custom ops with fake shapes and backward ops -> public functions.
 
-* Scan: one program per (batch, block of channels, direction); the state (BLOCK_E, N) stays in registers
-  and the program walks the sequence, forwards for direction 0 and backwards (through the indices, no
-  flipped copies) for direction 1. softplus(delta + bias), the D skip, the SiLU(z) gate and the average of
-  the two directions are fused. The states at every CHECKPOINT_STEPS-th step are saved; the backward
-  recomputes each chunk from its start state, then walks it in reverse.
-* Depthwise conv + SiLU, causal for direction 0 and anti-causal for direction 1, in one launch.
+Designed for the hardware (the SASS each choice produced is in benchmarks/RESULTS.md, "GPU kernels"):
+
+* Token-major: activations are (direction, batch, L, E) with the channels contiguous, so each step of a
+  program loads one coalesced row of its channels; ``x`` and ``z`` are read as the strided views of
+  ``in_proj``'s output they are, and the direction that runs backwards walks the rows backwards (no flip,
+  no transpose, no copy).
+* A thread owns whole channels: the state is a tuple of N vectors over the program's channels (one per
+  state, unrolled with ``tl.static_range``), so ``y = sum_n C_n h_n`` is in-thread arithmetic: no shuffle,
+  no barrier, no shared memory in the forward step. B and C of a step are N scalar loads shared by all
+  the program's channels; the next step's inputs are loaded before the current step's arithmetic.
+* softplus(delta + bias), the D skip, the SiLU(z) gate and the average of the two directions are fused.
+  The forward saves the state every CHECKPOINT_STEPS steps; the backward recomputes each chunk from its
+  saved state into a program-private scratch (each thread reads back only what it wrote), then walks it
+  in reverse.
+* ``@triton.autotune`` picks the channels per program and warps on the user's GPU (keys: channels, a
+  length bucket, and the dtypes, which Triton's autotuner adds to every key).
 
 Determinism: reductions over channels, batch or time go to per-program partial buffers summed afterwards
 in a fixed order. The only atomics add exactly two terms (one per direction) to a zeroed buffer, and
 0 + a + b == 0 + b + a in floating point, so results do not depend on scheduling.
 """
-from typing import List, Optional, Tuple
+import os
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from visionmamba.ops.scan.custom_op import register_backward
 
 CHECKPOINT_STEPS = 64  # steps between the saved states the backward restarts from
-BLOCK_E = 16
-CONV_BLOCK_E = 16
-CONV_BLOCK_T = 64
+CONV_BLOCK_E = 32
+CONV_BLOCK_T = 32
+LOG2E = 1.4426950408889634
+# Triton's interpreter has no libdevice: there the softplus takes the precise log2 (same formula).
+FAST_MATH = os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def scan_configs(backward: bool) -> List[triton.Config]:
+    """Channels per thread x warps. The forward takes two or four channels per thread (one leaves the N
+    scalar B and C loads of a step shared by too few channels: 12.6 instructions per state-element-step
+    against 9.7 and 8.7) and one, two or four warps. The backward takes one warp (its reductions over
+    channels would need a barrier per step across warps) and one or two channels per thread (four spill).
+    One config in the interpreter, where there is nothing to tune."""
+    pairs = [(2, 1), (4, 1), (2, 2), (2, 4)] if not backward else [(1, 1), (2, 1)]
+    if not FAST_MATH:
+        pairs = pairs[:1]
+    return [triton.Config({"BLOCK_E": 32 * per_thread * warps}, num_warps=warps) for per_thread, warps in pairs]
+
+
+def _fitting_configs(configs: List[triton.Config], named_args: Dict, **kwargs) -> List[triton.Config]:
+    """Configs whose channel block is not larger than needed (keeps the smallest if none fits)."""
+    need = triton.next_power_of_2(named_args["E"])
+    fitting = [c for c in configs if c.kwargs["BLOCK_E"] <= max(need, 32)]
+    return fitting or configs[:1]
+
+
+def usable_configs(configs: List[triton.Config], arch: int, backward: bool) -> List[triton.Config]:
+    """The backward with two channels per thread needs 254 registers on sm_90 and spills on sm_80
+    (benchmarks/gpu_static.py): before sm_90 it keeps to one channel per thread."""
+    if backward and arch < 90:
+        return [c for c in configs if c.kwargs["BLOCK_E"] // (32 * c.num_warps) == 1]
+    return configs
+
+
+def _fitting_backward_configs(configs: List[triton.Config], named_args: Dict, **kwargs) -> List[triton.Config]:
+    major, minor = torch.cuda.get_device_capability(named_args["u"].device) if named_args["u"].is_cuda else (9, 0)
+    return _fitting_configs(usable_configs(configs, 10 * major + minor, backward=True), named_args)
+
+
+def length_bucket(length: int) -> int:
+    """Autotune key: the next power of two of the sequence length (224: 256, 1248: 8192)."""
+    return triton.next_power_of_2(max(int(length), 1))
 
 
 @triton.jit
-def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+def _softplus(x, FAST: tl.constexpr):
+    """log(1 + exp(x)), x itself above 20 (as torch's softplus)."""
+    y = 1.0 + tl.exp2(tl.minimum(x, 20.0) * 1.4426950408889634)
+    if FAST:
+        log2 = libdevice.fast_log2f(y)  # MUFU.LG2: one instruction, |error| < 2^-22 on [1, 5e8]
+    else:
+        log2 = tl.log2(y)
+    return tl.where(x > 20.0, x, log2 * 0.6931471805599453)
 
 
+@triton.jit
+def _filled(value, N: tl.constexpr):
+    """A tuple of N references to ``value`` (the initial state, the zeroed accumulators)."""
+    out = ()
+    for n in tl.static_range(N):
+        out = out + (value,)
+    return out
+
+
+@triton.jit
+def _row_tuple(ptr, stride, offsets, mask, N: tl.constexpr, factor: tl.constexpr = 1.0):
+    """N rows ``ptr + n * stride + offsets`` (times ``factor``) as a tuple of float32 vectors."""
+    out = ()
+    for n in tl.static_range(N):
+        row = tl.load(ptr + n * stride + offsets, mask=mask, other=0.0).to(tl.float32)
+        if factor != 1.0:
+            row = row * factor
+        out = out + (row,)
+    return out
+
+
+@triton.jit
+def _scalar_tuple(ptr, stride, N: tl.constexpr):
+    """N scalars ``ptr[n * stride]`` as float32 (B or C of one step: the same for every channel)."""
+    out = ()
+    for n in tl.static_range(N):
+        out = out + (tl.load(ptr + n * stride).to(tl.float32),)
+    return out
+
+
+@triton.jit
+def _store_tuple(ptr, stride, offsets, values, mask, N: tl.constexpr):
+    for n in tl.static_range(N):
+        tl.store(ptr + n * stride + offsets, values[n], mask=mask)
+
+
+@triton.jit
+def _time(i, L, i_d):
+    """The sequence position of step i: forwards for direction 0, backwards for direction 1."""
+    return i + (L - 1 - 2 * i) * i_d
+
+
+@triton.autotune(configs=scan_configs(backward=False), key=["E", "L_BUCKET"], reset_to_zero=["out"],
+                 prune_configs_by={"early_config_prune": _fitting_configs})
 @triton.jit
 def _scan_fwd_kernel(
     u, delta, A, B, C, D, z, bias, out, states,
-    L, E, N, n_chunks, scale,
-    s_u_d, s_u_b, s_u_e, s_u_t,
-    s_dt_d, s_dt_b, s_dt_e, s_dt_t,
-    s_B_d, s_B_b, s_B_n, s_B_t,
-    s_C_d, s_C_b, s_C_n, s_C_t,
-    s_z_b, s_z_e, s_z_t,
-    s_o_b, s_o_e, s_o_t,
-    s_h_d, s_h_b, s_h_e, s_h_c,
-    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    L, E, n_chunks, scale,
+    s_u_d, s_u_b, s_u_t, s_u_e,
+    s_dt_d, s_dt_b, s_dt_t, s_dt_e,
+    s_B_d, s_B_b, s_B_t, s_B_n,
+    s_C_d, s_C_b, s_C_t, s_C_n,
+    s_z_b, s_z_t, s_z_e,
+    s_o_b, s_o_t, s_o_e,
+    s_h_d, s_h_b, s_h_c,
+    L_BUCKET,
+    BLOCK_E: tl.constexpr, N: tl.constexpr, CHUNK: tl.constexpr, FAST: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BIDIR: tl.constexpr,
 ):
-    i_b, i_eb, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_e = i_eb * BLOCK_E + tl.arange(0, BLOCK_E)
-    o_n = tl.arange(0, BLOCK_N)
-    m_e, m_n = o_e < E, o_n < N
-    m_en = m_e[:, None] & m_n[None, :]
-    b_A = tl.load(A + i_d * E * N + o_e[:, None] * N + o_n[None, :], mask=m_en, other=0.0).to(tl.float32)
-    if HAS_D:
-        b_D = tl.load(D + i_d * E + o_e, mask=m_e, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        b_bias = tl.load(bias + i_d * E + o_e, mask=m_e, other=0.0).to(tl.float32)
-    h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
-    # This program's rows; step t adds t times the time stride.
-    p_h = states + i_d * s_h_d + i_b * s_h_b + o_e[:, None] * s_h_e + o_n[None, :]
+    """Grid (batch, channel blocks, directions). u, delta (ndir, b, L, E); A (ndir, N, E); B, C (ndir, b, L, N);
+    D, bias (ndir, E); z, out (b, L, E); states (ndir, b, n_chunks, N, E) float32, written at each chunk start."""
+    i_b, i_e, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    m_e = o_e < E
+    A2 = _row_tuple(A + i_d * N * E, E, o_e, m_e, N, 1.4426950408889634)  # exp(delta A) = exp2(delta A log2 e)
+    b_D = tl.load(D + i_d * E + o_e, mask=m_e, other=0.0).to(tl.float32)
+    b_bias = tl.load(bias + i_d * E + o_e, mask=m_e, other=0.0).to(tl.float32)
     p_u = u + i_d * s_u_d + i_b * s_u_b + o_e * s_u_e
     p_dt = delta + i_d * s_dt_d + i_b * s_dt_b + o_e * s_dt_e
-    p_B = B + i_d * s_B_d + i_b * s_B_b + o_n * s_B_n
-    p_C = C + i_d * s_C_d + i_b * s_C_b + o_n * s_C_n
+    p_B = B + i_d * s_B_d + i_b * s_B_b
+    p_C = C + i_d * s_C_d + i_b * s_C_b
     p_z = z + i_b * s_z_b + o_e * s_z_e
     p_o = out + i_b * s_o_b + o_e * s_o_e
-    for i in range(0, L):
-        t = i + (L - 1 - 2 * i) * i_d  # direction 1 reads the sequence backwards
-        if i % CHUNK == 0:
-            tl.store(p_h + (i // CHUNK) * s_h_c, h, mask=m_en)
-        b_u = tl.load(p_u + t * s_u_t, mask=m_e, other=0.0).to(tl.float32)
-        b_dt = tl.load(p_dt + t * s_dt_t, mask=m_e, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            b_dt = b_dt + b_bias
-        if SOFTPLUS:
-            b_dt = _softplus(b_dt)
-        b_B = tl.load(p_B + t * s_B_t, mask=m_n, other=0.0).to(tl.float32)
-        b_C = tl.load(p_C + t * s_C_t, mask=m_n, other=0.0).to(tl.float32)
-        h = tl.exp(b_dt[:, None] * b_A) * h + (b_dt * b_u)[:, None] * b_B[None, :]
-        b_y = tl.sum(h * b_C[None, :], axis=1)
-        if HAS_D:
-            b_y += b_D * b_u
-        if HAS_Z:
-            b_z = tl.load(p_z + t * s_z_t, mask=m_e, other=0.0).to(tl.float32)
-            b_y = b_y * b_z * tl.sigmoid(b_z)
-        if BIDIR:
-            tl.atomic_add(p_o + t * s_o_t, b_y * scale, mask=m_e)
-        else:
-            tl.store(p_o + t * s_o_t, (b_y * scale).to(out.dtype.element_ty), mask=m_e)
+    p_h = states + i_d * s_h_d + i_b * s_h_b
+    h = _filled(tl.zeros([BLOCK_E], dtype=tl.float32), N)
+    # step 0's inputs; every step then loads the next one's before its own arithmetic
+    t = _time(0, L, i_d)
+    n_u = tl.load(p_u + t * s_u_t, mask=m_e, other=0.0)
+    n_dt = tl.load(p_dt + t * s_dt_t, mask=m_e, other=0.0)
+    n_z = tl.load(p_z + t * s_z_t, mask=m_e, other=0.0)
+    n_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N)
+    n_C = _scalar_tuple(p_C + t * s_C_t, s_C_n, N)
+    for c in range(0, n_chunks):
+        _store_tuple(p_h + c * s_h_c, E, o_e, h, m_e, N)
+        for j in range(0, tl.minimum(CHUNK, L - c * CHUNK)):
+            b_u, b_dt, b_z, b_B, b_C, cur = n_u.to(tl.float32), n_dt.to(tl.float32), n_z.to(tl.float32), n_B, n_C, t
+            t = _time(tl.minimum(c * CHUNK + j + 1, L - 1), L, i_d)  # the last step reloads itself
+            n_u = tl.load(p_u + t * s_u_t, mask=m_e, other=0.0)
+            n_dt = tl.load(p_dt + t * s_dt_t, mask=m_e, other=0.0)
+            n_z = tl.load(p_z + t * s_z_t, mask=m_e, other=0.0)
+            n_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N)
+            n_C = _scalar_tuple(p_C + t * s_C_t, s_C_n, N)
+            if HAS_BIAS:
+                b_dt = b_dt + b_bias
+            if SOFTPLUS:
+                b_dt = _softplus(b_dt, FAST)
+            b_dtu = b_dt * b_u
+            b_y = tl.zeros([BLOCK_E], dtype=tl.float32)
+            if HAS_D:
+                b_y = b_D * b_u
+            new = ()
+            for n in tl.static_range(N):
+                h_n = tl.exp2(b_dt * A2[n]) * h[n] + b_B[n] * b_dtu
+                b_y += h_n * b_C[n]
+                new = new + (h_n,)
+            h = new
+            if HAS_Z:
+                b_y = b_y * b_z * tl.sigmoid(b_z)
+            if BIDIR:
+                tl.atomic_add(p_o + cur * s_o_t, b_y * scale, mask=m_e, sem="relaxed")
+            else:
+                tl.store(p_o + cur * s_o_t, (b_y * scale).to(out.dtype.element_ty), mask=m_e)
 
 
+@triton.autotune(configs=scan_configs(backward=True), key=["E", "L_BUCKET"], reset_to_zero=["dz"],
+                 prune_configs_by={"early_config_prune": _fitting_backward_configs})
 @triton.jit
 def _scan_bwd_kernel(
     u, delta, A, B, C, D, z, bias, states, scratch, dout,
     du, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part, dz,
-    L, E, N, n_chunks, scale,
-    s_u_d, s_u_b, s_u_e, s_u_t,
-    s_dt_d, s_dt_b, s_dt_e, s_dt_t,
-    s_B_d, s_B_b, s_B_n, s_B_t,
-    s_C_d, s_C_b, s_C_n, s_C_t,
-    s_z_b, s_z_e, s_z_t,
-    s_o_b, s_o_e, s_o_t,
-    s_h_d, s_h_b, s_h_e, s_h_c,
-    s_g_d, s_g_b, s_g_e, s_g_t,
-    s_p_d, s_p_b, s_p_k, s_p_n,
-    s_dz_b, s_dz_e, s_dz_t,
-    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    L, E, n_chunks, scale,
+    s_u_d, s_u_b, s_u_t, s_u_e,
+    s_dt_d, s_dt_b, s_dt_t, s_dt_e,
+    s_B_d, s_B_b, s_B_t, s_B_n,
+    s_C_d, s_C_b, s_C_t, s_C_n,
+    s_z_b, s_z_t, s_z_e,
+    s_o_b, s_o_t, s_o_e,
+    s_h_d, s_h_b, s_h_c,
+    s_g_d, s_g_b, s_g_t,
+    s_dz_b, s_dz_t,
+    L_BUCKET,
+    BLOCK_E: tl.constexpr, N: tl.constexpr, CHUNK: tl.constexpr, FAST: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BIDIR: tl.constexpr,
 ):
-    i_b, i_eb, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_e = i_eb * BLOCK_E + tl.arange(0, BLOCK_E)
-    o_n = tl.arange(0, BLOCK_N)
-    m_e, m_n = o_e < E, o_n < N
-    m_en = m_e[:, None] & m_n[None, :]
-    b_A = tl.load(A + i_d * E * N + o_e[:, None] * N + o_n[None, :], mask=m_en, other=0.0).to(tl.float32)
-    if HAS_D:
-        b_D = tl.load(D + i_d * E + o_e, mask=m_e, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        b_bias = tl.load(bias + i_d * E + o_e, mask=m_e, other=0.0).to(tl.float32)
-    p_h = states + i_d * s_h_d + i_b * s_h_b + o_e[:, None] * s_h_e + o_n[None, :]
+    """Gradients of :func:`_scan_fwd_kernel`. du, ddelta (ndir, b, L, E) in u's dtype; dz (b, L, E);
+    partial sums per program: dA_part (ndir, b, N, E), dD_part and dbias_part (ndir, b, E), dB_part and
+    dC_part (ndir, b, channel blocks, L, N) (the sum over this program's channels of each step)."""
+    i_b, i_e, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    m_e = o_e < E
+    A2 = _row_tuple(A + i_d * N * E, E, o_e, m_e, N, 1.4426950408889634)  # as in the forward
+    b_D = tl.load(D + i_d * E + o_e, mask=m_e, other=0.0).to(tl.float32)
+    b_bias = tl.load(bias + i_d * E + o_e, mask=m_e, other=0.0).to(tl.float32)
     p_u = u + i_d * s_u_d + i_b * s_u_b + o_e * s_u_e
     p_dt = delta + i_d * s_dt_d + i_b * s_dt_b + o_e * s_dt_e
-    p_B = B + i_d * s_B_d + i_b * s_B_b + o_n * s_B_n
-    p_C = C + i_d * s_C_d + i_b * s_C_b + o_n * s_C_n
+    p_B = B + i_d * s_B_d + i_b * s_B_b
+    p_C = C + i_d * s_C_d + i_b * s_C_b
     p_z = z + i_b * s_z_b + o_e * s_z_e
     p_do = dout + i_b * s_o_b + o_e * s_o_e
-    p_dz = dz + i_b * s_dz_b + o_e * s_dz_e
-    p_g = i_d * s_g_d + i_b * s_g_b + o_e * s_g_e  # offsets into du and ddelta
-    # Private scratch of this program: the states of one chunk, (CHUNK, BLOCK_E, BLOCK_N).
-    p_s = scratch + ((i_d * tl.num_programs(0) + i_b) * tl.num_programs(1) + i_eb) * CHUNK * BLOCK_E * BLOCK_N
-    p_s = p_s + tl.arange(0, BLOCK_E)[:, None] * BLOCK_N + o_n[None, :]
-    p_part = i_d * s_p_d + i_b * s_p_b + i_eb * s_p_k + o_n * s_p_n
-    g = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
-    acc_dA = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
-    acc_dD = tl.zeros([BLOCK_E], dtype=tl.float32)
-    acc_db = tl.zeros([BLOCK_E], dtype=tl.float32)
+    p_h = states + i_d * s_h_d + i_b * s_h_b
+    p_g = i_d * s_g_d + i_b * s_g_b + o_e  # du and ddelta are contiguous (ndir, b, L, E)
+    p_dz = dz + i_b * s_dz_b + o_e
+    # This program's scratch: the states of one chunk, (CHUNK + 1, N, BLOCK_E); slot 0 the chunk's start.
+    p_s = scratch + ((i_d * tl.num_programs(0) + i_b) * tl.num_programs(1) + i_e) * (CHUNK + 1) * N * BLOCK_E
+    o_s = tl.arange(0, BLOCK_E)
+    p_part = ((i_d * tl.num_programs(0) + i_b) * tl.num_programs(1) + i_e) * L * N
+    zero = tl.zeros([BLOCK_E], dtype=tl.float32)
+    g = _filled(zero, N)
+    acc_dA = _filled(zero, N)
+    acc_dD = zero
+    acc_db = zero
     for cc in range(0, n_chunks):
         c = n_chunks - 1 - cc
         steps = tl.minimum(CHUNK, L - c * CHUNK)
-        h = tl.load(p_h + c * s_h_c, mask=m_en, other=0.0)
-        for j in range(0, steps):  # recompute the chunk's states
-            i = c * CHUNK + j
-            t = i + (L - 1 - 2 * i) * i_d
+        h = _row_tuple(p_h + c * s_h_c, E, o_e, m_e, N)
+        _store_tuple(p_s, BLOCK_E, o_s, h, o_s < BLOCK_E, N)
+        for j in range(0, steps):  # recompute the chunk's states (the same arithmetic as the forward)
+            t = _time(c * CHUNK + j, L, i_d)
             b_u = tl.load(p_u + t * s_u_t, mask=m_e, other=0.0).to(tl.float32)
             b_dt = tl.load(p_dt + t * s_dt_t, mask=m_e, other=0.0).to(tl.float32)
+            b_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N)
             if HAS_BIAS:
                 b_dt = b_dt + b_bias
             if SOFTPLUS:
-                b_dt = _softplus(b_dt)
-            b_B = tl.load(p_B + t * s_B_t, mask=m_n, other=0.0).to(tl.float32)
-            h = tl.exp(b_dt[:, None] * b_A) * h + (b_dt * b_u)[:, None] * b_B[None, :]
-            tl.store(p_s + j * BLOCK_E * BLOCK_N, h)
-        tl.debug_barrier()
+                b_dt = _softplus(b_dt, FAST)
+            b_dtu = b_dt * b_u
+            new = ()
+            for n in tl.static_range(N):
+                new = new + (tl.exp2(b_dt * A2[n]) * h[n] + b_B[n] * b_dtu,)
+            h = new
+            _store_tuple(p_s + (j + 1) * N * BLOCK_E, BLOCK_E, o_s, h, o_s < BLOCK_E, N)
         for jj in range(0, steps):  # walk the chunk backwards
             j = steps - 1 - jj
-            i = c * CHUNK + j
-            t = i + (L - 1 - 2 * i) * i_d
+            t = _time(c * CHUNK + j, L, i_d)
             b_u = tl.load(p_u + t * s_u_t, mask=m_e, other=0.0).to(tl.float32)
             b_raw = tl.load(p_dt + t * s_dt_t, mask=m_e, other=0.0).to(tl.float32)
+            b_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N)
+            b_C = _scalar_tuple(p_C + t * s_C_t, s_C_n, N)
+            b_do = tl.load(p_do + t * s_o_t, mask=m_e, other=0.0).to(tl.float32) * scale
+            # h_t and h_{t-1} from the scratch (reloaded rather than carried: fewer live registers)
+            h_t = _row_tuple(p_s + (j + 1) * N * BLOCK_E, BLOCK_E, o_s, o_s < BLOCK_E, N)
+            h_prev = _row_tuple(p_s + j * N * BLOCK_E, BLOCK_E, o_s, o_s < BLOCK_E, N)
             if HAS_BIAS:
                 b_raw = b_raw + b_bias
             b_dt = b_raw
             if SOFTPLUS:
-                b_dt = _softplus(b_raw)
-            b_B = tl.load(p_B + t * s_B_t, mask=m_n, other=0.0).to(tl.float32)
-            b_C = tl.load(p_C + t * s_C_t, mask=m_n, other=0.0).to(tl.float32)
-            b_do = tl.load(p_do + t * s_o_t, mask=m_e, other=0.0).to(tl.float32) * scale
-            h_t = tl.load(p_s + j * BLOCK_E * BLOCK_N)
-            if j > 0:
-                h_prev = tl.load(p_s + (j - 1) * BLOCK_E * BLOCK_N)
-            else:
-                h_prev = tl.load(p_h + c * s_h_c, mask=m_en, other=0.0)
-            a = tl.exp(b_dt[:, None] * b_A)
+                b_dt = _softplus(b_raw, FAST)
+            b_dtu = b_dt * b_u
             b_dy = b_do
             if HAS_Z:
-                b_y = tl.sum(h_t * b_C[None, :], axis=1)
+                b_y = tl.zeros([BLOCK_E], dtype=tl.float32)
                 if HAS_D:
-                    b_y += b_D * b_u
+                    b_y = b_D * b_u
+                for n in tl.static_range(N):
+                    b_y += h_t[n] * b_C[n]
                 b_z = tl.load(p_z + t * s_z_t, mask=m_e, other=0.0).to(tl.float32)
                 sig = tl.sigmoid(b_z)
                 b_dy = b_do * b_z * sig
                 b_dz = b_do * b_y * sig * (1.0 + b_z * (1.0 - sig))
                 if BIDIR:
-                    tl.atomic_add(p_dz + t * s_dz_t, b_dz, mask=m_e)
+                    tl.atomic_add(p_dz + t * s_dz_t, b_dz, mask=m_e, sem="relaxed")
                 else:
                     tl.store(p_dz + t * s_dz_t, b_dz.to(dz.dtype.element_ty), mask=m_e)
-            gt = g + b_dy[:, None] * b_C[None, :]
-            tl.store(dC_part + p_part + t * N, tl.sum(b_dy[:, None] * h_t, axis=0), mask=m_n)
-            tl.store(dB_part + p_part + t * N, tl.sum(gt * (b_dt * b_u)[:, None], axis=0), mask=m_n)
-            b_ddt = tl.sum(gt * (b_A * a * h_prev + b_u[:, None] * b_B[None, :]), axis=1)
-            b_du = tl.sum(gt * b_B[None, :], axis=1) * b_dt
+            b_ddt = zero
+            b_gB = zero
+            new_g = ()
+            new_dA = ()
+            for n in tl.static_range(N):
+                a = tl.exp2(b_dt * A2[n])
+                gt = g[n] + b_dy * b_C[n]
+                tl.store(dC_part + p_part + t * N + n, tl.sum(b_dy * h_t[n], axis=0))
+                tl.store(dB_part + p_part + t * N + n, tl.sum(gt * b_dtu, axis=0))
+                s = gt * (a * h_prev[n])
+                b_ddt += s * A2[n]  # times ln 2 below: sum_n s A_n
+                new_dA = new_dA + (acc_dA[n] + s * b_dt,)
+                b_gB += gt * b_B[n]
+                new_g = new_g + (gt * a,)
+            g = new_g
+            acc_dA = new_dA
+            b_ddt = b_ddt * 0.6931471805599453 + b_gB * b_u
+            b_du = b_gB * b_dt
             if HAS_D:
                 b_du += b_dy * b_D
                 acc_dD += b_dy * b_u
-            acc_dA += gt * b_dt[:, None] * a * h_prev
             if SOFTPLUS:
                 b_ddt = b_ddt * tl.where(b_raw > 20.0, 1.0, tl.sigmoid(b_raw))
             acc_db += b_ddt
-            tl.store(ddelta + p_g + t * s_g_t, b_ddt, mask=m_e)
-            tl.store(du + p_g + t * s_g_t, b_du, mask=m_e)
-            g = gt * a
-        tl.debug_barrier()
+            tl.store(ddelta + p_g + t * s_g_t, b_ddt.to(ddelta.dtype.element_ty), mask=m_e)
+            tl.store(du + p_g + t * s_g_t, b_du.to(du.dtype.element_ty), mask=m_e)
     p_acc = (i_d * tl.num_programs(0) + i_b) * E + o_e
-    tl.store(dA_part + p_acc[:, None] * N + o_n[None, :], acc_dA, mask=m_en)
+    _store_tuple(dA_part + (i_d * tl.num_programs(0) + i_b) * N * E, E, o_e, acc_dA, m_e, N)
     tl.store(dD_part + p_acc, acc_dD, mask=m_e)
     tl.store(dbias_part + p_acc, acc_db, mask=m_e)
 
 
 @triton.jit
-def _conv_preact(x, w, bias, i_b, o_e, o_t, m_e, L, E, s_x_b, s_x_e, s_x_t, d: tl.constexpr, K: tl.constexpr,
-                 BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Pre-activation (BLOCK_E, BLOCK_T) of direction d: bias + the K taps, causal for d = 0, anti-causal for 1."""
-    acc = tl.zeros([BLOCK_E, BLOCK_T], dtype=tl.float32) + tl.load(bias + d * E + o_e, mask=m_e, other=0.0).to(tl.float32)[:, None]
+def _conv_preact(x, w, bias, i_b, o_t, o_e, m_e, L, E, s_x_b, s_x_t, s_x_e, d: tl.constexpr, K: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Pre-activation (BLOCK_T, BLOCK_E) of direction d: bias + the K taps, causal for d = 0, anti-causal for 1."""
+    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32) + tl.load(bias + d * E + o_e, mask=m_e, other=0.0).to(tl.float32)[None, :]
     for k in tl.static_range(K):
         src = o_t + (1 - 2 * d) * (k - (K - 1))
         m_src = (src >= 0) & (src < L)
-        b_x = tl.load(x + i_b * s_x_b + o_e[:, None] * s_x_e + src[None, :] * s_x_t, mask=m_e[:, None] & m_src[None, :], other=0.0)
+        b_x = tl.load(x + i_b * s_x_b + src[:, None] * s_x_t + o_e[None, :] * s_x_e, mask=m_src[:, None] & m_e[None, :], other=0.0)
         b_w = tl.load(w + (d * E + o_e) * K + k, mask=m_e, other=0.0).to(tl.float32)
-        acc += b_w[:, None] * b_x.to(tl.float32)
+        acc += b_w[None, :] * b_x.to(tl.float32)
     return acc
 
 
 @triton.jit
 def _conv_fwd_kernel(
     x, w, bias, u, L, E,
-    s_x_b, s_x_e, s_x_t,
-    K: tl.constexpr, NDIR: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+    s_x_b, s_x_t, s_x_e,
+    K: tl.constexpr, NDIR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    i_b, i_eb, i_tb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_e = i_eb * BLOCK_E + tl.arange(0, BLOCK_E)
+    """u (ndir, b, L, E) = silu(depthwise conv of x (b, L, E)), a (time, channel) tile per program."""
+    i_b, i_tb, i_eb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_e, m_t = o_e < E, o_t < L
+    o_e = i_eb * BLOCK_E + tl.arange(0, BLOCK_E)
+    m_t, m_e = o_t < L, o_e < E
     for d in tl.static_range(NDIR):
-        acc = _conv_preact(x, w, bias, i_b, o_e, o_t, m_e, L, E, s_x_b, s_x_e, s_x_t, d, K, BLOCK_E, BLOCK_T)
-        b_u = acc * tl.sigmoid(acc)
-        p_u = u + ((d * tl.num_programs(0) + i_b) * E + o_e[:, None]) * L + o_t[None, :]
-        tl.store(p_u, b_u.to(u.dtype.element_ty), mask=m_e[:, None] & m_t[None, :])
+        acc = _conv_preact(x, w, bias, i_b, o_t, o_e, m_e, L, E, s_x_b, s_x_t, s_x_e, d, K, BLOCK_T, BLOCK_E)
+        p_u = u + ((d * tl.num_programs(0) + i_b) * L + o_t[:, None]) * E + o_e[None, :]
+        tl.store(p_u, (acc * tl.sigmoid(acc)).to(u.dtype.element_ty), mask=m_t[:, None] & m_e[None, :])
 
 
 @triton.jit
 def _conv_bwd_kernel(
     x, w, bias, du, g, dw_part, db_part, L, E,
-    s_x_b, s_x_e, s_x_t,
-    K: tl.constexpr, NDIR: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+    s_x_b, s_x_t, s_x_e,
+    K: tl.constexpr, NDIR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """g = du * silu'(pre-activation), stored; partial sums of dw and db per (direction, batch, time block)."""
-    i_b, i_eb, i_tb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_e = i_eb * BLOCK_E + tl.arange(0, BLOCK_E)
+    i_b, i_tb, i_eb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_e, m_t = o_e < E, o_t < L
-    m_et = m_e[:, None] & m_t[None, :]
+    o_e = i_eb * BLOCK_E + tl.arange(0, BLOCK_E)
+    m_t, m_e = o_t < L, o_e < E
+    m_te = m_t[:, None] & m_e[None, :]
     for d in tl.static_range(NDIR):
-        acc = _conv_preact(x, w, bias, i_b, o_e, o_t, m_e, L, E, s_x_b, s_x_e, s_x_t, d, K, BLOCK_E, BLOCK_T)
-        p = ((d * tl.num_programs(0) + i_b) * E + o_e[:, None]) * L + o_t[None, :]
+        acc = _conv_preact(x, w, bias, i_b, o_t, o_e, m_e, L, E, s_x_b, s_x_t, s_x_e, d, K, BLOCK_T, BLOCK_E)
+        p = ((d * tl.num_programs(0) + i_b) * L + o_t[:, None]) * E + o_e[None, :]
         sig = tl.sigmoid(acc)
-        b_g = tl.load(du + p, mask=m_et, other=0.0).to(tl.float32) * sig * (1.0 + acc * (1.0 - sig))
-        tl.store(g + p, b_g, mask=m_et)
-        p_part = ((d * tl.num_programs(0) + i_b) * tl.num_programs(2) + i_tb) * E + o_e
-        tl.store(db_part + p_part, tl.sum(b_g, axis=1), mask=m_e)
+        b_g = tl.load(du + p, mask=m_te, other=0.0).to(tl.float32) * sig * (1.0 + acc * (1.0 - sig))
+        tl.store(g + p, b_g, mask=m_te)
+        p_part = ((d * tl.num_programs(0) + i_b) * tl.num_programs(1) + i_tb) * E + o_e
+        tl.store(db_part + p_part, tl.sum(b_g, axis=0), mask=m_e)
         for k in tl.static_range(K):
             src = o_t + (1 - 2 * d) * (k - (K - 1))
             m_src = (src >= 0) & (src < L)
-            b_x = tl.load(x + i_b * s_x_b + o_e[:, None] * s_x_e + src[None, :] * s_x_t, mask=m_e[:, None] & m_src[None, :], other=0.0)
-            tl.store(dw_part + p_part * K + k, tl.sum(b_g * b_x.to(tl.float32), axis=1), mask=m_e)
+            b_x = tl.load(x + i_b * s_x_b + src[:, None] * s_x_t + o_e[None, :] * s_x_e, mask=m_src[:, None] & m_e[None, :], other=0.0)
+            tl.store(dw_part + p_part * K + k, tl.sum(b_g * b_x.to(tl.float32), axis=0), mask=m_e)
 
 
 @triton.jit
 def _conv_dx_kernel(
     w, g, dx, L, E,
-    K: tl.constexpr, NDIR: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+    s_dx_b, s_dx_t,
+    K: tl.constexpr, NDIR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """dx[t] = sum over directions and taps of w[d, k] * g[d, t'] for every output t' that read x[t]."""
-    i_b, i_eb, i_tb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_e = i_eb * BLOCK_E + tl.arange(0, BLOCK_E)
+    i_b, i_tb, i_eb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_e, m_t = o_e < E, o_t < L
-    acc = tl.zeros([BLOCK_E, BLOCK_T], dtype=tl.float32)
+    o_e = i_eb * BLOCK_E + tl.arange(0, BLOCK_E)
+    m_t, m_e = o_t < L, o_e < E
+    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     for d in tl.static_range(NDIR):
         for k in tl.static_range(K):
             dst = o_t - (1 - 2 * d) * (k - (K - 1))
             m_dst = (dst >= 0) & (dst < L)
-            p = ((d * tl.num_programs(0) + i_b) * E + o_e[:, None]) * L + dst[None, :]
-            b_g = tl.load(g + p, mask=m_e[:, None] & m_dst[None, :], other=0.0)
+            p = ((d * tl.num_programs(0) + i_b) * L + dst[:, None]) * E + o_e[None, :]
+            b_g = tl.load(g + p, mask=m_dst[:, None] & m_e[None, :], other=0.0)
             b_w = tl.load(w + (d * E + o_e) * K + k, mask=m_e, other=0.0).to(tl.float32)
-            acc += b_w[:, None] * b_g
-    tl.store(dx + (i_b * E + o_e[:, None]) * L + o_t[None, :], acc.to(dx.dtype.element_ty), mask=m_e[:, None] & m_t[None, :])
+            acc += b_w[None, :] * b_g
+    tl.store(dx + i_b * s_dx_b + o_t[:, None] * s_dx_t + o_e[None, :], acc.to(dx.dtype.element_ty),
+             mask=m_t[:, None] & m_e[None, :])
+
+
+# ------------------------------------------------------------------------------------------- launches
+# Each returns (kernel, grid, arguments): the launchers run it, benchmarks/gpu_static.py compiles it.
+Launch = Tuple[object, object, Dict[str, object]]
+
+
+def _flags(D, z, bias, softplus: bool, ndir: int) -> Dict[str, object]:
+    return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+                BIDIR=ndir == 2, FAST=FAST_MATH)
+
+
+def scan_fwd_launch(u, delta, A, B, C, D, z, bias, softplus: bool, out, states, steps: int) -> Launch:
+    """u, delta (ndir, b, L, E) and B, C (ndir, b, L, N) any strides; A (ndir, N, E) contiguous; D, bias
+    (ndir, E); z, out (b, L, E); states (ndir, b, chunks, N, E) float32 contiguous. With two directions
+    ``out`` is a zeroed float32 tensor that receives (y_0 + y_1) / 2."""
+    ndir, batch, length, channels = u.shape
+    state = A.shape[1]
+    z_ = z if z is not None else out
+    args = dict(
+        u=u, delta=delta, A=A, B=B, C=C, D=D if D is not None else A, z=z_, bias=bias if bias is not None else A,
+        out=out, states=states, L=length, E=channels, n_chunks=states.shape[2], scale=0.5 if ndir == 2 else 1.0,
+        **_strides("s_u", "dbte", u), **_strides("s_dt", "dbte", delta), **_strides("s_B", "dbtn", B),
+        **_strides("s_C", "dbtn", C), **_strides("s_z", "bte", z_), **_strides("s_o", "bte", out),
+        **_strides("s_h", "dbc", states), L_BUCKET=length_bucket(length), N=state, CHUNK=steps,
+        **_flags(D, z, bias, softplus, ndir),
+    )
+    grid = lambda meta: (batch, triton.cdiv(channels, meta["BLOCK_E"]), ndir)  # noqa: E731
+    return _scan_fwd_kernel, grid, args
+
+
+def scan_bwd_launch(u, delta, A, B, C, D, z, bias, softplus: bool, states, dout, steps: int, grads) -> Launch:
+    """The backward of :func:`scan_fwd_launch`; ``grads`` from :func:`scan_bwd_buffers`."""
+    ndir, batch, length, channels = u.shape
+    state = A.shape[1]
+    z_ = z if z is not None else dout
+    du, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part, dz, scratch = grads
+    args = dict(
+        u=u, delta=delta, A=A, B=B, C=C, D=D if D is not None else A, z=z_, bias=bias if bias is not None else A,
+        states=states, scratch=scratch, dout=dout, du=du, ddelta=ddelta, dA_part=dA_part, dB_part=dB_part,
+        dC_part=dC_part, dD_part=dD_part, dbias_part=dbias_part, dz=dz if dz is not None else du,
+        L=length, E=channels, n_chunks=states.shape[2], scale=0.5 if ndir == 2 else 1.0,
+        **_strides("s_u", "dbte", u), **_strides("s_dt", "dbte", delta), **_strides("s_B", "dbtn", B),
+        **_strides("s_C", "dbtn", C), **_strides("s_z", "bte", z_), **_strides("s_o", "bte", dout),
+        **_strides("s_h", "dbc", states), **_strides("s_g", "dbt", du),
+        **_strides("s_dz", "bt", dz if dz is not None else dout),
+        L_BUCKET=length_bucket(length), N=state, CHUNK=steps, **_flags(D, z, bias, softplus, ndir),
+    )
+    grid = lambda meta: (batch, triton.cdiv(channels, meta["BLOCK_E"]), ndir)  # noqa: E731
+    return _scan_bwd_kernel, grid, args
+
+
+def scan_bwd_buffers(u, A, z, steps: int):
+    """Outputs and scratch of the backward, sized for whichever config the autotuner picks."""
+    ndir, batch, length, channels = u.shape
+    state = A.shape[1]
+    f32 = dict(device=u.device, dtype=torch.float32)
+    blocks = [c.kwargs["BLOCK_E"] for c in scan_configs(backward=True)]
+    n_blocks = triton.cdiv(channels, min(blocks))  # the most partial rows; unused rows stay zero
+    padded = max(triton.cdiv(channels, b) * b for b in blocks)  # channels the programs cover
+    du = torch.empty(ndir, batch, length, channels, device=u.device, dtype=u.dtype)
+    ddelta = torch.empty(ndir, batch, length, channels, device=u.device, dtype=u.dtype)
+    dB_part = torch.zeros(ndir, batch, n_blocks, length, state, **f32)
+    dC_part = torch.zeros(ndir, batch, n_blocks, length, state, **f32)
+    dz = torch.zeros(batch, length, channels, **f32) if z is not None else None
+    scratch = torch.empty(ndir * batch * padded * (steps + 1) * state, **f32)
+    return (du, ddelta, torch.empty(ndir, batch, state, channels, **f32), dB_part, dC_part,
+            torch.empty(ndir, batch, channels, **f32), torch.empty(ndir, batch, channels, **f32), dz, scratch)
+
+
+def _strides(prefix: str, axes: str, t: torch.Tensor) -> Dict[str, int]:
+    return {f"{prefix}_{a}": s for a, s in zip(axes, t.stride())}
+
+
+def _conv_grid(batch: int, length: int, channels: int):
+    return (batch, triton.cdiv(length, CONV_BLOCK_T), triton.cdiv(channels, CONV_BLOCK_E))
+
+
+def conv_fwd_launch(x, w, bias, u) -> Launch:
+    batch, length, channels = x.shape
+    ndir, _, taps = w.shape
+    args = dict(x=x, w=w, bias=bias, u=u, L=length, E=channels, **_strides("s_x", "bte", x),
+                K=taps, NDIR=ndir, BLOCK_T=CONV_BLOCK_T, BLOCK_E=CONV_BLOCK_E)
+    return _conv_fwd_kernel, _conv_grid(batch, length, channels), args
+
+
+def conv_bwd_launch(x, w, bias, du, g, dw_part, db_part) -> Launch:
+    batch, length, channels = x.shape
+    ndir, _, taps = w.shape
+    args = dict(x=x, w=w, bias=bias, du=du, g=g, dw_part=dw_part, db_part=db_part, L=length, E=channels,
+                **_strides("s_x", "bte", x), K=taps, NDIR=ndir, BLOCK_T=CONV_BLOCK_T, BLOCK_E=CONV_BLOCK_E)
+    return _conv_bwd_kernel, _conv_grid(batch, length, channels), args
+
+
+def conv_dx_launch(w, g, dx) -> Launch:
+    batch, length, channels = dx.shape
+    ndir, _, taps = w.shape
+    args = dict(w=w, g=g, dx=dx, L=length, E=channels, s_dx_b=dx.stride(0), s_dx_t=dx.stride(1),
+                K=taps, NDIR=ndir, BLOCK_T=CONV_BLOCK_T, BLOCK_E=CONV_BLOCK_E)
+    return _conv_dx_kernel, _conv_grid(batch, length, channels), args
+
+
+def _run(launch: Launch) -> None:
+    kernel, grid, args = launch
+    kernel[grid](**args)
 
 
 # ------------------------------------------------------------------------------------------- launchers
-def _launch_scan_fwd(u, delta, A, B, C, D, z, bias, softplus: bool, out: torch.Tensor, steps: int) -> torch.Tensor:
-    """u, delta: (ndir, b, E, L); A (ndir, E, N); B, C (ndir, b, N, L); D, bias (ndir, E); z, out (b, E, L).
-
-    With two directions ``out`` must be a zeroed float32 tensor; it receives (y_0 + y_1) / 2.
-    Returns the states at every ``steps``-th step, (ndir, b, E, n_chunks, N).
-    """
-    ndir, batch, channels, length = u.shape
-    state = A.shape[-1]
-    n_chunks = triton.cdiv(length, steps)
-    states = torch.empty(ndir, batch, channels, n_chunks, state, device=u.device, dtype=torch.float32)
-    grid = (batch, triton.cdiv(channels, BLOCK_E), ndir)
-    z_ = z if z is not None else out
-    _scan_fwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, z_, bias if bias is not None else A, out, states,
-        length, channels, state, n_chunks, 0.5 if ndir == 2 else 1.0,
-        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_.stride(), *out.stride(),
-        *states.stride()[:4],
-        BLOCK_E=BLOCK_E, BLOCK_N=triton.next_power_of_2(state), CHUNK=steps,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, BIDIR=ndir == 2,
-    )
+def _scan_fwd(u, delta, A, B, C, D, z, bias, softplus: bool, out: torch.Tensor, steps: int) -> torch.Tensor:
+    """Runs the forward; returns the states at every ``steps``-th step, (ndir, b, chunks, N, E)."""
+    ndir, batch, length, channels = u.shape
+    states = torch.empty(ndir, batch, triton.cdiv(length, steps), A.shape[1], channels, device=u.device,
+                         dtype=torch.float32)
+    _run(scan_fwd_launch(u, delta, A, B, C, D, z, bias, softplus, out, states, steps))
     return states
 
 
-def _launch_scan_bwd(u, delta, A, B, C, D, z, bias, softplus, states, dout, steps: int):
-    """Gradients of :func:`_launch_scan_fwd`, each in float32 with its input's shape (None if absent)."""
-    ndir, batch, channels, length = u.shape
-    state = A.shape[-1]
-    n_chunks = states.shape[3]
-    n_eblk = triton.cdiv(channels, BLOCK_E)
-    block_n = triton.next_power_of_2(state)
-    f32 = dict(device=u.device, dtype=torch.float32)
-    scratch = torch.empty(ndir * batch * n_eblk * steps * BLOCK_E * block_n, **f32)
-    du, ddelta = torch.empty(ndir, batch, channels, length, **f32), torch.empty(ndir, batch, channels, length, **f32)
-    dA_part = torch.empty(ndir, batch, channels, state, **f32)
-    dB_part = torch.empty(ndir, batch, n_eblk, length, state, **f32)
-    dC_part = torch.empty(ndir, batch, n_eblk, length, state, **f32)
-    dD_part, dbias_part = torch.empty(ndir, batch, channels, **f32), torch.empty(ndir, batch, channels, **f32)
-    dz = (torch.zeros if ndir == 2 else torch.empty)(batch, channels, length, **f32) if z is not None else None
-    z_ = z if z is not None else dout
-    _scan_bwd_kernel[(batch, n_eblk, ndir)](
-        u, delta, A, B, C, D if D is not None else A, z_, bias if bias is not None else A, states, scratch, dout,
-        du, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part, dz if dz is not None else du,
-        length, channels, state, n_chunks, 0.5 if ndir == 2 else 1.0,
-        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_.stride(), *dout.stride(),
-        *states.stride()[:4], *du.stride(), *(dB_part.stride()[:3] + (1,)),
-        *(dz.stride() if dz is not None else (0, 0, 0)),
-        BLOCK_E=BLOCK_E, BLOCK_N=block_n, CHUNK=steps,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, BIDIR=ndir == 2,
-    )
-    dB = dB_part.sum(2).transpose(2, 3)
-    dC = dC_part.sum(2).transpose(2, 3)
-    return (du, ddelta, dA_part.sum(1), dB, dC, dD_part.sum(1) if D is not None else None, dz,
-            dbias_part.sum(1) if bias is not None else None)
+def _scan_bwd(u, delta, A, B, C, D, z, bias, softplus, states, dout, steps: int):
+    """Gradients of :func:`_scan_fwd`: du, ddelta in u's dtype, (ndir, b, L, E); dA (ndir, N, E); dB, dC
+    (ndir, b, L, N); dD, dbias (ndir, E); dz (b, L, E) float32 (None for absent inputs)."""
+    grads = scan_bwd_buffers(u, A, z, steps)
+    _run(scan_bwd_launch(u, delta, A, B, C, D, z, bias, softplus, states, dout, steps, grads))
+    du, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part, dz, _ = grads
+    return (du, ddelta, dA_part.sum(1), dB_part.sum(2), dC_part.sum(2), dD_part.sum(1) if D is not None else None,
+            dz, dbias_part.sum(1) if bias is not None else None)
 
 
-def _conv_grid(batch: int, channels: int, length: int):
-    return (batch, triton.cdiv(channels, CONV_BLOCK_E), triton.cdiv(length, CONV_BLOCK_T))
-
-
-def _launch_conv_fwd(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x (b, E, L) (any strides); w (ndir, E, K); bias (ndir, E) -> silu(conv) (ndir, b, E, L) in x's dtype."""
-    batch, channels, length = x.shape
-    ndir, _, taps = w.shape
-    u = torch.empty(ndir, batch, channels, length, device=x.device, dtype=x.dtype)
-    _conv_fwd_kernel[_conv_grid(batch, channels, length)](
-        x, w, bias, u, length, channels, *x.stride(),
-        K=taps, NDIR=ndir, BLOCK_E=CONV_BLOCK_E, BLOCK_T=CONV_BLOCK_T,
-    )
+def _conv_fwd(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x (b, L, E) (any strides); w (ndir, E, K); bias (ndir, E) -> silu(conv) (ndir, b, L, E) in x's dtype."""
+    batch, length, channels = x.shape
+    u = torch.empty(w.shape[0], batch, length, channels, device=x.device, dtype=x.dtype)
+    _run(conv_fwd_launch(x, w, bias, u))
     return u
 
 
-def _launch_conv_bwd(x, w, bias, du):
-    batch, channels, length = x.shape
+def _conv_bwd(x, w, bias, du):
+    batch, length, channels = x.shape
     ndir, _, taps = w.shape
-    grid = _conv_grid(batch, channels, length)
+    grid = _conv_grid(batch, length, channels)
     f32 = dict(device=x.device, dtype=torch.float32)
-    g = torch.empty(ndir, batch, channels, length, **f32)
-    dw_part = torch.empty(ndir, batch, grid[2], channels, taps, **f32)
-    db_part = torch.empty(ndir, batch, grid[2], channels, **f32)
-    _conv_bwd_kernel[grid](
-        x, w, bias, du.contiguous(), g, dw_part, db_part, length, channels, *x.stride(),
-        K=taps, NDIR=ndir, BLOCK_E=CONV_BLOCK_E, BLOCK_T=CONV_BLOCK_T,
-    )
-    dx = torch.empty(batch, channels, length, device=x.device, dtype=x.dtype)
-    _conv_dx_kernel[grid](w, g, dx, length, channels, K=taps, NDIR=ndir, BLOCK_E=CONV_BLOCK_E, BLOCK_T=CONV_BLOCK_T)
+    g = torch.empty(ndir, batch, length, channels, **f32)
+    dw_part = torch.empty(ndir, batch, grid[1], channels, taps, **f32)
+    db_part = torch.empty(ndir, batch, grid[1], channels, **f32)
+    _run(conv_bwd_launch(x, w, bias, du.contiguous(), g, dw_part, db_part))
+    dx = torch.empty(batch, length, channels, device=x.device, dtype=x.dtype)
+    _run(conv_dx_launch(w, g, dx))
     return dx, dw_part.sum((1, 2)).to(w.dtype), db_part.sum((1, 2)).to(bias.dtype)
 
 
@@ -383,39 +570,40 @@ def _launch_conv_bwd(x, w, bias, du):
 # torch.compile(fullgraph=True) and torch.export see each as one opaque operator.
 @torch.library.custom_op("visionmamba::triton_conv_silu", mutates_args=())
 def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x (b, E, L) (any strides); weight (2, E, K); bias (2, E) -> silu(conv) (2, b, E, L) in x's dtype."""
-    return _launch_conv_fwd(x, weight, bias)
+    """x (b, L, E) (any strides); weight (2, E, K); bias (2, E) -> silu(conv) (2, b, L, E) in x's dtype."""
+    return _conv_fwd(x, weight, bias)
 
 
 @conv_silu.register_fake
 def _(x, weight, bias):
-    return x.new_empty((2, *x.shape))
+    return x.new_empty((weight.shape[0], *x.shape))
 
 
 @torch.library.custom_op("visionmamba::triton_conv_silu_backward", mutates_args=())
 def conv_silu_backward(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> List[torch.Tensor]:
-    return list(_launch_conv_bwd(x, weight, bias, du))
+    return list(_conv_bwd(x, weight, bias, du))
 
 
 @conv_silu_backward.register_fake
 def _(du, x, weight, bias):
-    return [t.new_empty(t.shape) for t in (x, weight, bias)]
+    return [x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)]
 
 
 @torch.library.custom_op("visionmamba::triton_bi_scan", mutates_args=())
 def bi_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
             D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor, steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Both directions in one launch: out = (y_fwd + y_bwd) / 2, each y = (scan + D u) * silu(z), as (b, E, L)
-    in z's dtype; and the states at every ``steps``-th step (2, b, E, chunks, N) the backward restarts from."""
+    """Both directions in one launch. u, delta (2, b, L, E); A (2, N, E); B, C (2, b, L, N) (any strides);
+    D, bias (2, E); z (b, L, E). Returns out = (y_fwd + y_bwd) / 2, each y = (scan + D u) * silu(z), as
+    (b, L, E) in z's dtype, and the states at every ``steps``-th step the backward restarts from."""
     out = torch.zeros(z.shape, device=z.device, dtype=torch.float32)
-    states = _launch_scan_fwd(u, delta, A, B, C, D, z, bias, True, out, steps)
+    states = _scan_fwd(u, delta, A, B, C, D, z, bias, True, out, steps)
     return out.to(z.dtype), states
 
 
 @bi_scan.register_fake
 def _(u, delta, A, B, C, D, z, bias, steps):
-    chunks = (u.shape[-1] + steps - 1) // steps
-    return z.new_empty(z.shape), u.new_empty((2, u.shape[1], u.shape[2], chunks, A.shape[-1]), dtype=torch.float32)
+    chunks = (u.shape[2] + steps - 1) // steps
+    return z.new_empty(z.shape), u.new_empty((2, u.shape[1], chunks, A.shape[1], u.shape[3]), dtype=torch.float32)
 
 
 @torch.library.custom_op("visionmamba::triton_bi_scan_backward", mutates_args=())
@@ -423,8 +611,8 @@ def bi_scan_backward(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A
                      C: torch.Tensor, D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor, steps: int,
                      states: torch.Tensor) -> List[torch.Tensor]:
     inputs = (u, delta, A, B, C, D, z, bias)
-    grads = _launch_scan_bwd(*inputs, True, states, dout, steps)
-    return [gr.to(t.dtype).contiguous() for gr, t in zip(grads, inputs)]
+    grads = _scan_bwd(*inputs, True, states, dout, steps)
+    return [gr.to(t.dtype) for gr, t in zip(grads, inputs)]
 
 
 @bi_scan_backward.register_fake
@@ -438,23 +626,33 @@ register_backward(bi_scan, bi_scan_backward, saved_outputs=1)
 
 # --------------------------------------------------------------------------------------- public functions
 def forward(u, delta, A, B, C, D, z, delta_bias, softplus) -> torch.Tensor:
-    """One direction (the custom-op contract): u, delta, z (b, E, L); A (E, N); B, C (b, N, L) -> (b, E, L)."""
+    """One direction (the custom-op contract): u, delta, z (b, E, L); A (E, N); B, C (b, N, L) -> (b, E, L).
+    The kernels read them as token-major views (slower strided loads: the mixer path is token-major)."""
     out = torch.empty_like(u)
-    _launch_scan_fwd(
-        u[None], delta[None], A.float()[None], B[None], C[None], _opt1(D), z, _opt1(delta_bias), softplus, out,
-        CHECKPOINT_STEPS,
-    )
+    _scan_fwd(*_one_direction(u, delta, A, B, C, D, z, delta_bias), softplus, out.transpose(1, 2), CHECKPOINT_STEPS)
     return out
 
 
 def backward(u, delta, A, B, C, D, z, delta_bias, softplus, dout):
-    out = torch.empty_like(u)
-    inputs = (u[None], delta[None], A.float()[None], B[None], C[None], _opt1(D), z, _opt1(delta_bias), softplus)
-    states = _launch_scan_fwd(*inputs, out, CHECKPOINT_STEPS)
-    du, ddelta, dA, dB, dC, dD, dz, dbias = _launch_scan_bwd(*inputs, states, dout, CHECKPOINT_STEPS)
-    cast = lambda gr, t: None if t is None else gr.reshape(t.shape).to(t.dtype)  # noqa: E731
-    return (cast(du, u), cast(ddelta, delta), cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), cast(dz, z),
-            cast(dbias, delta_bias))
+    inputs = _one_direction(u, delta, A, B, C, D, z, delta_bias)
+    states = _scan_fwd(*inputs, softplus, torch.empty_like(u).transpose(1, 2), CHECKPOINT_STEPS)
+    grads = _scan_bwd(*inputs, softplus, states, dout.transpose(1, 2), CHECKPOINT_STEPS)
+    du, ddelta, dA, dB, dC, dD, dz, dbias = grads
+    cast = lambda gr, t: None if t is None else gr.to(t.dtype)  # noqa: E731
+    return (cast(du[0].transpose(1, 2), u), cast(ddelta[0].transpose(1, 2), delta), cast(dA[0].t(), A),
+            cast(dB[0].transpose(1, 2), B), cast(dC[0].transpose(1, 2), C), cast(_first(dD), D),
+            cast(None if dz is None else dz.transpose(1, 2), z), cast(_first(dbias), delta_bias))
+
+
+def _one_direction(u, delta, A, B, C, D, z, delta_bias):
+    """The one-direction contract's tensors as the kernels' (1, b, L, ...) views."""
+    tm = lambda t: t.transpose(1, 2)[None]  # noqa: E731
+    return (tm(u), tm(delta), A.float().t().contiguous()[None], tm(B), tm(C), _opt1(D),
+            None if z is None else z.transpose(1, 2), _opt1(delta_bias))
+
+
+def _first(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t[0]
 
 
 def _opt1(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -474,13 +672,14 @@ def bidirectional(
 ) -> torch.Tensor:
     """The fused bidirectional mixer core. Same arguments and result as
     :func:`visionmamba.ops.scan.reference.bidirectional`: x, z (b, L, E) token-major (strided views of
-    in_proj's output are fine) -> (b, L, E) in x's dtype. (The kernels read channel-major views of them.)
-    """
-    x, z = x.transpose(1, 2), z.transpose(1, 2)  # (b, E, L) views
+    in_proj's output are fine) -> (b, L, E) in x's dtype. Token-major throughout: no transpose or copy of
+    an activation. B and C (2N values a token, against E channels) are cast to float32 once, so that the
+    N scalar loads of each step need no conversion (one instruction per value fewer in the step loops)."""
     rank, state = dt_proj_weight.shape[-1], A.shape[-1]
-    u = conv_silu(x, conv_weight, conv_bias)  # (2, b, E, L)
-    x_dbl = torch.matmul(u.transpose(2, 3), x_proj_weight.to(u.dtype).transpose(1, 2)[:, None])  # (2, b, L, R + 2N)
-    dt, B, C = x_dbl.split([rank, state, state], dim=-1)
-    delta = torch.matmul(dt, dt_proj_weight.to(dt.dtype).transpose(1, 2)[:, None]).transpose(2, 3)  # (2, b, E, L)
-    out, _ = bi_scan(u, delta, A, B.transpose(2, 3), C.transpose(2, 3), D, z, dt_proj_bias, CHECKPOINT_STEPS)
-    return out.transpose(1, 2)
+    u = conv_silu(x, conv_weight, conv_bias)  # (2, b, L, E)
+    x_dbl = torch.matmul(u, x_proj_weight.to(u.dtype).transpose(1, 2)[:, None])  # (2, b, L, R + 2N)
+    dt, BC = x_dbl.split([rank, 2 * state], dim=-1)
+    B, C = BC.float().split([state, state], dim=-1)
+    delta = torch.matmul(dt, dt_proj_weight.to(dt.dtype).transpose(1, 2)[:, None])  # (2, b, L, E)
+    out, _ = bi_scan(u, delta, A.float().transpose(1, 2).contiguous(), B, C, D, z, dt_proj_bias, CHECKPOINT_STEPS)
+    return out
