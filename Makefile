@@ -15,7 +15,7 @@ demo: setup
 	$(VENV)/bin/visionmamba demo
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests  # two workers, a test file each (pytest-xdist)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -33,6 +33,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
+from visionmamba.ops import norm_triton
 from visionmamba.ops.scan import triton as kernels
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -42,7 +43,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 H100_THREAD_INSTRUCTIONS_PER_S = 132 * 4 * 1.98e9 * 32
 REGISTERS_PER_SM, MAX_PROGRAMS_PER_SM, MAX_WARPS_PER_SM = {80: 65536, 90: 65536}, {80: 32, 90: 32}, {80: 64, 90: 64}
 SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
-VIM_TI = dict(depth=24, inner=384, state=16, taps=4, patch=16)
+VIM_TI = dict(dim=192, depth=24, inner=384, state=16, taps=4, patch=16)
 
 
 @dataclasses.dataclass
@@ -113,6 +114,12 @@ def launches(dtype: torch.dtype) -> Iterator[Tuple[str, object, Dict[str, object
     yield "conv_fwd", *kernels.conv_fwd_launch(t["x"], t["conv_w"], t["conv_b"], t["u"])[::2], None
     yield "conv_bwd", *kernels.conv_bwd_launch(t["x"], t["conv_w"], t["conv_b"], t["u"], g, *parts)[::2], None
     yield "conv_dx", *kernels.conv_dx_launch(t["conv_w"], g, t["x"])[::2], None
+    rows, dim = batch * length, VIM_TI["dim"]
+    hidden, res = torch.empty(rows, dim, dtype=dtype, device="meta"), torch.empty(rows, dim, device="meta")
+    rstd, weight = torch.empty(rows, device="meta"), torch.empty(dim, device="meta")
+    yield "add_rms_norm_fwd", *norm_triton.fwd_launch(hidden, res, weight, 1e-5, hidden, res, rstd)[::2], None
+    dw_part = torch.empty(triton.cdiv(rows, norm_triton.ROWS), dim, device="meta")
+    yield "add_rms_norm_bwd", *norm_triton.bwd_launch(hidden, res, res, rstd, weight, hidden, res, dw_part)[::2], None
 
 
 def configs(kernel, name: str, arch: int) -> List[Tuple[Dict[str, object], int]]:
@@ -267,7 +274,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--kernel", nargs="+", help="only these kernels (scan_fwd, scan_bwd, conv_fwd, conv_bwd, conv_dx)")
+    parser.add_argument("--kernel", nargs="+", help="only these kernels (scan_fwd, scan_bwd, conv_fwd, conv_bwd, conv_dx, add_rms_norm_fwd, add_rms_norm_bwd)")
     parser.add_argument("--sass", type=Path, help="folder to write each kernel's SASS into")
     args = parser.parse_args(argv)
     found = list(reports(args.arch, args.dtype, args.kernel))

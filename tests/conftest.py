@@ -18,3 +18,12 @@ def scenes(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("scenes")
     write_scenes(root, train=8, val=4, size=64)
     return root
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler_caches():
+    """Each test compiles from scratch: torch.compile's frame cache outlives a test, and a model compiled
+    again at another size is recompiled with dynamic shapes, a different path (README: training a compiled
+    model at several sizes), so results would depend on which tests ran before in the same process."""
+    yield
+    torch._dynamo.reset()

@@ -207,6 +207,18 @@ def test_bfloat16_autocast_runs_with_fp32_residual():
     assert torch.isfinite(out.float()).all()
 
 
+def test_compiled_model_trains_at_two_sizes_with_dynamic_false():
+    """README's advice for training a compiled model at several resolutions: one graph per size."""
+    torch.manual_seed(0)
+    model = tiny_vim()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    for shape in [(2, 3, 32, 32), (2, 3, 32, 40)]:
+        x = torch.randn(*shape)
+        out = compiled(x)
+        assert_close(out, model(x), atol=1e-5, name=f"compiled at {shape[-2:]}")
+        out.sum().backward()
+
+
 def test_torch_compile_fullgraph_on_the_default_cpu_kernels():
     """The C++ kernels are custom ops: one graph, the eager outputs and gradients (golden tolerances)."""
     torch.manual_seed(0)

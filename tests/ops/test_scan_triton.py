@@ -134,4 +134,22 @@ def test_compile_fullgraph_and_export_see_the_kernels_as_ops():
         assert_close(got, want, rtol_max=1e-4, atol=1e-7, name="compiled gradient")
     program = torch.export.export(model.eval(), (x,))
     ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
-    assert {"visionmamba.triton_conv_silu.default", "visionmamba.triton_bi_scan.default"} <= ops
+    assert {"visionmamba.triton_conv_silu.default", "visionmamba.triton_bi_scan.default",
+            "visionmamba.triton_add_rms_norm.default"} <= ops
+
+
+def test_bf16_autocast_end_to_end_keeps_state_and_residual_in_float32():
+    from helpers import tiny_vim
+
+    torch.manual_seed(0)
+    model = tiny_vim(scan_backend="triton").to(DEVICE).eval()
+    residual_dtypes = []
+    for block in model.layers:
+        block.register_forward_hook(lambda module, args, output: residual_dtypes.append(output[1].dtype))
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = model(x)
+    assert residual_dtypes[len(model.layers):] == [torch.float32] * len(model.layers)
+    assert_close(out.float(), ref, rtol_max=5e-2, name="bf16 autocast logits")

@@ -19,6 +19,7 @@ from visionmamba.files import PathLike
 from visionmamba.models.mixer import BiMambaMixer
 from visionmamba.models.pos_embed import grid_from_pos_embed, pos_embed_resample
 from visionmamba.models.weights import StateDict, load_weights
+from visionmamba.ops import norm, scan
 from visionmamba.ops.scan import BACKENDS
 
 Device = Optional[Union[str, torch.device]]
@@ -134,11 +135,30 @@ class Block(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """hidden (batch, L, dim), residual (batch, L, dim) float32 (float64 for float64 models) or None -> (new
         hidden, new residual)."""
-        if residual is None:
-            residual = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
+        if self.fused(hidden):
+            normed, residual = self.fused_add_norm(hidden if residual is None else self.drop_path(hidden), residual)
         else:
-            residual = residual + self.drop_path(hidden)
-        return self.mixer(self.norm(residual).to(hidden.dtype)), residual
+            if residual is None:
+                residual = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
+            else:
+                residual = residual + self.drop_path(hidden)
+            normed = self.norm(residual).to(hidden.dtype)
+        return self.mixer(normed), residual
+
+    @torch.jit.ignore
+    def fused(self, hidden: torch.Tensor) -> bool:
+        """On the Triton path the residual add and RMSNorm run as one kernel (float32 residual)."""
+        return fused_norm(self.mixer.scan_backend, self.norm.weight) and hidden.dtype != torch.float64
+
+    @torch.jit.ignore
+    def fused_add_norm(self, hidden: torch.Tensor, residual: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        return norm.fused(hidden, residual, self.norm.weight, self.norm.eps)
+
+
+def fused_norm(scan_backend: str, weight: torch.Tensor) -> bool:
+    """Whether the residual add and RMSNorm run as the fused Triton kernel: on the Triton scan path (not
+    under torch.fx's symbolic tracing, where parameters are proxies: its graph keeps the plain operators)."""
+    return not isinstance(weight, torch.fx.Proxy) and scan.resolve_backend(scan_backend, weight.device) == "triton"
 
 
 def drop_path_rates(rate: float, depth: int) -> List[float]:
@@ -290,7 +310,19 @@ class VisionMamba(nn.Module):
         return block(hidden, residual)
 
     def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """norm_f(residual + drop_path(hidden)) in hidden's dtype (one Triton kernel on the Triton path)."""
+        if self._fused_final_norm(hidden):
+            return self._fused_add_norm_f(self.drop_path(hidden), residual)
         return self.norm_f(residual + self.drop_path(hidden)).to(hidden.dtype)
+
+    @torch.jit.ignore
+    def _fused_final_norm(self, hidden: torch.Tensor) -> bool:
+        return (isinstance(self.norm_f, RmsNorm) and fused_norm(self.layers[0].mixer.scan_backend, self.norm_f.weight)
+                and hidden.dtype != torch.float64)
+
+    @torch.jit.ignore
+    def _fused_add_norm_f(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return norm.fused(hidden, residual, self.norm_f.weight, self.norm_f.eps)[0]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image (batch, C, H, W) -> all tokens after the final norm (batch, M + 1, dim), class token at M // 2."""

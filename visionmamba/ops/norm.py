@@ -1,0 +1,26 @@
+"""The pre-norm step of a Vim block: ``residual + hidden`` (float32) and its RMSNorm in one pass.
+
+The official code runs this as one fused kernel (``layer_norm_fn(..., prenorm=True, residual_in_fp32=True,
+is_rms_norm=True)``); :func:`fused` is that kernel (Triton), which the blocks use on the Triton path;
+:func:`reference` is the formula it is tested against (elsewhere the blocks keep timm's ``RmsNorm``).
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def reference(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(residual + hidden) * weight in hidden's dtype, residual + hidden in float32 (or wider)).
+    Without a residual (the first block) the new residual is ``hidden`` itself."""
+    wide = torch.promote_types(hidden.dtype, torch.float32)
+    out = hidden.to(wide) if residual is None else residual + hidden
+    return F.rms_norm(out, (out.shape[-1],), weight.to(out.dtype), eps).to(hidden.dtype), out
+
+
+def fused(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`reference` as one Triton kernel, forward and backward (a float32 residual; the Triton path)."""
+    from visionmamba.ops import norm_triton  # imports Triton: only where the Triton backend runs
+
+    y, out, _ = norm_triton.add_rms_norm(hidden, residual, weight, eps)
+    return y, out

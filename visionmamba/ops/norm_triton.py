@@ -1,0 +1,143 @@
+"""Residual add + RMSNorm as one Triton kernel, forward and backward, and the ``torch.library`` op around it.
+
+One program normalises ROWS rows of D (a power-of-two block) features: it reads hidden (any dtype) and the
+float32 residual once, writes the new residual (float32), the normalised rows (hidden's dtype) and one
+reciprocal RMS per row for the backward. The backward reads dy, the residual's incoming gradient, the saved
+residual and rstd once and writes both input gradients; the weight's gradient is summed per program, then
+over programs in a fixed order (deterministic).
+"""
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+ROWS = 4
+
+
+@triton.jit
+def _add_rms_norm_fwd_kernel(hidden, residual, weight, y, out, rstd, n_rows, D, eps,
+                             HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    o_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    o_d = tl.arange(0, BLOCK_D)
+    m = (o_r < n_rows)[:, None] & (o_d < D)[None, :]
+    p = o_r[:, None] * D + o_d[None, :]
+    x = tl.load(hidden + p, mask=m, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(residual + p, mask=m, other=0.0)
+    tl.store(out + p, x, mask=m)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    tl.store(rstd + o_r, r, mask=o_r < n_rows)
+    w = tl.load(weight + o_d, mask=o_d < D, other=0.0).to(tl.float32)
+    tl.store(y + p, (x * r[:, None] * w[None, :]).to(y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _add_rms_norm_bwd_kernel(dy, dout, out, rstd, weight, dhidden, dresidual, dw_part, n_rows, D,
+                             HAS_DOUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
+    o_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    o_d = tl.arange(0, BLOCK_D)
+    m = (o_r < n_rows)[:, None] & (o_d < D)[None, :]
+    p = o_r[:, None] * D + o_d[None, :]
+    r = tl.load(rstd + o_r, mask=o_r < n_rows, other=0.0)
+    xhat = tl.load(out + p, mask=m, other=0.0) * r[:, None]
+    g = tl.load(dy + p, mask=m, other=0.0).to(tl.float32)
+    wg = g * tl.load(weight + o_d, mask=o_d < D, other=0.0).to(tl.float32)[None, :]
+    dx = r[:, None] * (wg - xhat * (tl.sum(wg * xhat, axis=1) / D)[:, None])
+    if HAS_DOUT:
+        dx += tl.load(dout + p, mask=m, other=0.0)
+    tl.store(dhidden + p, dx.to(dhidden.dtype.element_ty), mask=m)
+    if HAS_RESIDUAL:
+        tl.store(dresidual + p, dx, mask=m)
+    tl.store(dw_part + tl.program_id(0) * D + o_d, tl.sum(g * xhat, axis=0), mask=o_d < D)
+
+
+def fwd_launch(hidden, residual, weight, eps: float, y, out, rstd):
+    """(kernel, grid, arguments), for the launcher and benchmarks/gpu_static.py."""
+    rows, dim = out.shape
+    args = dict(hidden=hidden, residual=residual if residual is not None else out, weight=weight, y=y, out=out,
+                rstd=rstd, n_rows=rows, D=dim, eps=eps, HAS_RESIDUAL=residual is not None, ROWS=ROWS,
+                BLOCK_D=triton.next_power_of_2(dim))
+    return _add_rms_norm_fwd_kernel, (triton.cdiv(rows, ROWS),), args
+
+
+def bwd_launch(dy, dout, out, rstd, weight, dhidden, dresidual, dw_part):
+    rows, dim = out.shape
+    args = dict(dy=dy, dout=dout if dout is not None else out, out=out, rstd=rstd, weight=weight, dhidden=dhidden,
+                dresidual=dresidual if dresidual is not None else out, dw_part=dw_part, n_rows=rows, D=dim,
+                HAS_DOUT=dout is not None, HAS_RESIDUAL=dresidual is not None, ROWS=ROWS,
+                BLOCK_D=triton.next_power_of_2(dim))
+    return _add_rms_norm_bwd_kernel, (triton.cdiv(rows, ROWS),), args
+
+
+def _run(launch) -> None:
+    kernel, grid, args = launch
+    kernel[grid](**args)
+
+
+@torch.library.custom_op("visionmamba::triton_add_rms_norm", mutates_args=())
+def add_rms_norm_op(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
+                    eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (..., D) any float dtype, residual (..., D) float32 or None, weight (D,) -> (normalised rows in
+    hidden's dtype, the new residual in float32, rstd (rows,))."""
+    dim = hidden.shape[-1]
+    h = hidden.reshape(-1, dim).contiguous()
+    res = None if residual is None else residual.reshape(-1, dim).float().contiguous()
+    out = torch.empty(h.shape, device=h.device, dtype=torch.float32)
+    y = torch.empty(h.shape, device=h.device, dtype=hidden.dtype)
+    rstd = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
+    _run(fwd_launch(h, res, weight, eps, y, out, rstd))
+    return y.view(hidden.shape), out.view(hidden.shape), rstd
+
+
+@add_rms_norm_op.register_fake
+def _(hidden, residual, weight, eps):
+    rows = hidden.numel() // hidden.shape[-1]
+    return (hidden.new_empty(hidden.shape), hidden.new_empty(hidden.shape, dtype=torch.float32),
+            hidden.new_empty((rows,), dtype=torch.float32))
+
+
+@torch.library.custom_op("visionmamba::triton_add_rms_norm_backward", mutates_args=())
+def add_rms_norm_backward(dy: torch.Tensor, dout: Optional[torch.Tensor], out: torch.Tensor, rstd: torch.Tensor,
+                          weight: torch.Tensor, has_residual: bool) -> List[torch.Tensor]:
+    """Gradients of hidden (dy's dtype), of the residual (float32; empty without one) and of the weight."""
+    dim = out.shape[-1]
+    rows = out.numel() // dim
+    g = dy.reshape(rows, dim).contiguous()
+    d_out = None if dout is None else dout.reshape(rows, dim).float().contiguous()
+    dhidden = torch.empty(rows, dim, device=dy.device, dtype=dy.dtype)
+    dresidual = torch.empty(rows, dim, device=dy.device, dtype=torch.float32) if has_residual else None
+    dw_part = torch.empty(triton.cdiv(rows, ROWS), dim, device=dy.device, dtype=torch.float32)
+    _run(bwd_launch(g, d_out, out.reshape(rows, dim), rstd, weight, dhidden, dresidual, dw_part))
+    empty = dy.new_empty(0, dtype=torch.float32)
+    return [dhidden.view(out.shape), empty if dresidual is None else dresidual.view(out.shape),
+            dw_part.sum(0).to(weight.dtype)]
+
+
+@add_rms_norm_backward.register_fake
+def _(dy, dout, out, rstd, weight, has_residual):
+    return [dy.new_empty(out.shape), out.new_empty(out.shape if has_residual else (0,)), weight.new_empty(weight.shape)]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, residual, weight, eps = inputs
+    _, out, rstd = output
+    ctx.save_for_backward(out, rstd, weight)
+    ctx.has_residual, ctx.hidden_dtype = residual is not None, hidden.dtype
+
+
+def _backward(ctx, dy, dout, _drstd):
+    out, rstd, weight = ctx.saved_tensors
+    if dy is None:  # only the new residual was used
+        dy = out.new_zeros(out.shape, dtype=ctx.hidden_dtype)
+    dhidden, dresidual, dweight = add_rms_norm_backward(dy, dout, out, rstd, weight, ctx.has_residual)
+    return dhidden, dresidual if ctx.has_residual else None, dweight, None
+
+
+add_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def add_rms_norm(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
+                 eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return add_rms_norm_op(hidden, residual, weight, float(eps))
