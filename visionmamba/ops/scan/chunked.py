@@ -11,12 +11,12 @@ O(batch E N L / T) plus one chunk's terms, never batch x E x N x L.
 The core computes y_t = <h_t, C_t> only; the rest of the contract (delta bias, softplus, D skip, SiLU(z)
 gate) is applied around it, forward and backward written out by hand (:func:`forward`, :func:`backward`).
 """
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from visionmamba.ops.scan.reference import compute_dtype
+from visionmamba.ops.scan.reference import compute_dtype, skip_and_gate, step_sizes
 
 CLOSED_FORM_STEPS = 16  # chunk length: the T x T segment sums cost O(T^2) per chunk
 
@@ -98,23 +98,12 @@ def core_backward(u, delta, A, B, C, dy) -> Tuple[torch.Tensor, ...]:
     return du, ddelta, dA, dB, dC, y
 
 
-def _delta(delta: torch.Tensor, delta_bias: Optional[torch.Tensor], softplus: bool) -> torch.Tensor:
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None]
-    return F.softplus(delta) if softplus else delta
-
-
 def forward(u, delta, A, B, C, D, z, delta_bias, softplus) -> torch.Tensor:
     """The whole contract around :func:`core_forward`; returns u's dtype."""
     ct = compute_dtype(u.dtype)
     uf = u.to(ct)
-    bias = None if delta_bias is None else delta_bias.to(ct)
-    y = core_forward(uf, _delta(delta.to(ct), bias, softplus), A.to(ct), B.to(ct), C.to(ct))
-    if D is not None:
-        y = y + uf * D.to(ct)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(ct))
-    return y.to(u.dtype)
+    delta = step_sizes(delta.to(ct), delta_bias, F.softplus if softplus else None)
+    return skip_and_gate(core_forward(uf, delta, A.to(ct), B.to(ct), C.to(ct)), uf, D, z).to(u.dtype)
 
 
 def backward(u, delta, A, B, C, D, z, delta_bias, softplus, dout):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch._higher_order_ops.scan import scan_op
 
-from visionmamba.ops.scan.reference import compute_dtype
+from visionmamba.ops.scan.reference import compute_dtype, skip_and_gate, step_sizes
 
 STEPS_PER_ITERATION = 8  # measured best in ONNX Runtime at Vim-Ti shapes among 1, 4, 8, 16 (benchmarks/RESULTS.md)
 
@@ -77,10 +77,7 @@ def selective_scan(
     """One direction, the contract of :func:`visionmamba.ops.scan.reference.selective_scan`."""
     out_dtype, compute = u.dtype, compute_dtype(u.dtype)
     u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(compute)[:, None]
-    if delta_softplus:
-        delta = softplus(delta)
+    delta = step_sizes(delta, delta_bias, softplus if delta_softplus else None)
     length = u.shape[-1]
     pad = (0, 0, 0, 0, 0, -length % STEPS_PER_ITERATION)
 
@@ -88,12 +85,7 @@ def selective_scan(
         return F.pad(t.permute(2, 0, 1), pad)
 
     y = scan_states(time_major(delta), time_major(delta * u), A.t(), time_major(B), time_major(C))
-    y = y[:length].permute(1, 2, 0)
-    if D is not None:
-        y = y + u * D.to(compute)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(compute))
-    return y.to(out_dtype)
+    return skip_and_gate(y[:length].permute(1, 2, 0), u, D, z).to(out_dtype)
 
 
 def bidirectional(

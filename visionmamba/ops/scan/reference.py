@@ -15,6 +15,23 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def step_sizes(delta: torch.Tensor, delta_bias: Optional[torch.Tensor],
+               softplus: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    """delta + delta_bias (per channel, in delta's dtype), through ``softplus`` when given: the scan's delta."""
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(delta.dtype)[:, None]
+    return softplus(delta) if softplus is not None else delta
+
+
+def skip_and_gate(y: torch.Tensor, u: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor]) -> torch.Tensor:
+    """y + D u, then times silu(z) (each when given), in y's dtype: the scan's output around the recurrence."""
+    if D is not None:
+        y = y + u * D.to(y.dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -39,10 +56,7 @@ def selective_scan(
     out_dtype = u.dtype
     compute = compute_dtype(u.dtype)
     u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(compute)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    delta = step_sizes(delta, delta_bias, F.softplus if delta_softplus else None)
     batch, channels, _ = u.shape
     # (batch, E, L, N): per-step decay and input injection; unbind keeps the backward cheap.
     decay = torch.exp(delta.unsqueeze(-1) * A[:, None, :])
@@ -52,12 +66,7 @@ def selective_scan(
     for decay_t, inject_t, c_t in zip(decay.unbind(2), inject.unbind(2), C.unbind(2)):
         h = decay_t * h + inject_t
         ys.append(torch.bmm(h, c_t.unsqueeze(-1)).squeeze(-1))
-    y = torch.stack(ys, dim=-1)
-    if D is not None:
-        y = y + u * D.to(compute)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(compute))
-    return y.to(out_dtype)
+    return skip_and_gate(torch.stack(ys, dim=-1), u, D, z).to(out_dtype)
 
 
 def bidirectional(

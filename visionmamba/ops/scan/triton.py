@@ -133,6 +133,26 @@ def _time(i, L, i_d):
     return i + (L - 1 - 2 * i) * i_d
 
 
+@triton.jit
+def _program_inputs(u, delta, A, B, C, D, z, bias, E, i_b, i_e, i_d, s_u_d, s_u_b, s_u_e, s_dt_d, s_dt_b, s_dt_e,
+                    s_B_d, s_B_b, s_C_d, s_C_b, s_z_b, s_z_e, BLOCK_E: tl.constexpr, N: tl.constexpr):
+    """What a scan program (batch i_b, channel block i_e, direction i_d) reads, for the forward and the
+    backward alike (the backward's recomputation must repeat the forward's arithmetic exactly): its
+    channels and their mask, A scaled by log2 e (exp(delta A) = exp2(delta A2)), D, the bias, and the row
+    pointers of u, delta, B, C and z at step 0."""
+    o_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    m_e = o_e < E
+    A2 = _row_tuple(A + i_d * N * E, E, o_e, m_e, N, 1.4426950408889634)
+    b_D = tl.load(D + i_d * E + o_e, mask=m_e, other=0.0).to(tl.float32)
+    b_bias = tl.load(bias + i_d * E + o_e, mask=m_e, other=0.0).to(tl.float32)
+    p_u = u + i_d * s_u_d + i_b * s_u_b + o_e * s_u_e
+    p_dt = delta + i_d * s_dt_d + i_b * s_dt_b + o_e * s_dt_e
+    p_B = B + i_d * s_B_d + i_b * s_B_b
+    p_C = C + i_d * s_C_d + i_b * s_C_b
+    p_z = z + i_b * s_z_b + o_e * s_z_e
+    return o_e, m_e, A2, b_D, b_bias, p_u, p_dt, p_B, p_C, p_z
+
+
 @triton.autotune(configs=scan_configs(backward=False), key=["E", "L_BUCKET"], reset_to_zero=["out"],
                  prune_configs_by={"early_config_prune": _fitting_configs})
 @triton.jit
@@ -153,16 +173,9 @@ def _scan_fwd_kernel(
     """Grid (batch, channel blocks, directions). u, delta (ndir, b, L, E); A (ndir, N, E); B, C (ndir, b, L, N);
     D, bias (ndir, E); z, out (b, L, E); states (ndir, b, n_chunks, N, E) float32, written at each chunk start."""
     i_b, i_e, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    m_e = o_e < E
-    A2 = _row_tuple(A + i_d * N * E, E, o_e, m_e, N, 1.4426950408889634)  # exp(delta A) = exp2(delta A log2 e)
-    b_D = tl.load(D + i_d * E + o_e, mask=m_e, other=0.0).to(tl.float32)
-    b_bias = tl.load(bias + i_d * E + o_e, mask=m_e, other=0.0).to(tl.float32)
-    p_u = u + i_d * s_u_d + i_b * s_u_b + o_e * s_u_e
-    p_dt = delta + i_d * s_dt_d + i_b * s_dt_b + o_e * s_dt_e
-    p_B = B + i_d * s_B_d + i_b * s_B_b
-    p_C = C + i_d * s_C_d + i_b * s_C_b
-    p_z = z + i_b * s_z_b + o_e * s_z_e
+    o_e, m_e, A2, b_D, b_bias, p_u, p_dt, p_B, p_C, p_z = _program_inputs(
+        u, delta, A, B, C, D, z, bias, E, i_b, i_e, i_d, s_u_d, s_u_b, s_u_e, s_dt_d, s_dt_b, s_dt_e,
+        s_B_d, s_B_b, s_C_d, s_C_b, s_z_b, s_z_e, BLOCK_E, N)
     p_o = out + i_b * s_o_b + o_e * s_o_e
     p_h = states + i_d * s_h_d + i_b * s_h_b
     h = _filled(tl.zeros([BLOCK_E], dtype=tl.float32), N)
@@ -229,16 +242,9 @@ def _scan_bwd_kernel(
     partial sums per program: dA_part (ndir, b, N, E), dD_part and dbias_part (ndir, b, E), dB_part and
     dC_part (ndir, b, channel blocks, L, N) (the sum over this program's channels of each step)."""
     i_b, i_e, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    m_e = o_e < E
-    A2 = _row_tuple(A + i_d * N * E, E, o_e, m_e, N, 1.4426950408889634)  # as in the forward
-    b_D = tl.load(D + i_d * E + o_e, mask=m_e, other=0.0).to(tl.float32)
-    b_bias = tl.load(bias + i_d * E + o_e, mask=m_e, other=0.0).to(tl.float32)
-    p_u = u + i_d * s_u_d + i_b * s_u_b + o_e * s_u_e
-    p_dt = delta + i_d * s_dt_d + i_b * s_dt_b + o_e * s_dt_e
-    p_B = B + i_d * s_B_d + i_b * s_B_b
-    p_C = C + i_d * s_C_d + i_b * s_C_b
-    p_z = z + i_b * s_z_b + o_e * s_z_e
+    o_e, m_e, A2, b_D, b_bias, p_u, p_dt, p_B, p_C, p_z = _program_inputs(
+        u, delta, A, B, C, D, z, bias, E, i_b, i_e, i_d, s_u_d, s_u_b, s_u_e, s_dt_d, s_dt_b, s_dt_e,
+        s_B_d, s_B_b, s_C_d, s_C_b, s_z_b, s_z_e, BLOCK_E, N)
     p_do = dout + i_b * s_o_b + o_e * s_o_e
     p_h = states + i_d * s_h_d + i_b * s_h_b
     p_g = i_d * s_g_d + i_b * s_g_b + o_e  # du and ddelta are contiguous (ndir, b, L, E)
