@@ -108,13 +108,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not on_gpu and not args.quick:
         print("gpu_check: no CUDA device; use --quick for the CPU dry run", file=sys.stderr)
         return 2
-    p = plan(args.quick, on_gpu)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if not on_gpu:
         # The kernel tests and the scan table run the Triton kernels in the interpreter; the model points keep
         # the CPU kernels (Vim-Ti's 24 blocks in the interpreter take minutes a step): the dry run checks the
         # script, the GPU run the speed.
         env["TRITON_INTERPRET"] = os.environ["TRITON_INTERPRET"] = "1"
+    from visionmamba.files import OutputError, atomic_write, prepare_output_dir
+
+    try:
+        prepare_output_dir(args.out)  # before any GPU time is spent
+    except OutputError as err:
+        print(f"gpu_check: {err.strerror}", file=sys.stderr)
+        return 2
+    p = plan(args.quick, on_gpu)
     from visionmamba.tools.benchmark import plot, ratio_table, run_benchmark, write_csv
 
     started = time.perf_counter()
@@ -130,10 +137,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     report += [f"## Training step at {p.train_res}, batch {p.batch}", "", ratio_table(train), ""]
     report += ["## Selective scan alone vs the official formulation", "", markdown(scan_rows(p)), ""]
     report += ["## Targets", "", TARGETS, "", *targets(points), "", f"({time.perf_counter() - started:.0f} s)"]
-    args.out.mkdir(parents=True, exist_ok=True)
     write_csv(points + train, args.out / "benchmark.csv")
     plot(points, args.out / "figure1.png", title=f"{p.device}, bf16, inference")
-    (args.out / "results.md").write_text("\n".join(report) + "\n")
+    atomic_write(args.out / "results.md", lambda tmp: Path(tmp).write_text("\n".join(report) + "\n"))
     print("\n".join(report))
     return 0
 

@@ -33,3 +33,14 @@ def test_gpu_check_without_a_gpu_asks_for_the_dry_run(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path)],
                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.returncode == 2 and "--quick" in done.stderr
+
+
+def test_gpu_check_refuses_an_output_path_that_is_a_file_before_running(tmp_path):
+    taken = tmp_path / "results"
+    taken.write_text("the user's file")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--quick", "--out", str(taken)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "is a file" in done.stderr and "Traceback" not in done.stderr
+    assert taken.read_text() == "the user's file"
