@@ -122,12 +122,10 @@ def launches(dtype: torch.dtype) -> Iterator[Tuple[str, object, Dict[str, object
     yield "add_rms_norm_bwd", *norm_triton.bwd_launch(hidden, res, res, rstd, weight, hidden, res, dw_part)[::2], None
 
 
-def configs(kernel, name: str, arch: int) -> List[Tuple[Dict[str, object], int]]:
-    """(meta-parameters, warps) of each autotune config the kernel may run with on ``arch``; one default
-    config for a plain kernel."""
+def configs(kernel) -> List[Tuple[Dict[str, object], int]]:
+    """(meta-parameters, warps) of each autotune config of the kernel; one default config for a plain kernel."""
     if isinstance(kernel, triton.runtime.Autotuner):
-        usable = kernels.usable_configs(kernel.configs, arch, backward=name == "scan_bwd")
-        return [(dict(c.kwargs), c.num_warps) for c in usable]
+        return [(dict(c.kwargs), c.num_warps) for c in kernel.configs]
     return [({}, 4)]
 
 
@@ -232,7 +230,7 @@ def reports(archs=ARCHS, dtypes=tuple(DTYPES), kernels_named: Optional[List[str]
             if kernels_named and name not in kernels_named:
                 continue
             for arch in archs:
-                for meta, warps in configs(kernel, name, arch):
+                for meta, warps in configs(kernel):
                     yield analyse(name, kernel, args, states, meta, warps, arch, dtype)
 
 

@@ -1,5 +1,5 @@
-"""Every Triton kernel compiles for sm_80 and sm_90 without spilling, and the forward scan keeps its static
-target: no GPU needed (benchmarks/gpu_static.py reads the machine code Triton builds for those targets)."""
+"""Every Triton kernel compiles for sm_80 and sm_90 without spilling, and the scans keep their static
+targets: no GPU needed (benchmarks/gpu_static.py reads the machine code Triton builds for those targets)."""
 import os
 import subprocess
 import sys
@@ -47,3 +47,14 @@ def test_forward_scan_meets_its_static_target_on_sm90(static_table):
         assert float(r[12]) <= 10.0, r  # thread-instructions per state-element-step (from ~110)
         assert r[10] == "0", r  # no barrier in the step loop
         assert int(r[7]) >= 4, r  # resident programs per SM
+
+
+def test_backward_scan_meets_its_static_target_on_sm90(static_table):
+    backward = {r[3]: r for r in rows(static_table.stdout) if r[0] == "scan_bwd" and r[1] == "sm_90"}
+    assert backward
+    for r in backward.values():
+        assert r[10] == "0 + 0", r  # no barrier in either step loop
+        assert r[11] == "0 + 31", r  # the reduce-scatter of dB and dC: 31 shuffles a step
+        assert int(r[7]) >= 4, r
+    # the configuration the autotuner has for sm_90-class GPUs (two channels a thread), from ~260
+    assert float(backward["BLOCK_E=64, warps=1"][12]) <= 30.0

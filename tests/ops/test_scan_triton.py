@@ -48,7 +48,8 @@ def on_device(inputs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch, length, state", [(3, 1, 16), (1, 63, 16), (3, 37, 5)])  # 37: 2 chunks + 5
+# 37: 2 chunks + 5; state 20: the backward's 2N sums over channels take two reduce-scatters, the second part-filled
+@pytest.mark.parametrize("batch, length, state", [(3, 1, 16), (1, 63, 16), (3, 37, 5), (1, 19, 20)])
 def test_single_direction_matches_reference(dtype, batch, length, state):
     inputs = on_device(scan_inputs(batch, 37, length, state, dtype))  # 37 channels: not a multiple of any block
     run = lambda **kw: scan.selective_scan(**kw, backend="triton")  # noqa: E731
@@ -77,6 +78,18 @@ def bidirectional_inputs(batch, channels, length, state=4, rank=3, taps=4, seed=
 
 @pytest.mark.parametrize("batch, channels, length", [(3, 37, 1), (1, 70, 63), (2, 37, 37)])  # 70: 2 and 3 blocks
 def test_fused_bidirectional_matches_the_flip_composition_forward_and_every_gradient(batch, channels, length):
+    check_bidirectional(batch, channels, length)
+
+
+def test_backward_with_one_channel_per_thread(monkeypatch):
+    """The interpreter runs the first backward config (two channels a thread, 64 a program); the GPU's
+    autotuner may pick one channel a thread, forced here."""
+    assert triton_backend.scan_configs(backward=True)[0].kwargs["BLOCK_E"] == 64
+    monkeypatch.setattr(triton_backend._scan_bwd_kernel, "configs", [triton.Config({"BLOCK_E": 32}, num_warps=1)])
+    check_bidirectional(2, 37, 37)
+
+
+def check_bidirectional(batch, channels, length):
     inputs = bidirectional_inputs(batch, channels, length)
     dout = torch.randn(batch, length, channels, generator=torch.Generator().manual_seed(5)).to(DEVICE)
 

@@ -12,17 +12,19 @@ Designed for the hardware (the SASS each choice produced is in benchmarks/RESULT
   no transpose, no copy).
 * A thread owns whole channels: the state is a tuple of N vectors over the program's channels (one per
   state, unrolled with ``tl.static_range``), so ``y = sum_n C_n h_n`` is in-thread arithmetic: no shuffle,
-  no barrier, no shared memory in the forward step. B and C of a step are N scalar loads shared by all
-  the program's channels; the next step's inputs are loaded before the current step's arithmetic.
+  no barrier, no shared memory in the forward step. B and C of a step are scalars shared by all the
+  program's channels (two per 64-bit load where they are float32 rows, as in the mixer); the next step's
+  inputs are loaded before the current step's arithmetic.
 * softplus(delta + bias), the D skip, the SiLU(z) gate and the average of the two directions are fused.
   The forward saves the state every CHECKPOINT_STEPS steps; the backward recomputes each chunk from its
   saved state into a program-private scratch (each thread reads back only what it wrote), then walks it
-  in reverse.
+  in reverse, reading only h_t (a h_{t-1} = h_t - B_t delta_t u_t). The 2N sums over channels of a step
+  (dB_t, dC_t) are one reduce-scatter within the warp: 31 shuffles, no barrier.
 * ``@triton.autotune`` picks the channels per program and warps on the user's GPU (keys: channels, a
   length bucket, and the dtypes, which Triton's autotuner adds to every key).
 
-Determinism: reductions over channels, batch or time go to per-program partial buffers summed afterwards
-in a fixed order. The only atomics add exactly two terms (one per direction) to a zeroed buffer, and
+Determinism: reductions over channels, batch or time run in a fixed order within a program and go to
+per-program partial buffers summed afterwards in a fixed order. The only atomics add exactly two terms (one per direction) to a zeroed buffer, and
 0 + a + b == 0 + b + a in floating point, so results do not depend on scheduling.
 """
 import os
@@ -45,11 +47,11 @@ FAST_MATH = os.environ.get("TRITON_INTERPRET") != "1"
 
 def scan_configs(backward: bool) -> List[triton.Config]:
     """Channels per thread x warps. The forward takes two or four channels per thread (one leaves the N
-    scalar B and C loads of a step shared by too few channels: 12.6 instructions per state-element-step
-    against 9.7 and 8.7) and one, two or four warps. The backward takes one warp (its reductions over
-    channels would need a barrier per step across warps) and one or two channels per thread (four spill).
-    One config in the interpreter, where there is nothing to tune."""
-    pairs = [(2, 1), (4, 1), (2, 2), (2, 4)] if not backward else [(1, 1), (2, 1)]
+    scalar B and C loads of a step shared by too few channels: 11.3 instructions per state-element-step
+    against 9.0 and 8.4) and one, two or four warps. The backward takes one warp (its sums over channels
+    are a reduce-scatter within the warp; across warps they would need a barrier a step) and two or one
+    channels per thread (four spill). The interpreter, where there is nothing to tune, runs the first."""
+    pairs = [(2, 1), (4, 1), (2, 2), (2, 4)] if not backward else [(2, 1), (1, 1)]
     if not FAST_MATH:
         pairs = pairs[:1]
     return [triton.Config({"BLOCK_E": 32 * per_thread * warps}, num_warps=warps) for per_thread, warps in pairs]
@@ -62,19 +64,6 @@ def _fitting_configs(configs: List[triton.Config], named_args: Dict, **kwargs) -
     return fitting or configs[:1]
 
 
-def usable_configs(configs: List[triton.Config], arch: int, backward: bool) -> List[triton.Config]:
-    """The backward with two channels per thread needs 254 registers on sm_90 and spills on sm_80
-    (benchmarks/gpu_static.py): before sm_90 it keeps to one channel per thread."""
-    if backward and arch < 90:
-        return [c for c in configs if c.kwargs["BLOCK_E"] // (32 * c.num_warps) == 1]
-    return configs
-
-
-def _fitting_backward_configs(configs: List[triton.Config], named_args: Dict, **kwargs) -> List[triton.Config]:
-    major, minor = torch.cuda.get_device_capability(named_args["u"].device) if named_args["u"].is_cuda else (9, 0)
-    return _fitting_configs(usable_configs(configs, 10 * major + minor, backward=True), named_args)
-
-
 def length_bucket(length: int) -> int:
     """Autotune key: the next power of two of the sequence length (224: 256, 1248: 8192)."""
     return triton.next_power_of_2(max(int(length), 1))
@@ -82,13 +71,17 @@ def length_bucket(length: int) -> int:
 
 @triton.jit
 def _softplus(x, FAST: tl.constexpr):
-    """log(1 + exp(x)), x itself above 20 (as torch's softplus)."""
-    y = 1.0 + tl.exp2(tl.minimum(x, 20.0) * 1.4426950408889634)
+    """log(1 + exp(x)), x itself above 20 (as torch's softplus), and its derivative sigmoid(x) from the
+    same exp (the forward's callers drop it, and the compiler with it)."""
+    e = tl.exp2(tl.minimum(x, 20.0) * 1.4426950408889634)
+    y = 1.0 + e
     if FAST:
         log2 = libdevice.fast_log2f(y)  # MUFU.LG2: one instruction, |error| < 2^-22 on [1, 5e8]
+        sig = libdevice.fast_dividef(e, y)  # MUFU.RCP and a multiply: y is in [1, 5e8]
     else:
         log2 = tl.log2(y)
-    return tl.where(x > 20.0, x, log2 * 0.6931471805599453)
+        sig = e / y
+    return tl.where(x > 20.0, x, log2 * 0.6931471805599453), tl.where(x > 20.0, 1.0, sig)
 
 
 @triton.jit
@@ -113,11 +106,20 @@ def _row_tuple(ptr, stride, offsets, mask, N: tl.constexpr, factor: tl.constexpr
 
 
 @triton.jit
-def _scalar_tuple(ptr, stride, N: tl.constexpr):
-    """N scalars ``ptr[n * stride]`` as float32 (B or C of one step: the same for every channel)."""
+def _scalar_tuple(ptr, stride, N: tl.constexpr, PAIRS: tl.constexpr):
+    """N scalars ``ptr[n * stride]`` as float32 (B or C of one step: the same for every channel). With
+    PAIRS (float32, stride 1, 8-byte aligned rows: the mixer's B and C) two per 64-bit load, split by bit
+    casts that cost no instruction: N / 2 loads a step instead of N."""
     out = ()
-    for n in tl.static_range(N):
-        out = out + (tl.load(ptr + n * stride).to(tl.float32),)
+    if PAIRS:
+        p64 = ptr.to(tl.pointer_type(tl.int64))
+        for n in tl.static_range(N // 2):
+            bits = tl.load(p64 + n)
+            low = (bits & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+            out = out + (low, (bits >> 32).to(tl.int32).to(tl.float32, bitcast=True))
+    else:
+        for n in tl.static_range(N):
+            out = out + (tl.load(ptr + n * stride).to(tl.float32),)
     return out
 
 
@@ -125,6 +127,41 @@ def _scalar_tuple(ptr, stride, N: tl.constexpr):
 def _store_tuple(ptr, stride, offsets, values, mask, N: tl.constexpr):
     for n in tl.static_range(N):
         tl.store(ptr + n * stride + offsets, values[n], mask=mask)
+
+
+@triton.jit
+def _lane_sums(values, V: tl.constexpr, BLOCK_E: tl.constexpr, q: tl.constexpr):
+    """Sums over the program's channels of values[32 q] .. values[32 q + 31] (each a [BLOCK_E] vector), as
+    one [32] vector: element l holds the sum of values[32 q + l] (zero past V). A butterfly reduce-scatter:
+    each lane first adds its own channels, then five exchanges halve the values a lane carries (w = 16, 8,
+    4, 2, 1: the lane keeps one half, sends the other to lane ^ w and adds what it receives), so 32 sums
+    cost 31 exchanges instead of 32 all-reduces of five each. On a GPU ``tl.gather`` within a warp is one
+    SHFL; the order of the additions is fixed, so the sums are deterministic."""
+    lane = tl.arange(0, 32)
+    cur = ()
+    for k in tl.static_range(32):
+        if 32 * q + k < V:
+            rows = tl.reshape(values[32 * q + k], [32, BLOCK_E // 32], can_reorder=True)  # any partition will do
+            cur = cur + (tl.sum(rows, axis=1),)
+        else:
+            cur = cur + (tl.zeros([32], dtype=tl.float32),)
+    cur = _exchange(cur, lane, 16)
+    cur = _exchange(cur, lane, 8)
+    cur = _exchange(cur, lane, 4)
+    cur = _exchange(cur, lane, 2)
+    return _exchange(cur, lane, 1)[0]
+
+
+@triton.jit
+def _exchange(cur, lane, w: tl.constexpr):
+    """One level of :func:`_lane_sums`: 2w partial sums per lane in, w out."""
+    upper = (lane & w) != 0
+    new = ()
+    for k in tl.static_range(w):
+        keep = tl.where(upper, cur[k + w], cur[k])
+        send = tl.where(upper, cur[k], cur[k + w])
+        new = new + (keep + tl.gather(send, lane ^ w, 0),)
+    return new
 
 
 @triton.jit
@@ -169,6 +206,7 @@ def _scan_fwd_kernel(
     L_BUCKET,
     BLOCK_E: tl.constexpr, N: tl.constexpr, CHUNK: tl.constexpr, FAST: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BIDIR: tl.constexpr,
+    BC_PAIRS: tl.constexpr,
 ):
     """Grid (batch, channel blocks, directions). u, delta (ndir, b, L, E); A (ndir, N, E); B, C (ndir, b, L, N);
     D, bias (ndir, E); z, out (b, L, E); states (ndir, b, n_chunks, N, E) float32, written at each chunk start."""
@@ -184,8 +222,8 @@ def _scan_fwd_kernel(
     n_u = tl.load(p_u + t * s_u_t, mask=m_e, other=0.0)
     n_dt = tl.load(p_dt + t * s_dt_t, mask=m_e, other=0.0)
     n_z = tl.load(p_z + t * s_z_t, mask=m_e, other=0.0)
-    n_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N)
-    n_C = _scalar_tuple(p_C + t * s_C_t, s_C_n, N)
+    n_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N, BC_PAIRS)
+    n_C = _scalar_tuple(p_C + t * s_C_t, s_C_n, N, BC_PAIRS)
     for c in range(0, n_chunks):
         _store_tuple(p_h + c * s_h_c, E, o_e, h, m_e, N)
         for j in range(0, tl.minimum(CHUNK, L - c * CHUNK)):
@@ -194,12 +232,12 @@ def _scan_fwd_kernel(
             n_u = tl.load(p_u + t * s_u_t, mask=m_e, other=0.0)
             n_dt = tl.load(p_dt + t * s_dt_t, mask=m_e, other=0.0)
             n_z = tl.load(p_z + t * s_z_t, mask=m_e, other=0.0)
-            n_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N)
-            n_C = _scalar_tuple(p_C + t * s_C_t, s_C_n, N)
+            n_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N, BC_PAIRS)
+            n_C = _scalar_tuple(p_C + t * s_C_t, s_C_n, N, BC_PAIRS)
             if HAS_BIAS:
                 b_dt = b_dt + b_bias
             if SOFTPLUS:
-                b_dt = _softplus(b_dt, FAST)
+                b_dt, _ = _softplus(b_dt, FAST)
             b_dtu = b_dt * b_u
             b_y = tl.zeros([BLOCK_E], dtype=tl.float32)
             if HAS_D:
@@ -219,11 +257,11 @@ def _scan_fwd_kernel(
 
 
 @triton.autotune(configs=scan_configs(backward=True), key=["E", "L_BUCKET"], reset_to_zero=["dz"],
-                 prune_configs_by={"early_config_prune": _fitting_backward_configs})
+                 prune_configs_by={"early_config_prune": _fitting_configs})
 @triton.jit
 def _scan_bwd_kernel(
     u, delta, A, B, C, D, z, bias, states, scratch, dout,
-    du, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part, dz,
+    du, ddelta, dA_part, dBC_part, dD_part, dbias_part, dz,
     L, E, n_chunks, scale,
     s_u_d, s_u_b, s_u_t, s_u_e,
     s_dt_d, s_dt_b, s_dt_t, s_dt_e,
@@ -237,10 +275,15 @@ def _scan_bwd_kernel(
     L_BUCKET,
     BLOCK_E: tl.constexpr, N: tl.constexpr, CHUNK: tl.constexpr, FAST: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BIDIR: tl.constexpr,
+    BC_PAIRS: tl.constexpr,
 ):
     """Gradients of :func:`_scan_fwd_kernel`. du, ddelta (ndir, b, L, E) in u's dtype; dz (b, L, E);
-    partial sums per program: dA_part (ndir, b, N, E), dD_part and dbias_part (ndir, b, E), dB_part and
-    dC_part (ndir, b, channel blocks, L, N) (the sum over this program's channels of each step)."""
+    partial sums per program: dA_part (ndir, b, N, E), dD_part and dbias_part (ndir, b, E), dBC_part
+    (ndir, b, channel blocks, L, 2N): dB then dC of each step, summed over this program's channels.
+
+    Each reverse step reads only h_t: a h_{t-1} = h_t - B_t dt_t u_t (one FMA, exact to rounding), so the
+    state before the step is neither reloaded nor kept. The 2N sums over channels of a step (dB_t, dC_t)
+    are one reduce-scatter (:func:`_lane_sums`) and one coalesced store."""
     i_b, i_e, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_e, m_e, A2, b_D, b_bias, p_u, p_dt, p_B, p_C, p_z = _program_inputs(
         u, delta, A, B, C, D, z, bias, E, i_b, i_e, i_d, s_u_d, s_u_b, s_u_e, s_dt_d, s_dt_b, s_dt_e,
@@ -249,10 +292,11 @@ def _scan_bwd_kernel(
     p_h = states + i_d * s_h_d + i_b * s_h_b
     p_g = i_d * s_g_d + i_b * s_g_b + o_e  # du and ddelta are contiguous (ndir, b, L, E)
     p_dz = dz + i_b * s_dz_b + o_e
-    # This program's scratch: the states of one chunk, (CHUNK + 1, N, BLOCK_E); slot 0 the chunk's start.
-    p_s = scratch + ((i_d * tl.num_programs(0) + i_b) * tl.num_programs(1) + i_e) * (CHUNK + 1) * N * BLOCK_E
+    # This program's scratch: the states after each step of one chunk, (CHUNK, N, BLOCK_E).
+    p_s = scratch + ((i_d * tl.num_programs(0) + i_b) * tl.num_programs(1) + i_e) * CHUNK * N * BLOCK_E
     o_s = tl.arange(0, BLOCK_E)
-    p_part = ((i_d * tl.num_programs(0) + i_b) * tl.num_programs(1) + i_e) * L * N
+    o_v = tl.arange(0, 32)
+    p_part = dBC_part + ((i_d * tl.num_programs(0) + i_b) * tl.num_programs(1) + i_e) * L * 2 * N
     zero = tl.zeros([BLOCK_E], dtype=tl.float32)
     g = _filled(zero, N)
     acc_dA = _filled(zero, N)
@@ -262,38 +306,36 @@ def _scan_bwd_kernel(
         c = n_chunks - 1 - cc
         steps = tl.minimum(CHUNK, L - c * CHUNK)
         h = _row_tuple(p_h + c * s_h_c, E, o_e, m_e, N)
-        _store_tuple(p_s, BLOCK_E, o_s, h, o_s < BLOCK_E, N)
         for j in range(0, steps):  # recompute the chunk's states (the same arithmetic as the forward)
             t = _time(c * CHUNK + j, L, i_d)
             b_u = tl.load(p_u + t * s_u_t, mask=m_e, other=0.0).to(tl.float32)
             b_dt = tl.load(p_dt + t * s_dt_t, mask=m_e, other=0.0).to(tl.float32)
-            b_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N)
+            b_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N, BC_PAIRS)
             if HAS_BIAS:
                 b_dt = b_dt + b_bias
             if SOFTPLUS:
-                b_dt = _softplus(b_dt, FAST)
+                b_dt, _ = _softplus(b_dt, FAST)
             b_dtu = b_dt * b_u
             new = ()
             for n in tl.static_range(N):
                 new = new + (tl.exp2(b_dt * A2[n]) * h[n] + b_B[n] * b_dtu,)
             h = new
-            _store_tuple(p_s + (j + 1) * N * BLOCK_E, BLOCK_E, o_s, h, o_s < BLOCK_E, N)
+            _store_tuple(p_s + j * N * BLOCK_E, BLOCK_E, o_s, h, o_s < BLOCK_E, N)
         for jj in range(0, steps):  # walk the chunk backwards
             j = steps - 1 - jj
             t = _time(c * CHUNK + j, L, i_d)
             b_u = tl.load(p_u + t * s_u_t, mask=m_e, other=0.0).to(tl.float32)
             b_raw = tl.load(p_dt + t * s_dt_t, mask=m_e, other=0.0).to(tl.float32)
-            b_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N)
-            b_C = _scalar_tuple(p_C + t * s_C_t, s_C_n, N)
+            b_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N, BC_PAIRS)
+            b_C = _scalar_tuple(p_C + t * s_C_t, s_C_n, N, BC_PAIRS)
             b_do = tl.load(p_do + t * s_o_t, mask=m_e, other=0.0).to(tl.float32) * scale
-            # h_t and h_{t-1} from the scratch (reloaded rather than carried: fewer live registers)
-            h_t = _row_tuple(p_s + (j + 1) * N * BLOCK_E, BLOCK_E, o_s, o_s < BLOCK_E, N)
-            h_prev = _row_tuple(p_s + j * N * BLOCK_E, BLOCK_E, o_s, o_s < BLOCK_E, N)
+            h_t = _row_tuple(p_s + j * N * BLOCK_E, BLOCK_E, o_s, o_s < BLOCK_E, N)
             if HAS_BIAS:
                 b_raw = b_raw + b_bias
             b_dt = b_raw
+            d_softplus = 1.0
             if SOFTPLUS:
-                b_dt = _softplus(b_raw, FAST)
+                b_dt, d_softplus = _softplus(b_raw, FAST)
             b_dtu = b_dt * b_u
             b_dy = b_do
             if HAS_Z:
@@ -314,25 +356,30 @@ def _scan_bwd_kernel(
             b_gB = zero
             new_g = ()
             new_dA = ()
+            dB_t = ()
+            dC_t = ()
             for n in tl.static_range(N):
                 a = tl.exp2(b_dt * A2[n])
                 gt = g[n] + b_dy * b_C[n]
-                tl.store(dC_part + p_part + t * N + n, tl.sum(b_dy * h_t[n], axis=0))
-                tl.store(dB_part + p_part + t * N + n, tl.sum(gt * b_dtu, axis=0))
-                s = gt * (a * h_prev[n])
+                dB_t = dB_t + (gt * b_dtu,)
+                dC_t = dC_t + (b_dy * h_t[n],)
+                s = gt * (h_t[n] - b_B[n] * b_dtu)  # gt * a * h_{t-1}
                 b_ddt += s * A2[n]  # times ln 2 below: sum_n s A_n
                 new_dA = new_dA + (acc_dA[n] + s * b_dt,)
                 b_gB += gt * b_B[n]
                 new_g = new_g + (gt * a,)
             g = new_g
             acc_dA = new_dA
+            for q in tl.static_range((2 * N + 31) // 32):
+                sums = _lane_sums(dB_t + dC_t, 2 * N, BLOCK_E, q)
+                tl.store(p_part + t * 2 * N + 32 * q + o_v, sums, mask=32 * q + o_v < 2 * N)
             b_ddt = b_ddt * 0.6931471805599453 + b_gB * b_u
             b_du = b_gB * b_dt
             if HAS_D:
                 b_du += b_dy * b_D
                 acc_dD += b_dy * b_u
             if SOFTPLUS:
-                b_ddt = b_ddt * tl.where(b_raw > 20.0, 1.0, tl.sigmoid(b_raw))
+                b_ddt = b_ddt * d_softplus
             acc_db += b_ddt
             tl.store(ddelta + p_g + t * s_g_t, b_ddt.to(ddelta.dtype.element_ty), mask=m_e)
             tl.store(du + p_g + t * s_g_t, b_du.to(du.dtype.element_ty), mask=m_e)
@@ -429,9 +476,15 @@ def _conv_dx_kernel(
 Launch = Tuple[object, object, Dict[str, object]]
 
 
-def _flags(D, z, bias, softplus: bool, ndir: int) -> Dict[str, object]:
+def _flags(B, C, D, z, bias, softplus: bool, ndir: int) -> Dict[str, object]:
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-                BIDIR=ndir == 2, FAST=FAST_MATH)
+                BIDIR=ndir == 2, FAST=FAST_MATH, BC_PAIRS=_pairs(B) and _pairs(C))
+
+
+def _pairs(t: torch.Tensor) -> bool:
+    """Can the kernels read two float32 of the last axis per 64-bit load (see ``_scalar_tuple``)?"""
+    return (t.dtype == torch.float32 and t.shape[-1] % 2 == 0 and t.stride(-1) == 1
+            and all(s % 2 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 8 == 0)
 
 
 def scan_fwd_launch(u, delta, A, B, C, D, z, bias, softplus: bool, out, states, steps: int) -> Launch:
@@ -447,7 +500,7 @@ def scan_fwd_launch(u, delta, A, B, C, D, z, bias, softplus: bool, out, states, 
         **_strides("s_u", "dbte", u), **_strides("s_dt", "dbte", delta), **_strides("s_B", "dbtn", B),
         **_strides("s_C", "dbtn", C), **_strides("s_z", "bte", z_), **_strides("s_o", "bte", out),
         **_strides("s_h", "dbc", states), L_BUCKET=length_bucket(length), N=state, CHUNK=steps,
-        **_flags(D, z, bias, softplus, ndir),
+        **_flags(B, C, D, z, bias, softplus, ndir),
     )
     grid = lambda meta: (batch, triton.cdiv(channels, meta["BLOCK_E"]), ndir)  # noqa: E731
     return _scan_fwd_kernel, grid, args
@@ -458,17 +511,17 @@ def scan_bwd_launch(u, delta, A, B, C, D, z, bias, softplus: bool, states, dout,
     ndir, batch, length, channels = u.shape
     state = A.shape[1]
     z_ = z if z is not None else dout
-    du, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part, dz, scratch = grads
+    du, ddelta, dA_part, dBC_part, dD_part, dbias_part, dz, scratch = grads
     args = dict(
         u=u, delta=delta, A=A, B=B, C=C, D=D if D is not None else A, z=z_, bias=bias if bias is not None else A,
-        states=states, scratch=scratch, dout=dout, du=du, ddelta=ddelta, dA_part=dA_part, dB_part=dB_part,
-        dC_part=dC_part, dD_part=dD_part, dbias_part=dbias_part, dz=dz if dz is not None else du,
+        states=states, scratch=scratch, dout=dout, du=du, ddelta=ddelta, dA_part=dA_part, dBC_part=dBC_part,
+        dD_part=dD_part, dbias_part=dbias_part, dz=dz if dz is not None else du,
         L=length, E=channels, n_chunks=states.shape[2], scale=0.5 if ndir == 2 else 1.0,
         **_strides("s_u", "dbte", u), **_strides("s_dt", "dbte", delta), **_strides("s_B", "dbtn", B),
         **_strides("s_C", "dbtn", C), **_strides("s_z", "bte", z_), **_strides("s_o", "bte", dout),
         **_strides("s_h", "dbc", states), **_strides("s_g", "dbt", du),
         **_strides("s_dz", "bt", dz if dz is not None else dout),
-        L_BUCKET=length_bucket(length), N=state, CHUNK=steps, **_flags(D, z, bias, softplus, ndir),
+        L_BUCKET=length_bucket(length), N=state, CHUNK=steps, **_flags(B, C, D, z, bias, softplus, ndir),
     )
     grid = lambda meta: (batch, triton.cdiv(channels, meta["BLOCK_E"]), ndir)  # noqa: E731
     return _scan_bwd_kernel, grid, args
@@ -479,16 +532,15 @@ def scan_bwd_buffers(u, A, z, steps: int):
     ndir, batch, length, channels = u.shape
     state = A.shape[1]
     f32 = dict(device=u.device, dtype=torch.float32)
-    blocks = [c.kwargs["BLOCK_E"] for c in scan_configs(backward=True)]
+    blocks = [c.kwargs["BLOCK_E"] for c in _scan_bwd_kernel.configs]
     n_blocks = triton.cdiv(channels, min(blocks))  # the most partial rows; unused rows stay zero
     padded = max(triton.cdiv(channels, b) * b for b in blocks)  # channels the programs cover
     du = torch.empty(ndir, batch, length, channels, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(ndir, batch, length, channels, device=u.device, dtype=u.dtype)
-    dB_part = torch.zeros(ndir, batch, n_blocks, length, state, **f32)
-    dC_part = torch.zeros(ndir, batch, n_blocks, length, state, **f32)
+    dBC_part = torch.zeros(ndir, batch, n_blocks, length, 2 * state, **f32)
     dz = torch.zeros(batch, length, channels, **f32) if z is not None else None
-    scratch = torch.empty(ndir * batch * padded * (steps + 1) * state, **f32)
-    return (du, ddelta, torch.empty(ndir, batch, state, channels, **f32), dB_part, dC_part,
+    scratch = torch.empty(ndir * batch * padded * steps * state, **f32)
+    return (du, ddelta, torch.empty(ndir, batch, state, channels, **f32), dBC_part,
             torch.empty(ndir, batch, channels, **f32), torch.empty(ndir, batch, channels, **f32), dz, scratch)
 
 
@@ -544,8 +596,10 @@ def _scan_bwd(u, delta, A, B, C, D, z, bias, softplus, states, dout, steps: int)
     (ndir, b, L, N); dD, dbias (ndir, E); dz (b, L, E) float32 (None for absent inputs)."""
     grads = scan_bwd_buffers(u, A, z, steps)
     _run(scan_bwd_launch(u, delta, A, B, C, D, z, bias, softplus, states, dout, steps, grads))
-    du, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part, dz, _ = grads
-    return (du, ddelta, dA_part.sum(1), dB_part.sum(2), dC_part.sum(2), dD_part.sum(1) if D is not None else None,
+    du, ddelta, dA_part, dBC_part, dD_part, dbias_part, dz, _ = grads
+    state = A.shape[1]
+    dB, dC = dBC_part[..., :state].sum(2), dBC_part[..., state:].sum(2)
+    return (du, ddelta, dA_part.sum(1), dB, dC, dD_part.sum(1) if D is not None else None,
             dz, dbias_part.sum(1) if bias is not None else None)
 
 
