@@ -166,3 +166,30 @@ def test_bf16_autocast_end_to_end_keeps_state_and_residual_in_float32():
             out = model(x)
     assert residual_dtypes[len(model.layers):] == [torch.float32] * len(model.layers)
     assert_close(out.float(), ref, rtol_max=5e-2, name="bf16 autocast logits")
+
+
+def test_inference_saves_no_states_and_gives_the_same_output(monkeypatch):
+    saved = []
+    real = triton_backend._scan_fwd
+
+    def spy(*args, **kwargs):
+        states = real(*args, **kwargs)
+        saved.append(states.shape[2])
+        return states
+
+    monkeypatch.setattr(triton_backend, "_scan_fwd", spy)
+    inputs = bidirectional_inputs(2, 20, 21)
+    with torch.no_grad():
+        inferred = scan.bidirectional(*inputs, backend="triton")
+    trained = scan.bidirectional(*[t.detach().requires_grad_(True) for t in inputs], backend="triton")
+    assert saved == [0, 2]  # 21 steps in chunks of 16 when a backward will run
+    assert torch.equal(inferred, trained.detach())
+
+
+def test_backward_of_a_forward_that_saved_no_states_says_why():
+    x, z, conv_w, conv_b, x_proj, dt_proj, dt_bias, A, D = bidirectional_inputs(1, 4, 3)
+    u = torch.zeros(2, 1, 3, 4, device=DEVICE)
+    B = torch.zeros(2, 1, 3, 4, device=DEVICE)
+    states = torch.empty(2, 1, 0, 4, 4, device=DEVICE)
+    with pytest.raises(RuntimeError, match="without save_states"):
+        triton_backend.bi_scan_backward(z, u, u, A.transpose(1, 2), B, B, D, z, dt_bias, 16, False, states)

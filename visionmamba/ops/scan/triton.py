@@ -206,10 +206,11 @@ def _scan_fwd_kernel(
     L_BUCKET,
     BLOCK_E: tl.constexpr, N: tl.constexpr, CHUNK: tl.constexpr, FAST: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BIDIR: tl.constexpr,
-    BC_PAIRS: tl.constexpr,
+    BC_PAIRS: tl.constexpr, SAVE_STATES: tl.constexpr,
 ):
     """Grid (batch, channel blocks, directions). u, delta (ndir, b, L, E); A (ndir, N, E); B, C (ndir, b, L, N);
-    D, bias (ndir, E); z, out (b, L, E); states (ndir, b, n_chunks, N, E) float32, written at each chunk start."""
+    D, bias (ndir, E); z, out (b, L, E); states (ndir, b, n_chunks, N, E) float32, written at each chunk start
+    if SAVE_STATES (not when nothing will run the backward)."""
     i_b, i_e, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_e, m_e, A2, b_D, b_bias, p_u, p_dt, p_B, p_C, p_z = _program_inputs(
         u, delta, A, B, C, D, z, bias, E, i_b, i_e, i_d, s_u_d, s_u_b, s_u_e, s_dt_d, s_dt_b, s_dt_e,
@@ -225,7 +226,8 @@ def _scan_fwd_kernel(
     n_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N, BC_PAIRS)
     n_C = _scalar_tuple(p_C + t * s_C_t, s_C_n, N, BC_PAIRS)
     for c in range(0, n_chunks):
-        _store_tuple(p_h + c * s_h_c, E, o_e, h, m_e, N)
+        if SAVE_STATES:
+            _store_tuple(p_h + c * s_h_c, E, o_e, h, m_e, N)
         for j in range(0, tl.minimum(CHUNK, L - c * CHUNK)):
             b_u, b_dt, b_z, b_B, b_C, cur = n_u.to(tl.float32), n_dt.to(tl.float32), n_z.to(tl.float32), n_B, n_C, t
             t = _time(tl.minimum(c * CHUNK + j + 1, L - 1), L, i_d)  # the last step reloads itself
@@ -489,18 +491,18 @@ def _pairs(t: torch.Tensor) -> bool:
 
 def scan_fwd_launch(u, delta, A, B, C, D, z, bias, softplus: bool, out, states, steps: int) -> Launch:
     """u, delta (ndir, b, L, E) and B, C (ndir, b, L, N) any strides; A (ndir, N, E) contiguous; D, bias
-    (ndir, E); z, out (b, L, E); states (ndir, b, chunks, N, E) float32 contiguous. With two directions
-    ``out`` is a zeroed float32 tensor that receives (y_0 + y_1) / 2."""
+    (ndir, E); z, out (b, L, E); states (ndir, b, chunks, N, E) float32 contiguous, chunks = ceil(L / steps),
+    or 0 to save none. With two directions ``out`` is a zeroed float32 tensor that receives (y_0 + y_1) / 2."""
     ndir, batch, length, channels = u.shape
     state = A.shape[1]
     z_ = z if z is not None else out
     args = dict(
         u=u, delta=delta, A=A, B=B, C=C, D=D if D is not None else A, z=z_, bias=bias if bias is not None else A,
-        out=out, states=states, L=length, E=channels, n_chunks=states.shape[2], scale=0.5 if ndir == 2 else 1.0,
+        out=out, states=states, L=length, E=channels, n_chunks=triton.cdiv(length, steps), scale=0.5 if ndir == 2 else 1.0,
         **_strides("s_u", "dbte", u), **_strides("s_dt", "dbte", delta), **_strides("s_B", "dbtn", B),
         **_strides("s_C", "dbtn", C), **_strides("s_z", "bte", z_), **_strides("s_o", "bte", out),
         **_strides("s_h", "dbc", states), L_BUCKET=length_bucket(length), N=state, CHUNK=steps,
-        **_flags(B, C, D, z, bias, softplus, ndir),
+        SAVE_STATES=states.shape[2] > 0, **_flags(B, C, D, z, bias, softplus, ndir),
     )
     grid = lambda meta: (batch, triton.cdiv(channels, meta["BLOCK_E"]), ndir)  # noqa: E731
     return _scan_fwd_kernel, grid, args
@@ -582,11 +584,13 @@ def _run(launch: Launch) -> None:
 
 
 # ------------------------------------------------------------------------------------------- launchers
-def _scan_fwd(u, delta, A, B, C, D, z, bias, softplus: bool, out: torch.Tensor, steps: int) -> torch.Tensor:
-    """Runs the forward; returns the states at every ``steps``-th step, (ndir, b, chunks, N, E)."""
+def _scan_fwd(u, delta, A, B, C, D, z, bias, softplus: bool, out: torch.Tensor, steps: int,
+              save_states: bool = True) -> torch.Tensor:
+    """Runs the forward; returns the states at every ``steps``-th step, (ndir, b, chunks, N, E) (no chunks
+    without ``save_states``)."""
     ndir, batch, length, channels = u.shape
-    states = torch.empty(ndir, batch, triton.cdiv(length, steps), A.shape[1], channels, device=u.device,
-                         dtype=torch.float32)
+    chunks = triton.cdiv(length, steps) if save_states else 0
+    states = torch.empty(ndir, batch, chunks, A.shape[1], channels, device=u.device, dtype=torch.float32)
     _run(scan_fwd_launch(u, delta, A, B, C, D, z, bias, softplus, out, states, steps))
     return states
 
@@ -651,32 +655,37 @@ def _(du, x, weight, bias):
 
 @torch.library.custom_op("visionmamba::triton_bi_scan", mutates_args=())
 def bi_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-            D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor, steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+            D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor, steps: int,
+            save_states: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Both directions in one launch. u, delta (2, b, L, E); A (2, N, E); B, C (2, b, L, N) (any strides);
     D, bias (2, E); z (b, L, E). Returns out = (y_fwd + y_bwd) / 2, each y = (scan + D u) * silu(z), as
-    (b, L, E) in z's dtype, and the states at every ``steps``-th step the backward restarts from."""
+    (b, L, E) in z's dtype, and the states at every ``steps``-th step the backward restarts from (none
+    without ``save_states``: inference keeps neither their memory nor their writes)."""
     out = torch.zeros(z.shape, device=z.device, dtype=torch.float32)
-    states = _scan_fwd(u, delta, A, B, C, D, z, bias, True, out, steps)
+    states = _scan_fwd(u, delta, A, B, C, D, z, bias, True, out, steps, save_states)
     return out.to(z.dtype), states
 
 
 @bi_scan.register_fake
-def _(u, delta, A, B, C, D, z, bias, steps):
-    chunks = (u.shape[2] + steps - 1) // steps
+def _(u, delta, A, B, C, D, z, bias, steps, save_states):
+    chunks = (u.shape[2] + steps - 1) // steps if save_states else 0
     return z.new_empty(z.shape), u.new_empty((2, u.shape[1], chunks, A.shape[1], u.shape[3]), dtype=torch.float32)
 
 
 @torch.library.custom_op("visionmamba::triton_bi_scan_backward", mutates_args=())
 def bi_scan_backward(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                      C: torch.Tensor, D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor, steps: int,
-                     states: torch.Tensor) -> List[torch.Tensor]:
+                     save_states: bool, states: torch.Tensor) -> List[torch.Tensor]:
+    if not save_states:
+        raise RuntimeError("triton_bi_scan ran without save_states, so it has no backward: call it with "
+                           "save_states=True when a gradient is needed")
     inputs = (u, delta, A, B, C, D, z, bias)
     grads = _scan_bwd(*inputs, True, states, dout, steps)
     return [gr.to(t.dtype) for gr, t in zip(grads, inputs)]
 
 
 @bi_scan_backward.register_fake
-def _(dout, u, delta, A, B, C, D, z, bias, steps, states):
+def _(dout, u, delta, A, B, C, D, z, bias, steps, save_states, states):
     return [t.new_empty(t.shape) for t in (u, delta, A, B, C, D, z, bias)]
 
 
@@ -741,5 +750,8 @@ def bidirectional(
     dt, BC = x_dbl.split([rank, 2 * state], dim=-1)
     B, C = BC.float().split([state, state], dim=-1)
     delta = torch.matmul(dt, dt_proj_weight.to(dt.dtype).transpose(1, 2)[:, None])  # (2, b, L, E)
-    out, _ = bi_scan(u, delta, A.float().transpose(1, 2).contiguous(), B, C, D, z, dt_proj_bias, CHECKPOINT_STEPS)
+    A = A.float().transpose(1, 2).contiguous()
+    inputs = (u, delta, A, B, C, D, z, dt_proj_bias)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    out, _ = bi_scan(*inputs, CHECKPOINT_STEPS, training)
     return out
