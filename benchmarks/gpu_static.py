@@ -104,7 +104,7 @@ def vim_ti_tensors(dtype: torch.dtype, batch: int = 2, length: int = 197) -> Dic
         delta=torch.empty(2, batch, length, E, dtype=dtype, **meta), B=BC[..., :N], C=BC[..., N:],
         A=torch.empty(2, N, E, **meta), D=torch.empty(2, E, **meta), bias=torch.empty(2, E, **meta),
         conv_w=torch.empty(2, E, K, **meta), conv_b=torch.empty(2, E, **meta),
-        out=torch.empty(batch, length, E, **meta), dout=torch.empty(batch, length, E, dtype=dtype, **meta),
+        ys=torch.empty(2, batch, length, E, dtype=dtype, **meta), dout=torch.empty(batch, length, E, dtype=dtype, **meta),
     )
 
 
@@ -115,7 +115,7 @@ def launches(dtype: torch.dtype) -> Iterator[Tuple[str, object, Dict[str, object
     ndir, batch, length, channels = t["u"].shape
     states = torch.empty(ndir, batch, triton.cdiv(length, steps), VIM_TI["state"], channels, device="meta")
     scan_inputs = (t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["bias"], True)
-    kernel, _, args = kernels.scan_fwd_launch(*scan_inputs, t["out"], states, steps)
+    kernel, _, args = kernels.scan_fwd_launch(*scan_inputs, t["ys"], states, steps)
     yield "scan_fwd", kernel, args, VIM_TI["state"]
     grads = [g if g is None else g.to("meta") for g in kernels.scan_bwd_buffers(t["u"], t["A"], t["z"], steps)]
     kernel, _, args = kernels.scan_bwd_launch(*scan_inputs, states, t["dout"], steps, grads)

@@ -15,7 +15,10 @@ Designed for the hardware (the SASS each choice produced is in benchmarks/RESULT
   no barrier, no shared memory in the forward step. B and C of a step are scalars shared by all the
   program's channels (two per 64-bit load where they are float32 rows, as in the mixer); the next step's
   inputs are loaded before the current step's arithmetic.
-* softplus(delta + bias), the D skip, the SiLU(z) gate and the average of the two directions are fused.
+* softplus(delta + bias), the D skip, the SiLU(z) gate and the halving of each direction's output are
+  fused; the two directions' outputs are written side by side (over u in inference, where u is dead) and
+  added by one elementwise op, no atomics (the fp32 atomic sum and its conversion pass were as much traffic
+  and needed a float32 buffer the size of the output).
   The forward saves the state every CHECKPOINT_STEPS steps; the backward recomputes each chunk from its
   saved state into a program-private scratch (each thread reads back only what it wrote), then walks it
   in reverse, reading only h_t (a h_{t-1} = h_t - B_t delta_t u_t). The 2N sums over channels of a step
@@ -24,8 +27,9 @@ Designed for the hardware (the SASS each choice produced is in benchmarks/RESULT
   length bucket, and the dtypes, which Triton's autotuner adds to every key).
 
 Determinism: reductions over channels, batch or time run in a fixed order within a program and go to
-per-program partial buffers summed afterwards in a fixed order. The only atomics add exactly two terms (one per direction) to a zeroed buffer, and
-0 + a + b == 0 + b + a in floating point, so results do not depend on scheduling.
+per-program partial buffers summed afterwards in a fixed order. The only atomics (the backward's dz) add
+exactly two terms (one per direction) to a zeroed buffer, and 0 + a + b == 0 + b + a in floating point, so
+results do not depend on scheduling.
 """
 import os
 from typing import Dict, List, Optional, Tuple
@@ -190,32 +194,35 @@ def _program_inputs(u, delta, A, B, C, D, z, bias, E, i_b, i_e, i_d, s_u_d, s_u_
     return o_e, m_e, A2, b_D, b_bias, p_u, p_dt, p_B, p_C, p_z
 
 
-@triton.autotune(configs=scan_configs(backward=False), key=["E", "L_BUCKET"], reset_to_zero=["out"],
+# restore_value: the autotuner's trial runs must not leave their output where the inference path keeps it
+# (over u, which every trial reads).
+@triton.autotune(configs=scan_configs(backward=False), key=["E", "L_BUCKET"], restore_value=["ys"],
                  prune_configs_by={"early_config_prune": _fitting_configs})
 @triton.jit
 def _scan_fwd_kernel(
-    u, delta, A, B, C, D, z, bias, out, states,
+    u, delta, A, B, C, D, z, bias, ys, states,
     L, E, n_chunks, scale,
     s_u_d, s_u_b, s_u_t, s_u_e,
     s_dt_d, s_dt_b, s_dt_t, s_dt_e,
     s_B_d, s_B_b, s_B_t, s_B_n,
     s_C_d, s_C_b, s_C_t, s_C_n,
     s_z_b, s_z_t, s_z_e,
-    s_o_b, s_o_t, s_o_e,
+    s_o_d, s_o_b, s_o_t, s_o_e,
     s_h_d, s_h_b, s_h_c,
     L_BUCKET,
     BLOCK_E: tl.constexpr, N: tl.constexpr, CHUNK: tl.constexpr, FAST: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BIDIR: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     BC_PAIRS: tl.constexpr, SAVE_STATES: tl.constexpr,
 ):
     """Grid (batch, channel blocks, directions). u, delta (ndir, b, L, E); A (ndir, N, E); B, C (ndir, b, L, N);
-    D, bias (ndir, E); z, out (b, L, E); states (ndir, b, n_chunks, N, E) float32, written at each chunk start
-    if SAVE_STATES (not when nothing will run the backward)."""
+    D, bias (ndir, E); z (b, L, E); ys (ndir, b, L, E): each direction's scale * y, written at the step that
+    read u and delta there (so ys may be u itself); states (ndir, b, n_chunks, N, E) float32, written at each
+    chunk start if SAVE_STATES (not when nothing will run the backward)."""
     i_b, i_e, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_e, m_e, A2, b_D, b_bias, p_u, p_dt, p_B, p_C, p_z = _program_inputs(
         u, delta, A, B, C, D, z, bias, E, i_b, i_e, i_d, s_u_d, s_u_b, s_u_e, s_dt_d, s_dt_b, s_dt_e,
         s_B_d, s_B_b, s_C_d, s_C_b, s_z_b, s_z_e, BLOCK_E, N)
-    p_o = out + i_b * s_o_b + o_e * s_o_e
+    p_o = ys + i_d * s_o_d + i_b * s_o_b + o_e * s_o_e
     p_h = states + i_d * s_h_d + i_b * s_h_b
     h = _filled(tl.zeros([BLOCK_E], dtype=tl.float32), N)
     # step 0's inputs; every step then loads the next one's before its own arithmetic
@@ -252,10 +259,7 @@ def _scan_fwd_kernel(
             h = new
             if HAS_Z:
                 b_y = b_y * b_z * tl.sigmoid(b_z)
-            if BIDIR:
-                tl.atomic_add(p_o + cur * s_o_t, b_y * scale, mask=m_e, sem="relaxed")
-            else:
-                tl.store(p_o + cur * s_o_t, (b_y * scale).to(out.dtype.element_ty), mask=m_e)
+            tl.store(p_o + cur * s_o_t, (b_y * scale).to(ys.dtype.element_ty), mask=m_e)
 
 
 @triton.autotune(configs=scan_configs(backward=True), key=["E", "L_BUCKET"], reset_to_zero=["dz"],
@@ -478,9 +482,9 @@ def _conv_dx_kernel(
 Launch = Tuple[object, object, Dict[str, object]]
 
 
-def _flags(B, C, D, z, bias, softplus: bool, ndir: int) -> Dict[str, object]:
+def _flags(B, C, D, z, bias, softplus: bool) -> Dict[str, object]:
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-                BIDIR=ndir == 2, FAST=FAST_MATH, BC_PAIRS=_pairs(B) and _pairs(C))
+                FAST=FAST_MATH, BC_PAIRS=_pairs(B) and _pairs(C))
 
 
 def _pairs(t: torch.Tensor) -> bool:
@@ -489,20 +493,20 @@ def _pairs(t: torch.Tensor) -> bool:
             and all(s % 2 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 8 == 0)
 
 
-def scan_fwd_launch(u, delta, A, B, C, D, z, bias, softplus: bool, out, states, steps: int) -> Launch:
-    """u, delta (ndir, b, L, E) and B, C (ndir, b, L, N) any strides; A (ndir, N, E) contiguous; D, bias
-    (ndir, E); z, out (b, L, E); states (ndir, b, chunks, N, E) float32 contiguous, chunks = ceil(L / steps),
-    or 0 to save none. With two directions ``out`` is a zeroed float32 tensor that receives (y_0 + y_1) / 2."""
+def scan_fwd_launch(u, delta, A, B, C, D, z, bias, softplus: bool, ys, states, steps: int) -> Launch:
+    """u, delta, ys (ndir, b, L, E) and B, C (ndir, b, L, N) any strides; A (ndir, N, E) contiguous; D, bias
+    (ndir, E); z (b, L, E); states (ndir, b, chunks, N, E) float32 contiguous, chunks = ceil(L / steps), or 0
+    to save none. ys receives each direction's y, halved with two directions (the output is ys.sum(0))."""
     ndir, batch, length, channels = u.shape
     state = A.shape[1]
-    z_ = z if z is not None else out
+    z_ = z if z is not None else ys[0]
     args = dict(
         u=u, delta=delta, A=A, B=B, C=C, D=D if D is not None else A, z=z_, bias=bias if bias is not None else A,
-        out=out, states=states, L=length, E=channels, n_chunks=triton.cdiv(length, steps), scale=0.5 if ndir == 2 else 1.0,
+        ys=ys, states=states, L=length, E=channels, n_chunks=triton.cdiv(length, steps), scale=0.5 if ndir == 2 else 1.0,
         **_strides("s_u", "dbte", u), **_strides("s_dt", "dbte", delta), **_strides("s_B", "dbtn", B),
-        **_strides("s_C", "dbtn", C), **_strides("s_z", "bte", z_), **_strides("s_o", "bte", out),
+        **_strides("s_C", "dbtn", C), **_strides("s_z", "bte", z_), **_strides("s_o", "dbte", ys),
         **_strides("s_h", "dbc", states), L_BUCKET=length_bucket(length), N=state, CHUNK=steps,
-        SAVE_STATES=states.shape[2] > 0, **_flags(B, C, D, z, bias, softplus, ndir),
+        SAVE_STATES=states.shape[2] > 0, **_flags(B, C, D, z, bias, softplus),
     )
     grid = lambda meta: (batch, triton.cdiv(channels, meta["BLOCK_E"]), ndir)  # noqa: E731
     return _scan_fwd_kernel, grid, args
@@ -523,7 +527,7 @@ def scan_bwd_launch(u, delta, A, B, C, D, z, bias, softplus: bool, states, dout,
         **_strides("s_C", "dbtn", C), **_strides("s_z", "bte", z_), **_strides("s_o", "bte", dout),
         **_strides("s_h", "dbc", states), **_strides("s_g", "dbt", du),
         **_strides("s_dz", "bt", dz if dz is not None else dout),
-        L_BUCKET=length_bucket(length), N=state, CHUNK=steps, **_flags(B, C, D, z, bias, softplus, ndir),
+        L_BUCKET=length_bucket(length), N=state, CHUNK=steps, BIDIR=ndir == 2, **_flags(B, C, D, z, bias, softplus),
     )
     grid = lambda meta: (batch, triton.cdiv(channels, meta["BLOCK_E"]), ndir)  # noqa: E731
     return _scan_bwd_kernel, grid, args
@@ -584,14 +588,14 @@ def _run(launch: Launch) -> None:
 
 
 # ------------------------------------------------------------------------------------------- launchers
-def _scan_fwd(u, delta, A, B, C, D, z, bias, softplus: bool, out: torch.Tensor, steps: int,
+def _scan_fwd(u, delta, A, B, C, D, z, bias, softplus: bool, ys: torch.Tensor, steps: int,
               save_states: bool = True) -> torch.Tensor:
     """Runs the forward; returns the states at every ``steps``-th step, (ndir, b, chunks, N, E) (no chunks
     without ``save_states``)."""
     ndir, batch, length, channels = u.shape
     chunks = triton.cdiv(length, steps) if save_states else 0
     states = torch.empty(ndir, batch, chunks, A.shape[1], channels, device=u.device, dtype=torch.float32)
-    _run(scan_fwd_launch(u, delta, A, B, C, D, z, bias, softplus, out, states, steps))
+    _run(scan_fwd_launch(u, delta, A, B, C, D, z, bias, softplus, ys, states, steps))
     return states
 
 
@@ -655,38 +659,48 @@ def _(du, x, weight, bias):
 
 @torch.library.custom_op("visionmamba::triton_bi_scan", mutates_args=())
 def bi_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-            D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor, steps: int,
-            save_states: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+            D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor, steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Both directions in one launch. u, delta (2, b, L, E); A (2, N, E); B, C (2, b, L, N) (any strides);
-    D, bias (2, E); z (b, L, E). Returns out = (y_fwd + y_bwd) / 2, each y = (scan + D u) * silu(z), as
-    (b, L, E) in z's dtype, and the states at every ``steps``-th step the backward restarts from (none
-    without ``save_states``: inference keeps neither their memory nor their writes)."""
-    out = torch.zeros(z.shape, device=z.device, dtype=torch.float32)
-    states = _scan_fwd(u, delta, A, B, C, D, z, bias, True, out, steps, save_states)
-    return out.to(z.dtype), states
+    D, bias (2, E); z (b, L, E). Returns out = y_fwd / 2 + y_bwd / 2, each y = (scan + D u) * silu(z)
+    rounded to z's dtype before the sum (as the official code adds its two directions' outputs), (b, L, E),
+    and the states at every ``steps``-th step the backward restarts from."""
+    ys = torch.empty((2, *z.shape), device=z.device, dtype=z.dtype)
+    states = _scan_fwd(u, delta, A, B, C, D, z, bias, True, ys, steps)
+    return ys[0] + ys[1], states
 
 
 @bi_scan.register_fake
-def _(u, delta, A, B, C, D, z, bias, steps, save_states):
-    chunks = (u.shape[2] + steps - 1) // steps if save_states else 0
+def _(u, delta, A, B, C, D, z, bias, steps):
+    chunks = (u.shape[2] + steps - 1) // steps
     return z.new_empty(z.shape), u.new_empty((2, u.shape[1], chunks, A.shape[1], u.shape[3]), dtype=torch.float32)
 
 
 @torch.library.custom_op("visionmamba::triton_bi_scan_backward", mutates_args=())
 def bi_scan_backward(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                      C: torch.Tensor, D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor, steps: int,
-                     save_states: bool, states: torch.Tensor) -> List[torch.Tensor]:
-    if not save_states:
-        raise RuntimeError("triton_bi_scan ran without save_states, so it has no backward: call it with "
-                           "save_states=True when a gradient is needed")
+                     states: torch.Tensor) -> List[torch.Tensor]:
     inputs = (u, delta, A, B, C, D, z, bias)
     grads = _scan_bwd(*inputs, True, states, dout, steps)
     return [gr.to(t.dtype) for gr, t in zip(grads, inputs)]
 
 
 @bi_scan_backward.register_fake
-def _(dout, u, delta, A, B, C, D, z, bias, steps, save_states, states):
+def _(dout, u, delta, A, B, C, D, z, bias, steps, states):
     return [t.new_empty(t.shape) for t in (u, delta, A, B, C, D, z, bias)]
+
+
+@torch.library.custom_op("visionmamba::triton_bi_scan_inference", mutates_args=("u",))
+def bi_scan_inference(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor) -> None:
+    """:func:`bi_scan` without a backward, in place: each direction's halved output is written over u (each
+    thread reads u at a step before writing there), and the output is ``u[0] + u[1]``. No states, no
+    new buffer: at 1248x1248, batch 128, a Vim-Ti block's scan allocates nothing (bi_scan: 1.2 GB)."""
+    _scan_fwd(u, delta, A, B, C, D, z, bias, True, u, CHECKPOINT_STEPS, save_states=False)
+
+
+@bi_scan_inference.register_fake
+def _(u, delta, A, B, C, D, z, bias):
+    return None
 
 
 register_backward(conv_silu, conv_silu_backward)
@@ -698,13 +712,13 @@ def forward(u, delta, A, B, C, D, z, delta_bias, softplus) -> torch.Tensor:
     """One direction (the custom-op contract): u, delta, z (b, E, L); A (E, N); B, C (b, N, L) -> (b, E, L).
     The kernels read them as token-major views (slower strided loads: the mixer path is token-major)."""
     out = torch.empty_like(u)
-    _scan_fwd(*_one_direction(u, delta, A, B, C, D, z, delta_bias), softplus, out.transpose(1, 2), CHECKPOINT_STEPS)
+    _scan_fwd(*_one_direction(u, delta, A, B, C, D, z, delta_bias), softplus, out.transpose(1, 2)[None], CHECKPOINT_STEPS)
     return out
 
 
 def backward(u, delta, A, B, C, D, z, delta_bias, softplus, dout):
     inputs = _one_direction(u, delta, A, B, C, D, z, delta_bias)
-    states = _scan_fwd(*inputs, softplus, torch.empty_like(u).transpose(1, 2), CHECKPOINT_STEPS)
+    states = _scan_fwd(*inputs, softplus, torch.empty_like(u).transpose(1, 2)[None], CHECKPOINT_STEPS)
     grads = _scan_bwd(*inputs, softplus, states, dout.transpose(1, 2), CHECKPOINT_STEPS)
     du, ddelta, dA, dB, dC, dD, dz, dbias = grads
     cast = lambda gr, t: None if t is None else gr.to(t.dtype)  # noqa: E731
@@ -751,7 +765,8 @@ def bidirectional(
     B, C = BC.float().split([state, state], dim=-1)
     delta = torch.matmul(dt, dt_proj_weight.to(dt.dtype).transpose(1, 2)[:, None])  # (2, b, L, E)
     A = A.float().transpose(1, 2).contiguous()
-    inputs = (u, delta, A, B, C, D, z, dt_proj_bias)
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    out, _ = bi_scan(*inputs, CHECKPOINT_STEPS, training)
-    return out
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C, D, z, dt_proj_bias)):
+        return bi_scan(u, delta, A, B, C, D, z, dt_proj_bias, CHECKPOINT_STEPS)[0]
+    bi_scan_inference(u, delta, A, B, C, D, z, dt_proj_bias)
+    del x_dbl, dt, BC, B, C, delta  # before the sum, its only allocation
+    return u[0] + u[1]
