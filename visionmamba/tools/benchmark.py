@@ -86,7 +86,8 @@ def measure_onnx_in_fresh_process(spec: str, path: Path, res: int, batch: int, r
 
 
 def measure(spec: str, res: int, batch: int, device: str, dtype: str, train: bool, repeats: int) -> Point:
-    """Time ``repeats`` steps after a warm-up; peak memory of the whole point."""
+    """Time ``repeats`` steps after a warm-up step; peak memory of the timed steps (the model and input
+    included; the warm-up's one-off allocations, such as Triton's autotuning trials, are not)."""
     point = Point(spec, res, batch, "train" if train else "infer")
     dev = torch.device(device)
     if dev.type == "cpu":
@@ -109,9 +110,9 @@ def measure(spec: str, res: int, batch: int, device: str, dtype: str, train: boo
                 with torch.no_grad(), autocast:
                     model(x)
 
-        reset_peak_memory(dev)
         step()
         _sync(dev)
+        reset_peak_memory(dev)
         start = time.perf_counter()
         for _ in range(repeats):
             step()
