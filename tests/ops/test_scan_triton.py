@@ -198,3 +198,17 @@ def test_compiled_inference_matches_eager():
     with torch.no_grad():
         out, ref = torch.compile(model, fullgraph=True)(x), model(x)
     assert_close(out, ref, atol=1e-5, name="compiled inference")
+
+
+def test_autotuning_prunes_channel_blocks_with_the_arguments_as_the_launches_pass_them():
+    """Triton's autotuner calls the prune function with the positional arguments (none: the launches pass
+    keywords) and the keywords apart; on a GPU, where there are several configs, this runs at first launch."""
+    configs = [triton.Config({"BLOCK_E": block}, num_warps=1) for block in (64, 128, 256)]
+    inputs = bidirectional_inputs(1, 40, 5)
+    u = torch.zeros(2, 1, 5, 40)
+    B = torch.zeros(2, 1, 5, 4)
+    _, _, args = triton_backend.scan_fwd_launch(u, u, inputs[7].transpose(1, 2), B, B, None, None, None, True,
+                                                u, torch.empty(2, 1, 1, 4, 40), 16)
+    kept = triton_backend._fitting_configs(configs, {}, **args)
+    assert [c.kwargs["BLOCK_E"] for c in kept] == [64]
+    assert [c.kwargs["BLOCK_E"] for c in triton_backend._fitting_configs(configs, {}, **dict(args, E=200))] == [64, 128, 256]

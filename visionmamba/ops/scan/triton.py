@@ -62,8 +62,10 @@ def scan_configs(backward: bool) -> List[triton.Config]:
 
 
 def _fitting_configs(configs: List[triton.Config], named_args: Dict, **kwargs) -> List[triton.Config]:
-    """Configs whose channel block is not larger than needed (keeps the smallest if none fits)."""
-    need = triton.next_power_of_2(named_args["E"])
+    """Configs whose channel block is not larger than needed (keeps the smallest if none fits). Triton's
+    autotuner passes the positional arguments as ``named_args`` and the keyword ones (all of ours: the
+    launches pass keywords) as ``kwargs``."""
+    need = triton.next_power_of_2({**named_args, **kwargs}["E"])
     fitting = [c for c in configs if c.kwargs["BLOCK_E"] <= max(need, 32)]
     return fitting or configs[:1]
 
