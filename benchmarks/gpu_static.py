@@ -99,10 +99,12 @@ def vim_ti_tensors(dtype: torch.dtype, batch: int = 2, length: int = 197) -> Dic
     meta = dict(device="meta")
     xz = torch.empty(batch, length, 2 * E, dtype=dtype, **meta)
     BC = torch.empty(2, batch, length, 2 * N, **meta)  # cast to float32 by the mixer
+    R = -(-VIM_TI["dim"] // 16)  # dt_rank
+    dtBC = torch.empty(2, batch, length, R + 2 * N, **meta)  # the same in inference, with dt
     return dict(
         x=xz[..., :E], z=xz[..., E:], u=torch.empty(2, batch, length, E, dtype=dtype, **meta),
         delta=torch.empty(2, batch, length, E, dtype=dtype, **meta), B=BC[..., :N], C=BC[..., N:],
-        A=torch.empty(2, N, E, **meta), D=torch.empty(2, E, **meta), bias=torch.empty(2, E, **meta),
+        dt=dtBC[..., :R], dt_weight=torch.empty(2, R, E, **meta), A=torch.empty(2, N, E, **meta), D=torch.empty(2, E, **meta), bias=torch.empty(2, E, **meta),
         conv_w=torch.empty(2, E, K, **meta), conv_b=torch.empty(2, E, **meta),
         ys=torch.empty(2, batch, length, E, dtype=dtype, **meta), dout=torch.empty(batch, length, E, dtype=dtype, **meta),
     )
@@ -117,6 +119,11 @@ def launches(dtype: torch.dtype) -> Iterator[Tuple[str, object, Dict[str, object
     scan_inputs = (t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["bias"], True)
     kernel, _, args = kernels.scan_fwd_launch(*scan_inputs, t["ys"], states, steps)
     yield "scan_fwd", kernel, args, VIM_TI["state"]
+    # inference: in place over u, no states, dt_proj fused (delta from the low-rank dt, float32 as the mixer casts it)
+    no_states = torch.empty(ndir, batch, 0, VIM_TI["state"], channels, device="meta")
+    infer_inputs = (t["u"], t["dt"], *scan_inputs[2:])
+    kernel, _, args = kernels.scan_fwd_launch(*infer_inputs, t["u"], no_states, steps, t["dt_weight"])
+    yield "scan_fwd_infer", kernel, args, VIM_TI["state"]
     grads = [g if g is None else g.to("meta") for g in kernels.scan_bwd_buffers(t["u"], t["A"], t["z"], steps)]
     kernel, _, args = kernels.scan_bwd_launch(*scan_inputs, states, t["dout"], steps, grads)
     yield "scan_bwd", kernel, args, VIM_TI["state"]
@@ -133,10 +140,12 @@ def launches(dtype: torch.dtype) -> Iterator[Tuple[str, object, Dict[str, object
     yield "add_rms_norm_bwd", *norm_triton.bwd_launch(hidden, res, res, rstd, weight, hidden, res, dw_part)[::2], None
 
 
-def configs(kernel) -> List[Tuple[Dict[str, object], int]]:
-    """(meta-parameters, warps) of each autotune config of the kernel; one default config for a plain kernel."""
+def configs(kernel, args: Dict[str, object]) -> List[Tuple[Dict[str, object], int]]:
+    """(meta-parameters, warps) of each autotune config the kernel may run with these arguments (its prune
+    function applied, as the autotuner does); one default config for a plain kernel."""
     if isinstance(kernel, triton.runtime.Autotuner):
-        return [(dict(c.kwargs), c.num_warps) for c in kernel.configs]
+        kept = kernel.early_config_prune(kernel.configs, {}, **args) if kernel.early_config_prune else kernel.configs
+        return [(dict(c.kwargs), c.num_warps) for c in kept]
     return [({}, 4)]
 
 
@@ -241,7 +250,7 @@ def reports(archs=ARCHS, dtypes=tuple(DTYPES), kernels_named: Optional[List[str]
             if kernels_named and name not in kernels_named:
                 continue
             for arch in archs:
-                for meta, warps in configs(kernel):
+                for meta, warps in configs(kernel, args):
                     yield analyse(name, kernel, args, states, meta, warps, arch, dtype)
 
 
@@ -286,7 +295,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--kernel", nargs="+", help="only these kernels (scan_fwd, scan_bwd, conv_fwd, conv_bwd, conv_dx, add_rms_norm_fwd, add_rms_norm_bwd)")
+    parser.add_argument("--kernel", nargs="+", help="only these kernels (scan_fwd, scan_fwd_infer, scan_bwd, conv_fwd, conv_bwd, conv_dx, add_rms_norm_fwd, add_rms_norm_bwd)")
     parser.add_argument("--sass", type=Path, help="folder to write each kernel's SASS into")
     args = parser.parse_args(argv)
     found = list(reports(args.arch, args.dtype, args.kernel))

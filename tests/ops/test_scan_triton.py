@@ -168,23 +168,25 @@ def test_bf16_autocast_end_to_end_keeps_state_and_residual_in_float32():
     assert_close(out.float(), ref, rtol_max=5e-2, name="bf16 autocast logits")
 
 
-def test_inference_writes_over_u_saves_no_states_and_gives_the_training_output(monkeypatch):
+@pytest.mark.parametrize("rank", [3, 17])  # dt_proj fused into the scan up to rank 16, written out above
+def test_inference_writes_over_u_saves_no_states_and_gives_the_training_output(monkeypatch, rank):
     calls = []
     real = triton_backend._scan_fwd
 
     def spy(u, *args, **kwargs):
         states = real(u, *args, **kwargs)
         ys = args[8]
-        calls.append((states.shape[2], ys.data_ptr() == u.data_ptr()))
+        calls.append((states.shape[2], ys.data_ptr() == u.data_ptr(), kwargs.get("dt_weight") is not None))
         return states
 
     monkeypatch.setattr(triton_backend, "_scan_fwd", spy)
-    inputs = bidirectional_inputs(2, 20, 21)
+    inputs = bidirectional_inputs(2, 20, 21, rank=rank)
     with torch.no_grad():
         inferred = scan.bidirectional(*inputs, backend="triton")
     trained = scan.bidirectional(*[t.detach().requires_grad_(True) for t in inputs], backend="triton")
-    assert calls == [(0, True), (2, False)]  # in inference over u, no states; 21 steps in chunks of 16 else
-    assert torch.equal(inferred, trained.detach())
+    # inference: over u, no states, delta from dt in the kernel at small ranks; training: 21 steps in chunks of 16
+    assert calls == [(0, True, rank <= triton_backend.FUSED_DT_RANK), (2, False, False)]
+    assert_close(inferred, trained.detach(), rtol_max=1e-6, name="inference against training")
     ref = scan.bidirectional(*[t.double() for t in inputs], backend="reference")
     assert_close(inferred, ref, rtol_max=2e-5, name="inference")
 

@@ -42,6 +42,10 @@ from triton.language.extra import libdevice
 from visionmamba.ops.scan.custom_op import register_backward
 
 CHECKPOINT_STEPS = 64  # steps between the saved states the backward restarts from
+# Inference computes delta = dt dt_proj in the scan when dt_proj's rank is at most this: at Vim-Ti's 12 the
+# forward stays under its MUFU bound (9.8 instructions per state-element-step against 10.0 on sm_90), at
+# Vim-S's 24 and Vim-B's 48 it would not (11.5, 13.1), so there delta is written out (benchmarks/gpu_static.py).
+FUSED_DT_RANK = 16
 CONV_BLOCK_E = 32
 CONV_BLOCK_T = 32
 LOG2E = 1.4426950408889634
@@ -65,7 +69,10 @@ def _fitting_configs(configs: List[triton.Config], named_args: Dict, **kwargs) -
     """Configs whose channel block is not larger than needed (keeps the smallest if none fits). Triton's
     autotuner passes the positional arguments as ``named_args`` and the keyword ones (all of ours: the
     launches pass keywords) as ``kwargs``."""
-    need = triton.next_power_of_2({**named_args, **kwargs}["E"])
+    args = {**named_args, **kwargs}
+    if args.get("DT_RANK"):  # the dt_proj rows take registers: two channels a thread, at least 4 programs an SM
+        configs = [c for c in configs if c.kwargs["BLOCK_E"] <= 64 * c.num_warps and c.num_warps <= 2] or configs
+    need = triton.next_power_of_2(args["E"])
     fitting = [c for c in configs if c.kwargs["BLOCK_E"] <= max(need, 32)]
     return fitting or configs[:1]
 
@@ -171,6 +178,29 @@ def _exchange(cur, lane, w: tl.constexpr):
 
 
 @triton.jit
+def _delta_in(ptr, stride, mask, DT_RANK: tl.constexpr, DT_PAIRS: tl.constexpr):
+    """What a forward step loads for delta: its row over the program's channels, or with DT_RANK the
+    DT_RANK scalars of the low-rank dt that ``_delta_of`` turns into it."""
+    if DT_RANK == 0:
+        loaded = tl.load(ptr, mask=mask, other=0.0)
+    else:
+        loaded = _scalar_tuple(ptr, stride, DT_RANK, DT_PAIRS)
+    return loaded
+
+
+@triton.jit
+def _delta_of(loaded, W, DT_RANK: tl.constexpr):
+    """delta as float32 over the program's channels: the loaded row, or dt W (dt_proj: DT_RANK FMAs)."""
+    if DT_RANK == 0:
+        delta = loaded.to(tl.float32)
+    else:
+        delta = loaded[0] * W[0]
+        for r in tl.static_range(1, DT_RANK):
+            delta += loaded[r] * W[r]
+    return delta
+
+
+@triton.jit
 def _time(i, L, i_d):
     """The sequence position of step i: forwards for direction 0, backwards for direction 1."""
     return i + (L - 1 - 2 * i) * i_d
@@ -202,7 +232,7 @@ def _program_inputs(u, delta, A, B, C, D, z, bias, E, i_b, i_e, i_d, s_u_d, s_u_
                  prune_configs_by={"early_config_prune": _fitting_configs})
 @triton.jit
 def _scan_fwd_kernel(
-    u, delta, A, B, C, D, z, bias, ys, states,
+    u, delta, A, B, C, D, z, bias, ys, states, W,
     L, E, n_chunks, scale,
     s_u_d, s_u_b, s_u_t, s_u_e,
     s_dt_d, s_dt_b, s_dt_t, s_dt_e,
@@ -214,9 +244,11 @@ def _scan_fwd_kernel(
     L_BUCKET,
     BLOCK_E: tl.constexpr, N: tl.constexpr, CHUNK: tl.constexpr, FAST: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BC_PAIRS: tl.constexpr, SAVE_STATES: tl.constexpr,
+    BC_PAIRS: tl.constexpr, SAVE_STATES: tl.constexpr, DT_RANK: tl.constexpr, DT_PAIRS: tl.constexpr,
 ):
-    """Grid (batch, channel blocks, directions). u, delta (ndir, b, L, E); A (ndir, N, E); B, C (ndir, b, L, N);
+    """Grid (batch, channel blocks, directions). u, delta (ndir, b, L, E), or with DT_RANK delta's low-rank
+    factor dt (ndir, b, L, DT_RANK) and W (ndir, DT_RANK, E) float32, delta = dt W per step (inference:
+    delta is never written out); A (ndir, N, E); B, C (ndir, b, L, N);
     D, bias (ndir, E); z (b, L, E); ys (ndir, b, L, E): each direction's scale * y, written at the step that
     read u and delta there (so ys may be u itself); states (ndir, b, n_chunks, N, E) float32, written at each
     chunk start if SAVE_STATES (not when nothing will run the backward)."""
@@ -226,11 +258,15 @@ def _scan_fwd_kernel(
         s_B_d, s_B_b, s_C_d, s_C_b, s_z_b, s_z_e, BLOCK_E, N)
     p_o = ys + i_d * s_o_d + i_b * s_o_b + o_e * s_o_e
     p_h = states + i_d * s_h_d + i_b * s_h_b
+    W_dt = A2  # unused without DT_RANK
+    if DT_RANK > 0:
+        p_dt = delta + i_d * s_dt_d + i_b * s_dt_b  # one row of DT_RANK scalars a step, shared by the channels
+        W_dt = _row_tuple(W + i_d * DT_RANK * E, E, o_e, m_e, DT_RANK)
     h = _filled(tl.zeros([BLOCK_E], dtype=tl.float32), N)
     # step 0's inputs; every step then loads the next one's before its own arithmetic
     t = _time(0, L, i_d)
     n_u = tl.load(p_u + t * s_u_t, mask=m_e, other=0.0)
-    n_dt = tl.load(p_dt + t * s_dt_t, mask=m_e, other=0.0)
+    n_dt = _delta_in(p_dt + t * s_dt_t, s_dt_e, m_e, DT_RANK, DT_PAIRS)
     n_z = tl.load(p_z + t * s_z_t, mask=m_e, other=0.0)
     n_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N, BC_PAIRS)
     n_C = _scalar_tuple(p_C + t * s_C_t, s_C_n, N, BC_PAIRS)
@@ -238,10 +274,10 @@ def _scan_fwd_kernel(
         if SAVE_STATES:
             _store_tuple(p_h + c * s_h_c, E, o_e, h, m_e, N)
         for j in range(0, tl.minimum(CHUNK, L - c * CHUNK)):
-            b_u, b_dt, b_z, b_B, b_C, cur = n_u.to(tl.float32), n_dt.to(tl.float32), n_z.to(tl.float32), n_B, n_C, t
+            b_u, b_dt, b_z, b_B, b_C, cur = n_u.to(tl.float32), _delta_of(n_dt, W_dt, DT_RANK), n_z.to(tl.float32), n_B, n_C, t
             t = _time(tl.minimum(c * CHUNK + j + 1, L - 1), L, i_d)  # the last step reloads itself
             n_u = tl.load(p_u + t * s_u_t, mask=m_e, other=0.0)
-            n_dt = tl.load(p_dt + t * s_dt_t, mask=m_e, other=0.0)
+            n_dt = _delta_in(p_dt + t * s_dt_t, s_dt_e, m_e, DT_RANK, DT_PAIRS)
             n_z = tl.load(p_z + t * s_z_t, mask=m_e, other=0.0)
             n_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N, BC_PAIRS)
             n_C = _scalar_tuple(p_C + t * s_C_t, s_C_n, N, BC_PAIRS)
@@ -495,20 +531,23 @@ def _pairs(t: torch.Tensor) -> bool:
             and all(s % 2 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 8 == 0)
 
 
-def scan_fwd_launch(u, delta, A, B, C, D, z, bias, softplus: bool, ys, states, steps: int) -> Launch:
+def scan_fwd_launch(u, delta, A, B, C, D, z, bias, softplus: bool, ys, states, steps: int,
+                    dt_weight: Optional[torch.Tensor] = None) -> Launch:
     """u, delta, ys (ndir, b, L, E) and B, C (ndir, b, L, N) any strides; A (ndir, N, E) contiguous; D, bias
     (ndir, E); z (b, L, E); states (ndir, b, chunks, N, E) float32 contiguous, chunks = ceil(L / steps), or 0
-    to save none. ys receives each direction's y, halved with two directions (the output is ys.sum(0))."""
+    to save none. ys receives each direction's y, halved with two directions (the output is ys.sum(0)).
+    With ``dt_weight`` (ndir, R, E) float32 contiguous, ``delta`` is its low-rank factor (ndir, b, L, R)."""
     ndir, batch, length, channels = u.shape
     state = A.shape[1]
     z_ = z if z is not None else ys[0]
     args = dict(
         u=u, delta=delta, A=A, B=B, C=C, D=D if D is not None else A, z=z_, bias=bias if bias is not None else A,
-        ys=ys, states=states, L=length, E=channels, n_chunks=triton.cdiv(length, steps), scale=0.5 if ndir == 2 else 1.0,
+        ys=ys, states=states, W=dt_weight if dt_weight is not None else A, L=length, E=channels, n_chunks=triton.cdiv(length, steps), scale=0.5 if ndir == 2 else 1.0,
         **_strides("s_u", "dbte", u), **_strides("s_dt", "dbte", delta), **_strides("s_B", "dbtn", B),
         **_strides("s_C", "dbtn", C), **_strides("s_z", "bte", z_), **_strides("s_o", "dbte", ys),
         **_strides("s_h", "dbc", states), L_BUCKET=length_bucket(length), N=state, CHUNK=steps,
-        SAVE_STATES=states.shape[2] > 0, **_flags(B, C, D, z, bias, softplus),
+        SAVE_STATES=states.shape[2] > 0, DT_RANK=0 if dt_weight is None else dt_weight.shape[1],
+        DT_PAIRS=dt_weight is not None and _pairs(delta), **_flags(B, C, D, z, bias, softplus),
     )
     grid = lambda meta: (batch, triton.cdiv(channels, meta["BLOCK_E"]), ndir)  # noqa: E731
     return _scan_fwd_kernel, grid, args
@@ -591,13 +630,13 @@ def _run(launch: Launch) -> None:
 
 # ------------------------------------------------------------------------------------------- launchers
 def _scan_fwd(u, delta, A, B, C, D, z, bias, softplus: bool, ys: torch.Tensor, steps: int,
-              save_states: bool = True) -> torch.Tensor:
+              save_states: bool = True, dt_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Runs the forward; returns the states at every ``steps``-th step, (ndir, b, chunks, N, E) (no chunks
     without ``save_states``)."""
     ndir, batch, length, channels = u.shape
     chunks = triton.cdiv(length, steps) if save_states else 0
     states = torch.empty(ndir, batch, chunks, A.shape[1], channels, device=u.device, dtype=torch.float32)
-    _run(scan_fwd_launch(u, delta, A, B, C, D, z, bias, softplus, ys, states, steps))
+    _run(scan_fwd_launch(u, delta, A, B, C, D, z, bias, softplus, ys, states, steps, dt_weight))
     return states
 
 
@@ -692,16 +731,18 @@ def _(dout, u, delta, A, B, C, D, z, bias, steps, states):
 
 
 @torch.library.custom_op("visionmamba::triton_bi_scan_inference", mutates_args=("u",))
-def bi_scan_inference(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                      D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor) -> None:
+def bi_scan_inference(u: torch.Tensor, delta: torch.Tensor, dt_weight: Optional[torch.Tensor], A: torch.Tensor,
+                      B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor) -> None:
     """:func:`bi_scan` without a backward, in place: each direction's halved output is written over u (each
-    thread reads u at a step before writing there), and the output is ``u[0] + u[1]``. No states, no
-    new buffer: at 1248x1248, batch 128, a Vim-Ti block's scan allocates nothing (bi_scan: 1.2 GB)."""
-    _scan_fwd(u, delta, A, B, C, D, z, bias, True, u, CHECKPOINT_STEPS, save_states=False)
+    thread reads u at a step before writing there), and the output is ``u[0] + u[1]``; no states. With
+    ``dt_weight`` (2, R, E) float32, ``delta`` is the low-rank dt (2, b, L, R) and delta = dt dt_weight is
+    computed per step (R FMAs a channel), never written out. At 1248x1248, batch 128, a Vim-Ti block's scan
+    then allocates nothing, where bi_scan's delta and output take 1.7 GB."""
+    _scan_fwd(u, delta, A, B, C, D, z, bias, True, u, CHECKPOINT_STEPS, save_states=False, dt_weight=dt_weight)
 
 
 @bi_scan_inference.register_fake
-def _(u, delta, A, B, C, D, z, bias):
+def _(u, delta, dt_weight, A, B, C, D, z, bias):
     return None
 
 
@@ -759,16 +800,34 @@ def bidirectional(
     :func:`visionmamba.ops.scan.reference.bidirectional`: x, z (b, L, E) token-major (strided views of
     in_proj's output are fine) -> (b, L, E) in x's dtype. Token-major throughout: no transpose or copy of
     an activation. B and C (2N values a token, against E channels) are cast to float32 once, so that the
-    N scalar loads of each step need no conversion (one instruction per value fewer in the step loops)."""
+    N scalar loads of each step need no conversion (one instruction per value fewer in the step loops).
+    Without a gradient to compute, the scan runs in place (:func:`bi_scan_inference`), with dt_proj fused
+    up to rank FUSED_DT_RANK: of the block's temporaries only u is then as large as the activations."""
     rank, state = dt_proj_weight.shape[-1], A.shape[-1]
     u = conv_silu(x, conv_weight, conv_bias)  # (2, b, L, E)
     x_dbl = torch.matmul(u, x_proj_weight.to(u.dtype).transpose(1, 2)[:, None])  # (2, b, L, R + 2N)
+    A = A.float().transpose(1, 2).contiguous()
+    params = (x_dbl, dt_proj_weight, A, D, z, dt_proj_bias)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (u, *params))):
+        return _inference(u, x_dbl, dt_proj_weight, A, D, z, dt_proj_bias)
     dt, BC = x_dbl.split([rank, 2 * state], dim=-1)
     B, C = BC.float().split([state, state], dim=-1)
     delta = torch.matmul(dt, dt_proj_weight.to(dt.dtype).transpose(1, 2)[:, None])  # (2, b, L, E)
-    A = A.float().transpose(1, 2).contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C, D, z, dt_proj_bias)):
-        return bi_scan(u, delta, A, B, C, D, z, dt_proj_bias, CHECKPOINT_STEPS)[0]
-    bi_scan_inference(u, delta, A, B, C, D, z, dt_proj_bias)
-    del x_dbl, dt, BC, B, C, delta  # before the sum, its only allocation
-    return u[0] + u[1]
+    return bi_scan(u, delta, A, B, C, D, z, dt_proj_bias, CHECKPOINT_STEPS)[0]
+
+
+def _inference(u, x_dbl, dt_proj_weight, A, D, z, dt_proj_bias) -> torch.Tensor:
+    """The mixer core's scan without autograd: in place over u, the temporaries dropped, and the two
+    directions summed into u[0] (a new tensor for the sum would be the block's peak)."""
+    rank, state = dt_proj_weight.shape[-1], A.shape[1]
+    if rank <= FUSED_DT_RANK:
+        dt, B, C = x_dbl.float().split([rank, state, state], dim=-1)
+        bi_scan_inference(u, dt, dt_proj_weight.float().transpose(1, 2).contiguous(), A, B, C, D, z, dt_proj_bias)
+    else:
+        dt, BC = x_dbl.split([rank, 2 * state], dim=-1)
+        B, C = BC.float().split([state, state], dim=-1)
+        delta = torch.matmul(dt, dt_proj_weight.to(dt.dtype).transpose(1, 2)[:, None])
+        bi_scan_inference(u, delta, None, A, B, C, D, z, dt_proj_bias)
+        del delta
+    del dt, B, C
+    return u[0].add_(u[1])
