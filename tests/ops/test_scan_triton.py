@@ -168,7 +168,8 @@ def test_bf16_autocast_end_to_end_keeps_state_and_residual_in_float32():
     assert_close(out.float(), ref, rtol_max=5e-2, name="bf16 autocast logits")
 
 
-@pytest.mark.parametrize("rank", [3, 17])  # dt_proj fused into the scan up to rank 16, written out above
+# dt_proj fused into the scan up to rank 16 (4: dt, B and C read two per 64-bit load; 3: one), written out above
+@pytest.mark.parametrize("rank", [3, 4, 17])
 def test_inference_writes_over_u_saves_no_states_and_gives_the_training_output(monkeypatch, rank):
     calls = []
     real = triton_backend._scan_fwd
@@ -191,15 +192,18 @@ def test_inference_writes_over_u_saves_no_states_and_gives_the_training_output(m
     assert_close(inferred, ref, rtol_max=2e-5, name="inference")
 
 
-def test_compiled_inference_matches_eager():
+def test_inference_matches_the_reference_model_eager_and_compiled():
     from helpers import tiny_vim
 
     torch.manual_seed(0)
     model = tiny_vim(depth=1, scan_backend="triton").to(DEVICE).eval()
+    ref_model = tiny_vim(depth=1, scan_backend="reference").to(DEVICE).eval()
+    ref_model.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
     with torch.no_grad():
-        out, ref = torch.compile(model, fullgraph=True)(x), model(x)
-    assert_close(out, ref, atol=1e-5, name="compiled inference")
+        out, compiled, ref = model(x), torch.compile(model, fullgraph=True)(x), ref_model(x)
+    assert_close(out, ref, atol=1e-5, name="inference")
+    assert_close(compiled, out, atol=1e-5, name="compiled inference")
 
 
 def test_autotuning_prunes_channel_blocks_with_the_arguments_as_the_launches_pass_them():
