@@ -56,7 +56,7 @@ FAST_MATH = os.environ.get("TRITON_INTERPRET") != "1"
 def scan_configs(backward: bool) -> List[triton.Config]:
     """Channels per thread x warps. The forward takes two or four channels per thread (one leaves the N
     scalar B and C loads of a step shared by too few channels: 11.3 instructions per state-element-step
-    against 9.0 and 8.4) and one, two or four warps. The backward takes one warp (its sums over channels
+    against 9.1 and 8.4) and one, two or four warps. The backward takes one warp (its sums over channels
     are a reduce-scatter within the warp; across warps they would need a barrier a step) and two or one
     channels per thread (four spill). The interpreter, where there is nothing to tune, runs the first."""
     pairs = [(2, 1), (4, 1), (2, 2), (2, 4)] if not backward else [(2, 1), (1, 1)]
