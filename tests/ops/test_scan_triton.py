@@ -196,8 +196,8 @@ def test_inference_matches_the_reference_model_eager_and_compiled():
     from helpers import tiny_vim
 
     torch.manual_seed(0)
-    model = tiny_vim(depth=1, scan_backend="triton").to(DEVICE).eval()
-    ref_model = tiny_vim(depth=1, scan_backend="reference").to(DEVICE).eval()
+    model = tiny_vim(depth=2, scan_backend="triton").to(DEVICE).eval()  # 2: the residual stream updated in place
+    ref_model = tiny_vim(depth=2, scan_backend="reference").to(DEVICE).eval()
     ref_model.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
     with torch.no_grad():

@@ -131,12 +131,14 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
-        self, hidden: torch.Tensor, residual: Optional[torch.Tensor]
+        self, hidden: torch.Tensor, residual: Optional[torch.Tensor], own_residual: bool = False
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """hidden (batch, L, dim), residual (batch, L, dim) float32 (float64 for float64 models) or None -> (new
-        hidden, new residual)."""
+        hidden, new residual). ``own_residual``: the caller hands the residual over (the model's block loop),
+        so inference on the Triton path may update it in place instead of allocating the new one."""
         if self.fused(hidden):
-            normed, residual = self.fused_add_norm(hidden if residual is None else self.drop_path(hidden), residual)
+            normed, residual = self.fused_add_norm(hidden if residual is None else self.drop_path(hidden), residual,
+                                                   own_residual)
         else:
             if residual is None:
                 residual = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
@@ -151,8 +153,9 @@ class Block(nn.Module):
         return fused_norm(self.mixer.scan_backend, self.norm.weight) and hidden.dtype != torch.float64
 
     @torch.jit.ignore
-    def fused_add_norm(self, hidden: torch.Tensor, residual: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        return norm.fused(hidden, residual, self.norm.weight, self.norm.eps)
+    def fused_add_norm(self, hidden: torch.Tensor, residual: Optional[torch.Tensor],
+                       inplace: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        return norm.fused(hidden, residual, self.norm.weight, self.norm.eps, inplace)
 
 
 def fused_norm(scan_backend: str, weight: torch.Tensor) -> bool:
@@ -307,7 +310,7 @@ class VisionMamba(nn.Module):
         this loop body: TorchScript cannot pass a submodule)."""
         if self.grad_checkpointing and torch.is_grad_enabled():
             return grad_checkpoint(block, hidden, residual)
-        return block(hidden, residual)
+        return block(hidden, residual, True)  # the loops own their residual stream
 
     def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """norm_f(residual + drop_path(hidden)) in hidden's dtype (one Triton kernel on the Triton path)."""
@@ -332,7 +335,7 @@ class VisionMamba(nn.Module):
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 hidden, residual = grad_checkpoint(block, hidden, residual)
             else:
-                hidden, residual = block(hidden, residual)
+                hidden, residual = block(hidden, residual, True)  # this loop owns the residual stream
         assert residual is not None, "a Vim has at least one block"
         return self._final_norm(hidden, residual)
 

@@ -18,9 +18,23 @@ def reference(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: to
     return F.rms_norm(out, (out.shape[-1],), weight.to(out.dtype), eps).to(hidden.dtype), out
 
 
-def fused(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`reference` as one Triton kernel, forward and backward (a float32 residual; the Triton path)."""
+def fused(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
+          inplace: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`reference` as one Triton kernel, forward and backward (a float32 residual; the Triton path).
+    With ``inplace`` (for a caller that owns the residual stream: the model's own block loop) and nothing
+    to differentiate, the residual is updated in place and returned (the first block's float32 hidden
+    becomes the residual as it is)."""
     from visionmamba.ops import norm_triton  # imports Triton: only where the Triton backend runs
 
+    if inplace and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, residual, weight))):
+        if residual is None and _float32_rows(hidden):
+            return norm_triton.rms_norm(hidden, weight, eps), hidden
+        if residual is not None and _float32_rows(residual) and residual.shape == hidden.shape:
+            return norm_triton.add_rms_norm_inplace(hidden, residual, weight, eps), residual
     y, out, _ = norm_triton.add_rms_norm(hidden, residual, weight, eps)
     return y, out
+
+
+def _float32_rows(t: torch.Tensor) -> bool:
+    """A tensor the kernel can use as the residual in place: float32, contiguous."""
+    return t.dtype == torch.float32 and t.is_contiguous()
