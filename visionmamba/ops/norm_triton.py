@@ -16,13 +16,18 @@ ROWS = 4
 
 
 @triton.jit
+def _tile(n_rows, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A program's ROWS rows: their indices, the features', the tile's mask and its offsets."""
+    o_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    o_d = tl.arange(0, BLOCK_D)
+    return o_r, o_d, (o_r < n_rows)[:, None] & (o_d < D)[None, :], o_r[:, None] * D + o_d[None, :]
+
+
+@triton.jit
 def _add_rms_norm_fwd_kernel(hidden, residual, weight, y, out, rstd, n_rows, D, eps,
                              HAS_RESIDUAL: tl.constexpr, STORE_OUT: tl.constexpr, ROWS: tl.constexpr,
                              BLOCK_D: tl.constexpr):
-    o_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    o_d = tl.arange(0, BLOCK_D)
-    m = (o_r < n_rows)[:, None] & (o_d < D)[None, :]
-    p = o_r[:, None] * D + o_d[None, :]
+    o_r, o_d, m, p = _tile(n_rows, D, ROWS, BLOCK_D)
     x = tl.load(hidden + p, mask=m, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         x += tl.load(residual + p, mask=m, other=0.0)
@@ -38,10 +43,7 @@ def _add_rms_norm_fwd_kernel(hidden, residual, weight, y, out, rstd, n_rows, D, 
 def _add_rms_norm_bwd_kernel(dy, dout, out, rstd, weight, dhidden, dresidual, dw_part, n_rows, D,
                              HAS_DOUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr,
                              BLOCK_D: tl.constexpr):
-    o_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    o_d = tl.arange(0, BLOCK_D)
-    m = (o_r < n_rows)[:, None] & (o_d < D)[None, :]
-    p = o_r[:, None] * D + o_d[None, :]
+    o_r, o_d, m, p = _tile(n_rows, D, ROWS, BLOCK_D)
     r = tl.load(rstd + o_r, mask=o_r < n_rows, other=0.0)
     xhat = tl.load(out + p, mask=m, other=0.0) * r[:, None]
     g = tl.load(dy + p, mask=m, other=0.0).to(tl.float32)
@@ -86,13 +88,10 @@ def add_rms_norm_op(hidden: torch.Tensor, residual: Optional[torch.Tensor], weig
     """hidden (..., D) any float dtype, residual (..., D) float32 or None, weight (D,) -> (normalised rows in
     hidden's dtype, the new residual in float32, rstd (rows,))."""
     dim = hidden.shape[-1]
-    h = hidden.reshape(-1, dim).contiguous()
     res = None if residual is None else residual.reshape(-1, dim).float().contiguous()
-    out = torch.empty(h.shape, device=h.device, dtype=torch.float32)
-    y = torch.empty(h.shape, device=h.device, dtype=hidden.dtype)
-    rstd = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
-    _run(fwd_launch(h, res, weight, eps, y, out, rstd))
-    return y.view(hidden.shape), out.view(hidden.shape), rstd
+    out = torch.empty(hidden.numel() // dim, dim, device=hidden.device, dtype=torch.float32)
+    y, rstd = _forward(hidden, res, out, weight, eps)
+    return y, out.view(hidden.shape), rstd
 
 
 @add_rms_norm_op.register_fake
@@ -153,7 +152,8 @@ def add_rms_norm_inplace(hidden: torch.Tensor, residual: torch.Tensor, weight: t
     float32 contiguous becomes residual + hidden in place (each element read before it is written, by the
     same program); returns the normalised rows; no gradient. Saves a residual-sized float32 buffer per
     block (0.56 GiB for Vim-Ti at 1248x1248, batch 128)."""
-    return _normalised(hidden, residual.view(-1, hidden.shape[-1]), weight, eps)
+    res = residual.view(-1, hidden.shape[-1])
+    return _forward(hidden, res, res, weight, eps)[0]
 
 
 @add_rms_norm_inplace.register_fake
@@ -165,7 +165,7 @@ def _(hidden, residual, weight, eps):
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The first block's :func:`add_rms_norm_inplace`: no residual yet, and a float32 hidden is the new one
     as it is, so only the normalised rows are written; no gradient."""
-    return _normalised(hidden, None, weight, eps)
+    return _forward(hidden, None, None, weight, eps)[0]
 
 
 @rms_norm.register_fake
@@ -173,11 +173,13 @@ def _(hidden, weight, eps):
     return hidden.new_empty(hidden.shape)
 
 
-def _normalised(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The forward kernel writing the new residual over ``residual`` (none without one) and returning the rows."""
+def _forward(hidden: torch.Tensor, residual: Optional[torch.Tensor], out: Optional[torch.Tensor], weight: torch.Tensor,
+             eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernel on hidden (..., D) and the (rows, D) float32 residual and new residual (either may be
+    None; ``out`` may be ``residual``): (the normalised rows in hidden's shape and dtype, rstd (rows,))."""
     dim = hidden.shape[-1]
     h = hidden.reshape(-1, dim).contiguous()
     y = torch.empty(h.shape, device=h.device, dtype=hidden.dtype)
     rstd = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
-    _run(fwd_launch(h, residual, weight, eps, y, residual, rstd))
-    return y.view(hidden.shape)
+    _run(fwd_launch(h, residual, weight, eps, y, out, rstd))
+    return y.view(hidden.shape), rstd
