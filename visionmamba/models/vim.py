@@ -150,7 +150,7 @@ class Block(nn.Module):
     @torch.jit.ignore
     def fused(self, hidden: torch.Tensor) -> bool:
         """On the Triton path the residual add and RMSNorm run as one kernel (float32 residual)."""
-        return fused_norm(self.mixer.scan_backend, self.norm.weight) and hidden.dtype != torch.float64
+        return fused_norm(self.mixer.scan_backend, self.norm.weight, hidden)
 
     @torch.jit.ignore
     def fused_add_norm(self, hidden: torch.Tensor, residual: Optional[torch.Tensor],
@@ -158,10 +158,12 @@ class Block(nn.Module):
         return norm.fused(hidden, residual, self.norm.weight, self.norm.eps, inplace)
 
 
-def fused_norm(scan_backend: str, weight: torch.Tensor) -> bool:
-    """Whether the residual add and RMSNorm run as the fused Triton kernel: on the Triton scan path (not
-    under torch.fx's symbolic tracing, where parameters are proxies: its graph keeps the plain operators)."""
-    return not isinstance(weight, torch.fx.Proxy) and scan.resolve_backend(scan_backend, weight.device) == "triton"
+def fused_norm(scan_backend: str, weight: torch.Tensor, hidden: torch.Tensor) -> bool:
+    """Whether the residual add and RMSNorm of ``hidden`` run as the fused Triton kernel: on the Triton scan
+    path, below float64 (its residual is float32), not under torch.fx's symbolic tracing (parameters are
+    proxies there: its graph keeps the plain operators)."""
+    return (not isinstance(weight, torch.fx.Proxy) and hidden.dtype != torch.float64
+            and scan.resolve_backend(scan_backend, weight.device) == "triton")
 
 
 def drop_path_rates(rate: float, depth: int) -> List[float]:
@@ -320,8 +322,7 @@ class VisionMamba(nn.Module):
 
     @torch.jit.ignore
     def _fused_final_norm(self, hidden: torch.Tensor) -> bool:
-        return (isinstance(self.norm_f, RmsNorm) and fused_norm(self.layers[0].mixer.scan_backend, self.norm_f.weight)
-                and hidden.dtype != torch.float64)
+        return isinstance(self.norm_f, RmsNorm) and fused_norm(self.layers[0].mixer.scan_backend, self.norm_f.weight, hidden)
 
     @torch.jit.ignore
     def _fused_add_norm_f(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
