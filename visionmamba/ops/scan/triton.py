@@ -803,17 +803,21 @@ def bidirectional(
     N scalar loads of each step need no conversion (one instruction per value fewer in the step loops).
     Without a gradient to compute, the scan runs in place (:func:`bi_scan_inference`), with dt_proj fused
     up to rank FUSED_DT_RANK: of the block's temporaries only u is then as large as the activations."""
-    rank, state = dt_proj_weight.shape[-1], A.shape[-1]
     u = conv_silu(x, conv_weight, conv_bias)  # (2, b, L, E)
     x_dbl = torch.matmul(u, x_proj_weight.to(u.dtype).transpose(1, 2)[:, None])  # (2, b, L, R + 2N)
     A = A.float().transpose(1, 2).contiguous()
-    params = (x_dbl, dt_proj_weight, A, D, z, dt_proj_bias)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (u, *params))):
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (u, x_dbl, dt_proj_weight, A, D, z, dt_proj_bias))):
         return _inference(u, x_dbl, dt_proj_weight, A, D, z, dt_proj_bias)
-    dt, BC = x_dbl.split([rank, 2 * state], dim=-1)
-    B, C = BC.float().split([state, state], dim=-1)
-    delta = torch.matmul(dt, dt_proj_weight.to(dt.dtype).transpose(1, 2)[:, None])  # (2, b, L, E)
+    delta, B, C = _delta_B_C(x_dbl, dt_proj_weight, A.shape[1])
     return bi_scan(u, delta, A, B, C, D, z, dt_proj_bias, CHECKPOINT_STEPS)[0]
+
+
+def _delta_B_C(x_dbl: torch.Tensor, dt_proj_weight: torch.Tensor, state: int):
+    """x_proj's output (2, b, L, R + 2N) -> delta = dt dt_proj (2, b, L, E) in x_dbl's dtype, and B, C
+    (2, b, L, N) as float32 views of one copy."""
+    dt, BC = x_dbl.split([dt_proj_weight.shape[-1], 2 * state], dim=-1)
+    B, C = BC.float().split([state, state], dim=-1)
+    return torch.matmul(dt, dt_proj_weight.to(dt.dtype).transpose(1, 2)[:, None]), B, C
 
 
 def _inference(u, x_dbl, dt_proj_weight, A, D, z, dt_proj_bias) -> torch.Tensor:
@@ -823,11 +827,9 @@ def _inference(u, x_dbl, dt_proj_weight, A, D, z, dt_proj_bias) -> torch.Tensor:
     if rank <= FUSED_DT_RANK:
         dt, B, C = x_dbl.float().split([rank, state, state], dim=-1)
         bi_scan_inference(u, dt, dt_proj_weight.float().transpose(1, 2).contiguous(), A, B, C, D, z, dt_proj_bias)
+        del dt, B, C
     else:
-        dt, BC = x_dbl.split([rank, 2 * state], dim=-1)
-        B, C = BC.float().split([state, state], dim=-1)
-        delta = torch.matmul(dt, dt_proj_weight.to(dt.dtype).transpose(1, 2)[:, None])
+        delta, B, C = _delta_B_C(x_dbl, dt_proj_weight, state)
         bi_scan_inference(u, delta, None, A, B, C, D, z, dt_proj_bias)
-        del delta
-    del dt, B, C
+        del delta, B, C
     return u[0].add_(u[1])
