@@ -98,6 +98,19 @@ def _softplus(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _step_delta(raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+    """A step's delta from the loaded one, as every loop computes it (the backward's recomputation must
+    repeat the forward's arithmetic): plus the bias, through softplus; and d delta / d raw (1 without
+    softplus)."""
+    if HAS_BIAS:
+        raw = raw + bias
+    grad = 1.0
+    if SOFTPLUS:
+        raw, grad = _softplus(raw, FAST)
+    return raw, grad
+
+
+@triton.jit
 def _filled(value, N: tl.constexpr):
     """A tuple of N references to ``value`` (the initial state, the zeroed accumulators)."""
     out = ()
@@ -281,10 +294,7 @@ def _scan_fwd_kernel(
             n_z = tl.load(p_z + t * s_z_t, mask=m_e, other=0.0)
             n_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N, BC_PAIRS)
             n_C = _scalar_tuple(p_C + t * s_C_t, s_C_n, N, BC_PAIRS)
-            if HAS_BIAS:
-                b_dt = b_dt + b_bias
-            if SOFTPLUS:
-                b_dt, _ = _softplus(b_dt, FAST)
+            b_dt, _ = _step_delta(b_dt, b_bias, HAS_BIAS, SOFTPLUS, FAST)
             b_dtu = b_dt * b_u
             b_y = tl.zeros([BLOCK_E], dtype=tl.float32)
             if HAS_D:
@@ -355,10 +365,7 @@ def _scan_bwd_kernel(
             b_u = tl.load(p_u + t * s_u_t, mask=m_e, other=0.0).to(tl.float32)
             b_dt = tl.load(p_dt + t * s_dt_t, mask=m_e, other=0.0).to(tl.float32)
             b_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N, BC_PAIRS)
-            if HAS_BIAS:
-                b_dt = b_dt + b_bias
-            if SOFTPLUS:
-                b_dt, _ = _softplus(b_dt, FAST)
+            b_dt, _ = _step_delta(b_dt, b_bias, HAS_BIAS, SOFTPLUS, FAST)
             b_dtu = b_dt * b_u
             new = ()
             for n in tl.static_range(N):
@@ -369,17 +376,12 @@ def _scan_bwd_kernel(
             j = steps - 1 - jj
             t = _time(c * CHUNK + j, L, i_d)
             b_u = tl.load(p_u + t * s_u_t, mask=m_e, other=0.0).to(tl.float32)
-            b_raw = tl.load(p_dt + t * s_dt_t, mask=m_e, other=0.0).to(tl.float32)
+            b_dt = tl.load(p_dt + t * s_dt_t, mask=m_e, other=0.0).to(tl.float32)
             b_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N, BC_PAIRS)
             b_C = _scalar_tuple(p_C + t * s_C_t, s_C_n, N, BC_PAIRS)
             b_do = tl.load(p_do + t * s_o_t, mask=m_e, other=0.0).to(tl.float32) * scale
             h_t = _row_tuple(p_s + j * N * BLOCK_E, BLOCK_E, o_s, o_s < BLOCK_E, N)
-            if HAS_BIAS:
-                b_raw = b_raw + b_bias
-            b_dt = b_raw
-            d_softplus = 1.0
-            if SOFTPLUS:
-                b_dt, d_softplus = _softplus(b_raw, FAST)
+            b_dt, d_softplus = _step_delta(b_dt, b_bias, HAS_BIAS, SOFTPLUS, FAST)
             b_dtu = b_dt * b_u
             b_dy = b_do
             if HAS_Z:
