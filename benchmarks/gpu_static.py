@@ -104,9 +104,11 @@ def vim_ti_tensors(dtype: torch.dtype, batch: int = 2, length: int = 197) -> Dic
     return dict(
         x=xz[..., :E], z=xz[..., E:], u=torch.empty(2, batch, length, E, dtype=dtype, **meta),
         delta=torch.empty(2, batch, length, E, dtype=dtype, **meta), B=BC[..., :N], C=BC[..., N:],
-        dt=dtBC[..., :R], dt_weight=torch.empty(2, R, E, **meta), A=torch.empty(2, N, E, **meta), D=torch.empty(2, E, **meta), bias=torch.empty(2, E, **meta),
+        dt=dtBC[..., :R], dt_weight=torch.empty(2, R, E, **meta),
+        A=torch.empty(2, N, E, **meta), D=torch.empty(2, E, **meta), bias=torch.empty(2, E, **meta),
         conv_w=torch.empty(2, E, K, **meta), conv_b=torch.empty(2, E, **meta),
-        ys=torch.empty(2, batch, length, E, dtype=dtype, **meta), dout=torch.empty(batch, length, E, dtype=dtype, **meta),
+        ys=torch.empty(2, batch, length, E, dtype=dtype, **meta),
+        dout=torch.empty(batch, length, E, dtype=dtype, **meta),
     )
 
 
