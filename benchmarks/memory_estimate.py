@@ -50,10 +50,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--res", type=int, nargs="+", default=[224, 512, 1024, 1248, 2048])
     parser.add_argument("--batch", type=int, default=128)
     args = parser.parse_args(argv)
+    if args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
     print("| model | " + " | ".join(f"{r}x{r}" for r in args.res) + " |")
     print("|---|" + "---|" * len(args.res))
     for spec in args.models:
-        cells = [f"{peak_bytes(spec, res, args.batch) / GIB:.2f} GiB" for res in args.res]
+        try:
+            cells = [f"{peak_bytes(spec, res, args.batch) / GIB:.2f} GiB" for res in args.res]
+        except (RuntimeError, ValueError) as err:  # an unknown model or variant, a size the model cannot take
+            print(f"memory_estimate: {spec}: {str(err).splitlines()[0]}", file=sys.stderr)
+            return 2
         print(f"| {spec} (batch {args.batch}) | " + " | ".join(cells) + " |", flush=True)
     return 0
 

@@ -34,3 +34,13 @@ def test_the_table_has_a_row_per_model():
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if "(batch 2)" in line]
     assert len(rows) == 3 and all(row.count("GiB") == 2 for row in rows), done.stdout
+
+
+@pytest.mark.parametrize("args, says", [(["--models", "nope"], "Unknown model"), (["--res", "60"], "image size 60x60"),
+                                        (["--batch", "0"], "--batch must be at least 1")])
+def test_bad_input_is_one_line(args, says):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_estimate.py"), "--batch", "2", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
