@@ -81,14 +81,6 @@ def test_fused_bidirectional_matches_the_flip_composition_forward_and_every_grad
     check_bidirectional(batch, channels, length)
 
 
-def test_backward_with_one_channel_per_thread(monkeypatch):
-    """The interpreter runs the first backward config (two channels a thread, 64 a program); the GPU's
-    autotuner may pick one channel a thread, forced here."""
-    assert triton_backend.scan_configs(backward=True)[0].kwargs["BLOCK_E"] == 64
-    monkeypatch.setattr(triton_backend._scan_bwd_kernel, "configs", [triton.Config({"BLOCK_E": 32}, num_warps=1)])
-    check_bidirectional(2, 37, 37)
-
-
 def check_bidirectional(batch, channels, length):
     inputs = bidirectional_inputs(batch, channels, length)
     dout = torch.randn(batch, length, channels, generator=torch.Generator().manual_seed(5)).to(DEVICE)
@@ -218,3 +210,63 @@ def test_autotuning_prunes_channel_blocks_with_the_arguments_as_the_launches_pas
     kept = triton_backend._fitting_configs(configs, {}, **args)
     assert [c.kwargs["BLOCK_E"] for c in kept] == [64]
     assert [c.kwargs["BLOCK_E"] for c in triton_backend._fitting_configs(configs, {}, **dict(args, E=200))] == [64, 128, 256]
+
+
+# --------------------------------------------------------------- autotuning as a GPU does it, in the interpreter
+# The interpreter has one config and nothing to time; a GPU has the whole list (scan_configs), sizes the
+# buffers for all of it, and the autotuner runs every config that survives pruning into the same buffers
+# before the one it picks. Each config is run here alone (pruning left it only) and after the others
+# (every trial, Triton's reset and restore hooks included, then the pick), against the reference.
+def _config_of(kernel_call) -> triton.Config:
+    """The config a Triton autotuner trial runs (a free variable of its ``kernel_call`` closure)."""
+    cells = dict(zip(kernel_call.__code__.co_freevars, kernel_call.__closure__))
+    return cells["config"].cell_contents
+
+
+def autotune_like_a_gpu(monkeypatch, kernel, pick: int, alone: bool):
+    """``kernel`` holds the GPU's config list; its pruning keeps config ``pick`` alone, or keeps all and the
+    timer makes that one the fastest. Returns the config and the list of those the trials run, in order."""
+    configs = triton_backend.scan_configs(backward=kernel is triton_backend._scan_bwd_kernel, interpreter=False)
+    pick = configs[pick]
+    trials = []
+
+    def bench(kernel_call, quantiles):
+        trials.append(_config_of(kernel_call))
+        kernel_call()
+        return [0.0 if trials[-1] is pick else 1.0] * len(quantiles)
+
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setitem(kernel.__dict__, "do_bench", bench)  # a cached_property: the instance attribute wins
+    if alone:
+        monkeypatch.setattr(kernel, "early_config_prune", lambda configs, named_args, **kwargs: [pick])
+    return pick, trials
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "after-the-others"])
+@pytest.mark.parametrize("pick", range(2), ids=lambda i: "BLOCK_E %d" % (64 // (i + 1)))
+def test_every_gpu_backward_config_gives_every_gradient(monkeypatch, pick, alone):
+    kernel = triton_backend._scan_bwd_kernel
+    config, trials = autotune_like_a_gpu(monkeypatch, kernel, pick, alone)
+    check_bidirectional(1, 70, 9)  # 70 channels: 2 programs of 64, 3 of 32
+    assert kernel.best_config is config
+    assert [c.kwargs["BLOCK_E"] for c in trials] == ([] if alone else [64, 32])
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "after-the-others"])
+@pytest.mark.parametrize("pick", range(4))
+def test_every_gpu_forward_config_in_training_and_in_place_inference(monkeypatch, pick, alone):
+    kernel = triton_backend._scan_fwd_kernel
+    config, trials = autotune_like_a_gpu(monkeypatch, kernel, pick, alone)
+    inputs = bidirectional_inputs(1, 130, 5, rank=20)  # 130 channels: every block fits; rank 20: delta written out
+    ref = scan.bidirectional(*[t.double() for t in inputs], backend="reference")
+    with torch.no_grad():  # in place over u: every trial must leave u as it found it
+        assert_close(scan.bidirectional(*inputs, backend="triton"), ref, rtol_max=2e-5, name="inference")
+    assert kernel.best_config is config and len(trials) == (0 if alone else 4)
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = scan.bidirectional(*leaves, backend="triton")
+    assert_close(out, ref, rtol_max=2e-5, name="training forward")
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    ref = scan.bidirectional(*ref_leaves, backend="reference")
+    for got, want in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(ref.sum(), ref_leaves)):
+        assert_close(got, want, rtol_max=1e-4, name="gradient after the forward's states")

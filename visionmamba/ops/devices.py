@@ -1,5 +1,7 @@
 """Devices by name, checked: an unknown name or a device this machine lacks is a one-line error, never a
 silent fall-back to the CPU."""
+import contextlib
+
 import torch
 
 
@@ -20,3 +22,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type not in ("cpu", "meta"):
         raise ValueError(f"device {name!r} is not supported here; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     return device
+
+
+def current_device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context in which ``tensor``'s GPU is the current one. Triton launches on the current device, not
+    on the tensors' (a ``cuda:1`` tensor would otherwise be read from ``cuda:0``); no-op on the CPU."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()

@@ -12,22 +12,25 @@ import torch
 import triton
 import triton.language as tl
 
+from visionmamba.ops.devices import current_device_of
+
 ROWS = 4
 
 
 @triton.jit
-def _tile(n_rows, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A program's ROWS rows: their indices, the features', the tile's mask and its offsets."""
+def _tile(n_rows, D, s_row, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A program's ROWS rows: their indices, the features', the tile's mask and its offsets (64-bit: rows x
+    row stride passes 2^31 elements at large batches and resolutions, e.g. Vim-B at 2048x2048, batch 171)."""
     o_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     o_d = tl.arange(0, BLOCK_D)
-    return o_r, o_d, (o_r < n_rows)[:, None] & (o_d < D)[None, :], o_r[:, None] * D + o_d[None, :]
+    return o_r, o_d, (o_r < n_rows)[:, None] & (o_d < D)[None, :], o_r.to(tl.int64)[:, None] * s_row + o_d[None, :]
 
 
 @triton.jit
-def _add_rms_norm_fwd_kernel(hidden, residual, weight, y, out, rstd, n_rows, D, eps,
+def _add_rms_norm_fwd_kernel(hidden, residual, weight, y, out, rstd, n_rows, D, s_row, eps,
                              HAS_RESIDUAL: tl.constexpr, STORE_OUT: tl.constexpr, ROWS: tl.constexpr,
                              BLOCK_D: tl.constexpr):
-    o_r, o_d, m, p = _tile(n_rows, D, ROWS, BLOCK_D)
+    o_r, o_d, m, p = _tile(n_rows, D, s_row, ROWS, BLOCK_D)
     x = tl.load(hidden + p, mask=m, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         x += tl.load(residual + p, mask=m, other=0.0)
@@ -40,10 +43,10 @@ def _add_rms_norm_fwd_kernel(hidden, residual, weight, y, out, rstd, n_rows, D, 
 
 
 @triton.jit
-def _add_rms_norm_bwd_kernel(dy, dout, out, rstd, weight, dhidden, dresidual, dw_part, n_rows, D,
+def _add_rms_norm_bwd_kernel(dy, dout, out, rstd, weight, dhidden, dresidual, dw_part, n_rows, D, s_row,
                              HAS_DOUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr,
                              BLOCK_D: tl.constexpr):
-    o_r, o_d, m, p = _tile(n_rows, D, ROWS, BLOCK_D)
+    o_r, o_d, m, p = _tile(n_rows, D, s_row, ROWS, BLOCK_D)
     r = tl.load(rstd + o_r, mask=o_r < n_rows, other=0.0)
     xhat = tl.load(out + p, mask=m, other=0.0) * r[:, None]
     g = tl.load(dy + p, mask=m, other=0.0).to(tl.float32)
@@ -63,7 +66,7 @@ def fwd_launch(hidden, residual, weight, eps: float, y, out, rstd):
     rows, dim = hidden.shape
     out_ = out if out is not None else y
     args = dict(hidden=hidden, residual=residual if residual is not None else out_, weight=weight, y=y, out=out_,
-                rstd=rstd, n_rows=rows, D=dim, eps=eps, HAS_RESIDUAL=residual is not None, STORE_OUT=out is not None,
+                rstd=rstd, n_rows=rows, D=dim, s_row=_row_stride(hidden, residual, y, out), eps=eps, HAS_RESIDUAL=residual is not None, STORE_OUT=out is not None,
                 ROWS=ROWS, BLOCK_D=triton.next_power_of_2(dim))
     return _add_rms_norm_fwd_kernel, (triton.cdiv(rows, ROWS),), args
 
@@ -72,14 +75,24 @@ def bwd_launch(dy, dout, out, rstd, weight, dhidden, dresidual, dw_part):
     rows, dim = out.shape
     args = dict(dy=dy, dout=dout if dout is not None else out, out=out, rstd=rstd, weight=weight, dhidden=dhidden,
                 dresidual=dresidual if dresidual is not None else out, dw_part=dw_part, n_rows=rows, D=dim,
+                s_row=_row_stride(dy, dout, out, dhidden, dresidual),
                 HAS_DOUT=dout is not None, HAS_RESIDUAL=dresidual is not None, ROWS=ROWS,
                 BLOCK_D=triton.next_power_of_2(dim))
     return _add_rms_norm_bwd_kernel, (triton.cdiv(rows, ROWS),), args
 
 
+def _row_stride(*tiles: Optional[torch.Tensor]) -> int:
+    """The one row stride of the (rows, D) tensors a kernel reads and writes (features contiguous)."""
+    strides = {t.stride() for t in tiles if t is not None}
+    if len(strides) != 1 or next(iter(strides))[1] != 1:
+        raise ValueError(f"expected (rows, D) tensors with one row stride and contiguous features, got strides {strides}")
+    return next(iter(strides))[0]
+
+
 def _run(launch) -> None:
     kernel, grid, args = launch
-    kernel[grid](**args)
+    with current_device_of(args["weight"]):
+        kernel[grid](**args)
 
 
 @torch.library.custom_op("visionmamba::triton_add_rms_norm", mutates_args=())

@@ -24,7 +24,11 @@ Designed for the hardware (the SASS each choice produced is in benchmarks/RESULT
   in reverse, reading only h_t (a h_{t-1} = h_t - B_t delta_t u_t). The 2N sums over channels of a step
   (dB_t, dC_t) are one reduce-scatter within the warp: 31 shuffles, no barrier.
 * ``@triton.autotune`` picks the channels per program and warps on the user's GPU (keys: channels, a
-  length bucket, and the dtypes, which Triton's autotuner adds to every key).
+  length bucket, the state size, in the forward dt_proj's fused rank and whether states are saved, and the
+  dtypes, which Triton's autotuner adds to every key). Buffers are sized for every config of the GPU list
+  and each kernel finds its part by strides, so whichever config runs, after whichever trials, is right.
+* Offsets scaled by the batch index are 64-bit (:func:`_program_ids`): past 2^31 elements at high
+  resolution and batch; the launches run on their tensors' GPU, not the current one.
 
 Determinism: reductions over channels, batch or time run in a fixed order within a program and go to
 per-program partial buffers summed afterwards in a fixed order. The only atomics (the backward's dz) add
@@ -39,6 +43,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from visionmamba.ops.devices import current_device_of
 from visionmamba.ops.scan.custom_op import register_backward
 
 CHECKPOINT_STEPS = 64  # steps between the saved states the backward restarts from
@@ -49,18 +54,19 @@ FUSED_DT_RANK = 16
 CONV_BLOCK_E = 32
 CONV_BLOCK_T = 32
 LOG2E = 1.4426950408889634
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 # Triton's interpreter has no libdevice: there the softplus takes the precise log2 (same formula).
-FAST_MATH = os.environ.get("TRITON_INTERPRET") != "1"
+FAST_MATH = not INTERPRETER
 
 
-def scan_configs(backward: bool) -> List[triton.Config]:
+def scan_configs(backward: bool, interpreter: bool = INTERPRETER) -> List[triton.Config]:
     """Channels per thread x warps. The forward takes two or four channels per thread (one leaves the N
     scalar B and C loads of a step shared by too few channels: 11.3 instructions per state-element-step
     against 9.1 and 8.4) and one, two or four warps. The backward takes one warp (its sums over channels
     are a reduce-scatter within the warp; across warps they would need a barrier a step) and two or one
     channels per thread (four spill). The interpreter, where there is nothing to tune, runs the first."""
     pairs = [(2, 1), (4, 1), (2, 2), (2, 4)] if not backward else [(2, 1), (1, 1)]
-    if not FAST_MATH:
+    if interpreter:
         pairs = pairs[:1]
     return [triton.Config({"BLOCK_E": 32 * per_thread * warps}, num_warps=warps) for per_thread, warps in pairs]
 
@@ -214,6 +220,16 @@ def _delta_of(loaded, W, DT_RANK: tl.constexpr):
 
 
 @triton.jit
+def _program_ids():
+    """(batch, channel block, direction) of a scan program. The batch index is int64, so every offset it
+    scales is 64-bit: batch x batch stride passes 2^31 elements in the paper's high-resolution regime
+    (2 x batch x L x E: Vim-B at 1248x1248, batch 128). The direction (0 or 1) times a stride that fits in
+    32 bits cannot overflow, and stays 32-bit with the step's time (64-bit there would cost instructions
+    in every step); so do the offsets within a sequence (step x row stride), which the launches check."""
+    return tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+
+
+@triton.jit
 def _time(i, L, i_d):
     """The sequence position of step i: forwards for direction 0, backwards for direction 1."""
     return i + (L - 1 - 2 * i) * i_d
@@ -239,9 +255,12 @@ def _program_inputs(u, delta, A, B, C, D, z, bias, E, i_b, i_e, i_d, s_u_d, s_u_
     return o_e, m_e, A2, b_D, b_bias, p_u, p_dt, p_B, p_C, p_z
 
 
-# restore_value: the autotuner's trial runs must not leave their output where the inference path keeps it
-# (over u, which every trial reads).
-@triton.autotune(configs=scan_configs(backward=False), key=["E", "L_BUCKET"], restore_value=["ys"],
+# The autotuner runs every config that survives pruning into the same buffers before the one it picks
+# (tests/ops/test_scan_triton.py does the same in the interpreter). restore_value: the trials must not leave
+# their output where the inference path keeps it (over u, which every trial reads). The key holds what the
+# pruning reads (E, DT_RANK) and what changes the work a step (N, SAVE_STATES).
+@triton.autotune(configs=scan_configs(backward=False), key=["E", "L_BUCKET", "N", "DT_RANK", "SAVE_STATES"],
+                 restore_value=["ys"],
                  prune_configs_by={"early_config_prune": _fitting_configs})
 @triton.jit
 def _scan_fwd_kernel(
@@ -265,7 +284,7 @@ def _scan_fwd_kernel(
     D, bias (ndir, E); z (b, L, E); ys (ndir, b, L, E): each direction's scale * y, written at the step that
     read u and delta there (so ys may be u itself); states (ndir, b, n_chunks, N, E) float32, written at each
     chunk start if SAVE_STATES (not when nothing will run the backward)."""
-    i_b, i_e, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_e, i_d = _program_ids()
     o_e, m_e, A2, b_D, b_bias, p_u, p_dt, p_B, p_C, p_z = _program_inputs(
         u, delta, A, B, C, D, z, bias, E, i_b, i_e, i_d, s_u_d, s_u_b, s_u_e, s_dt_d, s_dt_b, s_dt_e,
         s_B_d, s_B_b, s_C_d, s_C_b, s_z_b, s_z_e, BLOCK_E, N)
@@ -310,7 +329,9 @@ def _scan_fwd_kernel(
             tl.store(p_o + cur * s_o_t, (b_y * scale).to(ys.dtype.element_ty), mask=m_e)
 
 
-@triton.autotune(configs=scan_configs(backward=True), key=["E", "L_BUCKET"], reset_to_zero=["dz"],
+# reset_to_zero: dz sums both directions' atomics; a trial's dBC_part rows a larger block leaves unwritten
+# would otherwise be summed with the picked config's.
+@triton.autotune(configs=scan_configs(backward=True), key=["E", "L_BUCKET", "N"], reset_to_zero=["dz", "dBC_part"],
                  prune_configs_by={"early_config_prune": _fitting_configs})
 @triton.jit
 def _scan_bwd_kernel(
@@ -325,6 +346,7 @@ def _scan_bwd_kernel(
     s_o_b, s_o_t, s_o_e,
     s_h_d, s_h_b, s_h_c,
     s_g_d, s_g_b, s_g_t,
+    s_p_d, s_p_b, s_p_e, s_p_t,
     s_dz_b, s_dz_t,
     L_BUCKET,
     BLOCK_E: tl.constexpr, N: tl.constexpr, CHUNK: tl.constexpr, FAST: tl.constexpr,
@@ -333,24 +355,27 @@ def _scan_bwd_kernel(
 ):
     """Gradients of :func:`_scan_fwd_kernel`. du, ddelta (ndir, b, L, E) in u's dtype; dz (b, L, E);
     partial sums per program: dA_part (ndir, b, N, E), dD_part and dbias_part (ndir, b, E), dBC_part
-    (ndir, b, channel blocks, L, 2N): dB then dC of each step, summed over this program's channels.
+    (ndir, b, >= channel blocks, L, 2N): dB then dC of each step, summed over this program's channels
+    (found by its strides: the buffer has rows for the smallest block of any config, this launch uses
+    the first cdiv(E, BLOCK_E)).
 
     Each reverse step reads only h_t: a h_{t-1} = h_t - B_t dt_t u_t (one FMA, exact to rounding), so the
     state before the step is neither reloaded nor kept. The 2N sums over channels of a step (dB_t, dC_t)
     are one reduce-scatter (:func:`_lane_sums`) and one coalesced store."""
-    i_b, i_e, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_e, i_d = _program_ids()
     o_e, m_e, A2, b_D, b_bias, p_u, p_dt, p_B, p_C, p_z = _program_inputs(
         u, delta, A, B, C, D, z, bias, E, i_b, i_e, i_d, s_u_d, s_u_b, s_u_e, s_dt_d, s_dt_b, s_dt_e,
         s_B_d, s_B_b, s_C_d, s_C_b, s_z_b, s_z_e, BLOCK_E, N)
     p_do = dout + i_b * s_o_b + o_e * s_o_e
     p_h = states + i_d * s_h_d + i_b * s_h_b
-    p_g = i_d * s_g_d + i_b * s_g_b + o_e  # du and ddelta are contiguous (ndir, b, L, E)
+    p_du = du + i_d * s_g_d + i_b * s_g_b + o_e  # du and ddelta: the same strides, channels contiguous
+    p_ddt = ddelta + i_d * s_g_d + i_b * s_g_b + o_e
     p_dz = dz + i_b * s_dz_b + o_e
     # This program's scratch: the states after each step of one chunk, (CHUNK, N, BLOCK_E).
     p_s = scratch + ((i_d * tl.num_programs(0) + i_b) * tl.num_programs(1) + i_e) * CHUNK * N * BLOCK_E
     o_s = tl.arange(0, BLOCK_E)
     o_v = tl.arange(0, 32)
-    p_part = dBC_part + ((i_d * tl.num_programs(0) + i_b) * tl.num_programs(1) + i_e) * L * 2 * N
+    p_part = dBC_part + i_d * s_p_d + i_b * s_p_b + i_e * s_p_e
     zero = tl.zeros([BLOCK_E], dtype=tl.float32)
     g = _filled(zero, N)
     acc_dA = _filled(zero, N)
@@ -418,7 +443,7 @@ def _scan_bwd_kernel(
             acc_dA = new_dA
             for q in tl.static_range((2 * N + 31) // 32):
                 sums = _lane_sums(dB_t + dC_t, 2 * N, BLOCK_E, q)
-                tl.store(p_part + t * 2 * N + 32 * q + o_v, sums, mask=32 * q + o_v < 2 * N)
+                tl.store(p_part + t * s_p_t + 32 * q + o_v, sums, mask=32 * q + o_v < 2 * N)
             b_ddt = b_ddt * 0.6931471805599453 + b_gB * b_u
             b_du = b_gB * b_dt
             if HAS_D:
@@ -427,8 +452,8 @@ def _scan_bwd_kernel(
             if SOFTPLUS:
                 b_ddt = b_ddt * d_softplus
             acc_db += b_ddt
-            tl.store(ddelta + p_g + t * s_g_t, b_ddt.to(ddelta.dtype.element_ty), mask=m_e)
-            tl.store(du + p_g + t * s_g_t, b_du.to(du.dtype.element_ty), mask=m_e)
+            tl.store(p_ddt + t * s_g_t, b_ddt.to(ddelta.dtype.element_ty), mask=m_e)
+            tl.store(p_du + t * s_g_t, b_du.to(du.dtype.element_ty), mask=m_e)
     p_acc = (i_d * tl.num_programs(0) + i_b) * E + o_e
     _store_tuple(dA_part + (i_d * tl.num_programs(0) + i_b) * N * E, E, o_e, acc_dA, m_e, N)
     tl.store(dD_part + p_acc, acc_dD, mask=m_e)
@@ -450,19 +475,26 @@ def _conv_preact(x, w, bias, i_b, o_t, o_e, m_e, L, E, s_x_b, s_x_t, s_x_e, d: t
 
 
 @triton.jit
+def _conv_tile(BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """A conv program's batch (int64: see :func:`_program_ids`), steps and channels."""
+    i_b = tl.program_id(0).to(tl.int64)
+    return i_b, tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T), tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+
+
+@triton.jit
 def _conv_fwd_kernel(
     x, w, bias, u, L, E,
     s_x_b, s_x_t, s_x_e,
+    s_u_d, s_u_b, s_u_t,
     K: tl.constexpr, NDIR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """u (ndir, b, L, E) = silu(depthwise conv of x (b, L, E)), a (time, channel) tile per program."""
-    i_b, i_tb, i_eb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    o_e = i_eb * BLOCK_E + tl.arange(0, BLOCK_E)
+    """u (ndir, b, L, E), channels contiguous = silu(depthwise conv of x (b, L, E)), a (time, channel) tile
+    per program."""
+    i_b, o_t, o_e = _conv_tile(BLOCK_T, BLOCK_E)
     m_t, m_e = o_t < L, o_e < E
     for d in tl.static_range(NDIR):
         acc = _conv_preact(x, w, bias, i_b, o_t, o_e, m_e, L, E, s_x_b, s_x_t, s_x_e, d, K, BLOCK_T, BLOCK_E)
-        p_u = u + ((d * tl.num_programs(0) + i_b) * L + o_t[:, None]) * E + o_e[None, :]
+        p_u = u + d * s_u_d + i_b * s_u_b + o_t[:, None] * s_u_t + o_e[None, :]
         tl.store(p_u, (acc * tl.sigmoid(acc)).to(u.dtype.element_ty), mask=m_t[:, None] & m_e[None, :])
 
 
@@ -470,21 +502,22 @@ def _conv_fwd_kernel(
 def _conv_bwd_kernel(
     x, w, bias, du, g, dw_part, db_part, L, E,
     s_x_b, s_x_t, s_x_e,
+    s_du_d, s_du_b, s_du_t,
+    s_g_d, s_g_b, s_g_t,
     K: tl.constexpr, NDIR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """g = du * silu'(pre-activation), stored; partial sums of dw and db per (direction, batch, time block)."""
-    i_b, i_tb, i_eb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    o_e = i_eb * BLOCK_E + tl.arange(0, BLOCK_E)
+    """g = du * silu'(pre-activation), stored (both (ndir, b, L, E), channels contiguous); partial sums of
+    dw and db per (direction, batch, time block)."""
+    i_b, o_t, o_e = _conv_tile(BLOCK_T, BLOCK_E)
     m_t, m_e = o_t < L, o_e < E
     m_te = m_t[:, None] & m_e[None, :]
     for d in tl.static_range(NDIR):
         acc = _conv_preact(x, w, bias, i_b, o_t, o_e, m_e, L, E, s_x_b, s_x_t, s_x_e, d, K, BLOCK_T, BLOCK_E)
-        p = ((d * tl.num_programs(0) + i_b) * L + o_t[:, None]) * E + o_e[None, :]
         sig = tl.sigmoid(acc)
-        b_g = tl.load(du + p, mask=m_te, other=0.0).to(tl.float32) * sig * (1.0 + acc * (1.0 - sig))
-        tl.store(g + p, b_g, mask=m_te)
-        p_part = ((d * tl.num_programs(0) + i_b) * tl.num_programs(1) + i_tb) * E + o_e
+        p_du = du + d * s_du_d + i_b * s_du_b + o_t[:, None] * s_du_t + o_e[None, :]
+        b_g = tl.load(p_du, mask=m_te, other=0.0).to(tl.float32) * sig * (1.0 + acc * (1.0 - sig))
+        tl.store(g + d * s_g_d + i_b * s_g_b + o_t[:, None] * s_g_t + o_e[None, :], b_g, mask=m_te)
+        p_part = ((d * tl.num_programs(0) + i_b) * tl.num_programs(1) + tl.program_id(1)) * E + o_e
         tl.store(db_part + p_part, tl.sum(b_g, axis=0), mask=m_e)
         for k in tl.static_range(K):
             src = o_t + (1 - 2 * d) * (k - (K - 1))
@@ -496,21 +529,20 @@ def _conv_bwd_kernel(
 @triton.jit
 def _conv_dx_kernel(
     w, g, dx, L, E,
+    s_g_d, s_g_b, s_g_t,
     s_dx_b, s_dx_t,
     K: tl.constexpr, NDIR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """dx[t] = sum over directions and taps of w[d, k] * g[d, t'] for every output t' that read x[t]."""
-    i_b, i_tb, i_eb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    o_e = i_eb * BLOCK_E + tl.arange(0, BLOCK_E)
+    i_b, o_t, o_e = _conv_tile(BLOCK_T, BLOCK_E)
     m_t, m_e = o_t < L, o_e < E
     acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     for d in tl.static_range(NDIR):
         for k in tl.static_range(K):
             dst = o_t - (1 - 2 * d) * (k - (K - 1))
             m_dst = (dst >= 0) & (dst < L)
-            p = ((d * tl.num_programs(0) + i_b) * L + dst[:, None]) * E + o_e[None, :]
-            b_g = tl.load(g + p, mask=m_dst[:, None] & m_e[None, :], other=0.0)
+            p_g = g + d * s_g_d + i_b * s_g_b + dst[:, None] * s_g_t + o_e[None, :]
+            b_g = tl.load(p_g, mask=m_dst[:, None] & m_e[None, :], other=0.0)
             b_w = tl.load(w + (d * E + o_e) * K + k, mask=m_e, other=0.0).to(tl.float32)
             acc += b_w[None, :] * b_g
     tl.store(dx + i_b * s_dx_b + o_t[:, None] * s_dx_t + o_e[None, :], acc.to(dx.dtype.element_ty),
@@ -542,6 +574,7 @@ def scan_fwd_launch(u, delta, A, B, C, D, z, bias, softplus: bool, ys, states, s
     ndir, batch, length, channels = u.shape
     state = A.shape[1]
     z_ = z if z is not None else ys[0]
+    _check_rows(length, u, delta, B, C, z, ys)
     args = dict(
         u=u, delta=delta, A=A, B=B, C=C, D=D if D is not None else A, z=z_, bias=bias if bias is not None else A,
         ys=ys, states=states, W=dt_weight if dt_weight is not None else A, L=length, E=channels, n_chunks=triton.cdiv(length, steps), scale=0.5 if ndir == 2 else 1.0,
@@ -561,6 +594,9 @@ def scan_bwd_launch(u, delta, A, B, C, D, z, bias, softplus: bool, states, dout,
     state = A.shape[1]
     z_ = z if z is not None else dout
     du, ddelta, dA_part, dBC_part, dD_part, dbias_part, dz, scratch = grads
+    _check_rows(length, u, delta, B, C, z, dout, du, dz, dBC_part)
+    if du.stride() != ddelta.stride():
+        raise ValueError(f"du and ddelta must share their strides, got {du.stride()} and {ddelta.stride()}")
     args = dict(
         u=u, delta=delta, A=A, B=B, C=C, D=D if D is not None else A, z=z_, bias=bias if bias is not None else A,
         states=states, scratch=scratch, dout=dout, du=du, ddelta=ddelta, dA_part=dA_part, dBC_part=dBC_part,
@@ -568,8 +604,8 @@ def scan_bwd_launch(u, delta, A, B, C, D, z, bias, softplus: bool, states, dout,
         L=length, E=channels, n_chunks=states.shape[2], scale=0.5 if ndir == 2 else 1.0,
         **_strides("s_u", "dbte", u), **_strides("s_dt", "dbte", delta), **_strides("s_B", "dbtn", B),
         **_strides("s_C", "dbtn", C), **_strides("s_z", "bte", z_), **_strides("s_o", "bte", dout),
-        **_strides("s_h", "dbc", states), **_strides("s_g", "dbt", du),
-        **_strides("s_dz", "bt", dz if dz is not None else dout),
+        **_strides("s_h", "dbc", states), **_strides("s_g", "dbt", _channels_contiguous(du)),
+        **_strides("s_p", "dbet", _channels_contiguous(dBC_part)), **_strides("s_dz", "bt", dz if dz is not None else dout),
         L_BUCKET=length_bucket(length), N=state, CHUNK=steps, BIDIR=ndir == 2, **_flags(B, C, D, z, bias, softplus),
     )
     grid = lambda meta: (batch, triton.cdiv(channels, meta["BLOCK_E"]), ndir)  # noqa: E731
@@ -577,11 +613,12 @@ def scan_bwd_launch(u, delta, A, B, C, D, z, bias, softplus: bool, states, dout,
 
 
 def scan_bwd_buffers(u, A, z, steps: int):
-    """Outputs and scratch of the backward, sized for whichever config the autotuner picks."""
+    """Outputs and scratch of the backward, sized for whichever config of the GPU list the autotuner picks
+    (the kernel finds its rows by the strides, so the interpreter's one config uses the same buffers)."""
     ndir, batch, length, channels = u.shape
     state = A.shape[1]
     f32 = dict(device=u.device, dtype=torch.float32)
-    blocks = [c.kwargs["BLOCK_E"] for c in _scan_bwd_kernel.configs]
+    blocks = [c.kwargs["BLOCK_E"] for c in scan_configs(backward=True, interpreter=False) + _scan_bwd_kernel.configs]
     n_blocks = triton.cdiv(channels, min(blocks))  # the most partial rows; unused rows stay zero
     padded = max(triton.cdiv(channels, b) * b for b in blocks)  # channels the programs cover
     du = torch.empty(ndir, batch, length, channels, device=u.device, dtype=u.dtype)
@@ -597,6 +634,22 @@ def _strides(prefix: str, axes: str, t: torch.Tensor) -> Dict[str, int]:
     return {f"{prefix}_{a}": s for a, s in zip(axes, t.stride())}
 
 
+def _channels_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t``, checked to have its last axis contiguous (the kernels index it without a stride)."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"expected the last axis contiguous, got strides {tuple(t.stride())}")
+    return t
+
+
+def _check_rows(length: int, *tensors: Optional[torch.Tensor]) -> None:
+    """The kernels' 64-bit offsets are the batch and direction ones (:func:`_program_ids`); a step's offset
+    within a sequence, step x row stride (+ channel), is 32-bit. Checked here, not wrapped silently."""
+    for t in tensors:
+        if t is not None and t.dim() >= 2 and (length + 1) * max(abs(t.stride(-2)), 1) >= 2**31:
+            raise ValueError(f"sequence of {length} steps with a row stride of {t.stride(-2)}: the offsets within a "
+                             "sequence pass 2^31 elements; use a smaller image or embedding")
+
+
 def _conv_grid(batch: int, length: int, channels: int):
     return (batch, triton.cdiv(length, CONV_BLOCK_T), triton.cdiv(channels, CONV_BLOCK_E))
 
@@ -604,30 +657,38 @@ def _conv_grid(batch: int, length: int, channels: int):
 def conv_fwd_launch(x, w, bias, u) -> Launch:
     batch, length, channels = x.shape
     ndir, _, taps = w.shape
+    _check_rows(length, x, u)
     args = dict(x=x, w=w, bias=bias, u=u, L=length, E=channels, **_strides("s_x", "bte", x),
-                K=taps, NDIR=ndir, BLOCK_T=CONV_BLOCK_T, BLOCK_E=CONV_BLOCK_E)
+                **_strides("s_u", "dbt", _channels_contiguous(u)), K=taps, NDIR=ndir, BLOCK_T=CONV_BLOCK_T,
+                BLOCK_E=CONV_BLOCK_E)
     return _conv_fwd_kernel, _conv_grid(batch, length, channels), args
 
 
 def conv_bwd_launch(x, w, bias, du, g, dw_part, db_part) -> Launch:
     batch, length, channels = x.shape
     ndir, _, taps = w.shape
+    _check_rows(length, x, du, g)
     args = dict(x=x, w=w, bias=bias, du=du, g=g, dw_part=dw_part, db_part=db_part, L=length, E=channels,
-                **_strides("s_x", "bte", x), K=taps, NDIR=ndir, BLOCK_T=CONV_BLOCK_T, BLOCK_E=CONV_BLOCK_E)
+                **_strides("s_x", "bte", x), **_strides("s_du", "dbt", _channels_contiguous(du)),
+                **_strides("s_g", "dbt", _channels_contiguous(g)), K=taps, NDIR=ndir, BLOCK_T=CONV_BLOCK_T,
+                BLOCK_E=CONV_BLOCK_E)
     return _conv_bwd_kernel, _conv_grid(batch, length, channels), args
 
 
 def conv_dx_launch(w, g, dx) -> Launch:
     batch, length, channels = dx.shape
     ndir, _, taps = w.shape
-    args = dict(w=w, g=g, dx=dx, L=length, E=channels, s_dx_b=dx.stride(0), s_dx_t=dx.stride(1),
-                K=taps, NDIR=ndir, BLOCK_T=CONV_BLOCK_T, BLOCK_E=CONV_BLOCK_E)
+    _check_rows(length, g, dx)
+    args = dict(w=w, g=g, dx=dx, L=length, E=channels, **_strides("s_g", "dbt", _channels_contiguous(g)),
+                **_strides("s_dx", "bt", _channels_contiguous(dx)), K=taps, NDIR=ndir, BLOCK_T=CONV_BLOCK_T,
+                BLOCK_E=CONV_BLOCK_E)
     return _conv_dx_kernel, _conv_grid(batch, length, channels), args
 
 
 def _run(launch: Launch) -> None:
     kernel, grid, args = launch
-    kernel[grid](**args)
+    with current_device_of(next(v for v in args.values() if isinstance(v, torch.Tensor))):
+        kernel[grid](**args)
 
 
 # ------------------------------------------------------------------------------------------- launchers
