@@ -121,8 +121,9 @@ def measure(spec: str, res: int, batch: int, device: str, dtype: str, train: boo
         point.peak_mem_mb = peak_memory_mb(dev)
     except (torch.cuda.OutOfMemoryError, MemoryError):
         point.status = "OOM"
-    except RuntimeError as err:
-        point.status = "OOM" if "out of memory" in str(err).lower() else f"error: {str(err).splitlines()[0][:120]}"
+    except Exception as err:  # noqa: BLE001  (a Triton compile or launch error is a plain Exception: one point's status)
+        message = (str(err).splitlines() or [""])[0][:120]
+        point.status = "OOM" if "out of memory" in message.lower() else f"error: {type(err).__name__}: {message}"
     return point
 
 
@@ -241,7 +242,7 @@ def plot(points: List[Point], path: Path, title: str = "") -> None:
     ax_mem.set_xlabel("resolution"), ax_mem.set_ylabel("peak memory (GB)"), ax_mem.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 
