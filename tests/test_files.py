@@ -80,27 +80,52 @@ def test_output_folders_that_cannot_be_used_are_one_line_errors(tmp_path, monkey
         prepare_output_dir(tmp_path / "ro")
 
 
-def test_folder_lock_is_exclusive_and_released_by_a_killed_holder(tmp_path):
+# Windows simulated: msvcrt.locking's documented semantics (a locked region is refused to any other
+# descriptor, in this process or another, until it is unlocked, closed or its process ends) on flock, which
+# has them too; the lock code then takes its Windows path. A stand-in, since no Windows machine runs CI.
+FAKE_MSVCRT = """
+import fcntl, os, sys, types
+import visionmamba.files
+def locking(fd, mode, nbytes):
+    assert nbytes == 1 and os.lseek(fd, 0, os.SEEK_CUR) == visionmamba.files._WINDOWS_LOCK_OFFSET
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX | fcntl.LOCK_NB) if mode == 2 else fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise PermissionError(13, "Permission denied") from None
+sys.modules["msvcrt"] = types.SimpleNamespace(locking=locking, LK_NBLCK=2, LK_UNLCK=0)
+visionmamba.files.WINDOWS = True
+"""
+
+
+@pytest.mark.parametrize("platform", ["posix", "windows"])
+def test_folder_lock_is_exclusive_and_released_by_a_killed_holder(tmp_path, platform, monkeypatch):
     import signal
     import subprocess
     import sys
 
     from visionmamba.files import FolderLock, OutputError
 
+    if platform == "windows":
+        monkeypatch.setitem(sys.modules, "msvcrt", None)  # restored after the test
+        monkeypatch.setattr("visionmamba.files.WINDOWS", True)
+        exec(FAKE_MSVCRT, {})
+        assert sys.modules["msvcrt"] is not None
+    setup = FAKE_MSVCRT if platform == "windows" else ""
     with FolderLock(tmp_path):
         with pytest.raises(OutputError, match="in use by another run .*pid"):
             FolderLock(tmp_path).__enter__()
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom visionmamba.files import FolderLock\n"
+        f"{setup}\nimport sys, time\nfrom visionmamba.files import FolderLock\n"
         f"lock = FolderLock({str(tmp_path)!r}).__enter__()\nprint('held', flush=True)\ntime.sleep(60)\n")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(OutputError):
+    with pytest.raises(OutputError, match=f"pid {holder.pid} on "):  # the holder's line stays readable
         FolderLock(tmp_path).__enter__()
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     with FolderLock(tmp_path):  # no stale lock
         pass
+    assert (tmp_path / FolderLock.NAME).read_bytes().endswith(b"\n")
 
 
 def test_missing_paths_say_what_they_are(tmp_path):
@@ -122,3 +147,25 @@ def test_hidden_files_are_passed_over_in_folders(tmp_path):
         (tmp_path / name).write_bytes(b"")
     assert [p.name for p in list_images([tmp_path])] == ["x.jpg"]
     assert list_images([tmp_path / "a" / "._x.jpg"])  # named directly: taken
+
+
+def test_process_facts_on_this_platform_and_the_ru_maxrss_units(monkeypatch):
+    import builtins
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    from visionmamba import files
+    from visionmamba.ops import rss as process
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert files._process_alive(os.getpid()) and not files._process_alive(int(done.stdout))
+    vm_hwm = process.peak_rss_mb()
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: (_ for _ in ()).throw(OSError("no /proc"))
+                        if str(path).startswith("/proc") else real_open(path, *a, **k))
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert process.peak_rss_mb() == kilobytes / 1024 and abs(kilobytes / 1024 - vm_hwm) < 0.2 * vm_hwm + 64
+    monkeypatch.setattr(sys, "platform", "darwin")  # macOS reports bytes
+    assert process.peak_rss_mb() == kilobytes / 2**20

@@ -27,6 +27,19 @@ def _host() -> str:
 
 
 def _process_alive(pid: int) -> bool:
+    """True when process ``pid`` exists (another user's included). On Windows ``os.kill(pid, 0)`` would send
+    CTRL_C_EVENT to it, so the process is opened for a query instead."""
+    if WINDOWS:
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return kernel32.GetLastError() == 5  # ERROR_ACCESS_DENIED: it exists, another user's
+        code = ctypes.c_ulong()
+        alive = kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) and code.value == 259  # STILL_ACTIVE
+        kernel32.CloseHandle(handle)
+        return bool(alive)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -94,10 +107,41 @@ def prepare_output_dir(folder: PathLike) -> Path:
     return folder
 
 
-class FolderLock:
-    """An exclusive lock on a folder (``flock`` on ``<folder>/.visionmamba.lock``) for as long as a run works in it.
+WINDOWS = os.name == "nt"
+# Windows' byte-range locks are mandatory (a locked byte cannot be read by another process), so the lock is
+# taken on a byte past the holder's line, which a refused run reads to name the holder.
+_WINDOWS_LOCK_OFFSET = 1 << 16
+_HOLDER_BYTES = 256  # the holder's line, padded: rewritten in place, never truncated under a lock
 
-    The kernel releases it when the process ends, however it ends, so a killed run never leaves a stale lock.
+
+def _lock_exclusive(fd: int) -> bool:
+    """Lock the open file ``fd`` without waiting: True, or False when another run holds it. The system
+    drops the lock when the descriptor is closed or the process ends, however it ends (``flock`` on POSIX,
+    ``msvcrt.locking`` on Windows; both refuse a second descriptor in the same process too)."""
+    if WINDOWS:
+        import msvcrt
+
+        os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        finally:
+            os.lseek(fd, 0, os.SEEK_SET)
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+class FolderLock:
+    """An exclusive lock on a folder (on ``<folder>/.visionmamba.lock``) for as long as a run works in it.
+
+    The system releases it when the process ends, however it ends, so a killed run never leaves a stale lock.
     A second run that asks for it fails at once with an :class:`OutputError` naming the holder.
     """
 
@@ -108,18 +152,15 @@ class FolderLock:
         self._fh: Optional[int] = None
 
     def __enter__(self) -> "FolderLock":
-        import fcntl  # POSIX; imported here so that the package imports everywhere
-
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666 & ~_umask())
+        if not _lock_exclusive(fd):
+            holder = os.read(fd, _HOLDER_BYTES).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise OutputError(errno.EBUSY, f"{str(self.path.parent)!r} is in use by another run ({holder}); wait for it "
                                            "to finish or choose another --output") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        line = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, line.encode()[: _HOLDER_BYTES - 1].ljust(_HOLDER_BYTES - 1) + b"\n")
         self._fh = fd
         return self
 

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from visionmamba.ops.rss import peak_rss_mb
+
 ENV = "VISIONMAMBA_KEEP_FREED_MEMORY"
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
 MMAP_THRESHOLD = 256 << 20
@@ -51,17 +53,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return peak_rss_mb()
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (Linux: VmHWM, which can be reset; elsewhere ru_maxrss)."""
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -6,22 +6,26 @@ It imports neither torch nor visionmamba, so the peak memory it reports is the r
 PyTorch points read theirs: the process's peak resident set, started anew once the weights are loaded).
 Prints ``POINT {"img_per_s": ..., "peak_mem_mb": ...}``.
 """
+import importlib.util
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime
 
 
-def peak_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        import resource
+def _process_module():
+    """visionmamba/ops/rss.py loaded by path: importing the package would import torch."""
+    path = Path(__file__).resolve().parents[1] / "ops" / "rss.py"
+    spec = importlib.util.spec_from_file_location("visionmamba_rss", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+peak_rss_mb = _process_module().peak_rss_mb
 
 
 def reset_peak() -> None:
