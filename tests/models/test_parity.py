@@ -56,7 +56,11 @@ def check_case(case, backend, device):
 
 @pytest.mark.skipif(not SHARED_GOLDEN.is_dir(), reason="the debugging fixture lives in ../shared only")
 def test_official_init_and_debug_fixture_bitwise_init():
-    """Seed 0 + the fixture's perturbation reproduces the official weights bit for bit."""
+    """Seed 0 + the fixture's perturbation reproduces the official weights: bit for bit on the kind of CPU
+    the fixture was made on (AMD); elsewhere within an ulp or two where the init goes through a
+    transcendental function (log of A, exp / expm1 of the dt bias, erfinv of the truncated normal), which
+    PyTorch takes from MKL's vector library, and MKL computes per CPU vendor. Any drawing order other than
+    the official one would miss by the whole spread of the values."""
     official = load_file(str(SHARED_GOLDEN / "vim_tiny_seed0.safetensors"))
     io = load_file(str(SHARED_GOLDEN / "vim_tiny_seed0_io.safetensors"))
     torch.manual_seed(0)
@@ -71,7 +75,8 @@ def test_official_init_and_debug_fixture_bitwise_init():
             else:
                 params[name].add_(0.02 * r)
     for name, value in official.items():
-        assert torch.equal(params[name], value), name
+        if not torch.equal(params[name], value):  # ulps of the tensor's largest value
+            assert_close(params[name], value, rtol_max=2 * torch.finfo(torch.float32).eps, name=name)
     model.eval()
     with torch.no_grad():
         assert_close(model(io["input"]), io["logits"], atol=1e-4, name="logits")

@@ -250,7 +250,8 @@ def test_every_gpu_backward_config_gives_every_gradient(monkeypatch, pick, alone
     config, trials = autotune_like_a_gpu(monkeypatch, kernel, pick, alone)
     check_bidirectional(1, 70, 9)  # 70 channels: 2 programs of 64, 3 of 32
     assert kernel.best_config is config
-    assert [c.kwargs["BLOCK_E"] for c in trials] == ([] if alone else [64, 32])
+    # alone: Triton 3.8 skips timing a single survivor of the pruning, 3.6 still times it
+    assert [c.kwargs["BLOCK_E"] for c in trials] == [64, 32] if not alone else all(c is config for c in trials)
 
 
 @pytest.mark.parametrize("alone", [True, False], ids=["alone", "after-the-others"])
@@ -262,7 +263,7 @@ def test_every_gpu_forward_config_in_training_and_in_place_inference(monkeypatch
     ref = scan.bidirectional(*[t.double() for t in inputs], backend="reference")
     with torch.no_grad():  # in place over u: every trial must leave u as it found it
         assert_close(scan.bidirectional(*inputs, backend="triton"), ref, rtol_max=2e-5, name="inference")
-    assert kernel.best_config is config and len(trials) == (0 if alone else 4)
+    assert kernel.best_config is config and (len(trials) == 4 if not alone else all(c is config for c in trials))
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     out = scan.bidirectional(*leaves, backend="triton")
     assert_close(out, ref, rtol_max=2e-5, name="training forward")
