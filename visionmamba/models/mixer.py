@@ -21,9 +21,19 @@ from visionmamba.ops.linear import Linear
 class BiMambaMixer(nn.Module):
     """Shared in/out projections, one (conv1d, x_proj, dt_proj, A_log, D) set per direction.
 
-    Input and output (batch, L, dim). The backward direction is the forward computation applied to the
-    sequence reversed in time, then reversed back; the two directions are averaged. Everything stays
-    token-major: x and z are views of ``in_proj``'s output, the core's output goes to ``out_proj`` as it is.
+    Input and output (batch, L, dim); E = expand * dim, N = d_state, R = dt_rank. Per direction d (the
+    backward one on the sequence reversed in time, its output reversed back):
+
+        x, z  = split(in_proj(hidden))                                       (batch, L, E) each
+        u     = silu(conv1d_d(x))            dt, B, C = split(x_proj_d(u))     (batch, L, E) / (R, N, N)
+        delta = softplus(dt_proj_d(dt))      A = -exp(A_log_d)                 (batch, L, E), A (E, N)
+        h_t   = exp(delta_t A) h_{t-1} + delta_t B_t u_t                       h: (batch, E, N)
+        y_d   = (<h_t, C_t> + D_d u_t) * silu(z_t)                             (batch, L, E)
+        out   = out_proj((y_0 + y_1) / 2)                                      (batch, L, dim)
+
+    Everything between in_proj and out_proj is :meth:`core`, the scan's fused mixer core, specified by
+    :func:`visionmamba.ops.scan.reference.bidirectional`. Everything stays token-major: x and z are views
+    of ``in_proj``'s output, the core's output goes to ``out_proj`` as it is.
     """
 
     def __init__(

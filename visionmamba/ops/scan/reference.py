@@ -82,29 +82,31 @@ def bidirectional(
     *,
     scan: Callable[..., torch.Tensor] = selective_scan,
 ) -> torch.Tensor:
-    """Vim's bidirectional mixer core: per direction depthwise causal conv, SiLU, x_proj, dt_proj and the
-    gated scan; the backward direction is the same computation on the sequence reversed in time.
+    """Vim's bidirectional mixer core, the specification of every fused one: per direction d (0 forward,
+    1 backward, the backward one on the sequence reversed in time)
 
-    x, z (batch, L, E) token-major (strided views of in_proj's output are fine); the parameters of the two
-    directions stacked on a leading axis of 2 (forward, backward): conv_weight (2, E, K), conv_bias (2, E),
-    x_proj_weight (2, R + 2N, E), dt_proj_weight (2, E, R), dt_proj_bias (2, E), A (2, E, N)
-    (= -exp(A_log)), D (2, E). Returns ``(y_fwd + flip(y_bwd(flip(x), flip(z)))) / 2`` as (batch, L, E) in
-    x's dtype. ``scan`` is the one-direction scan to compose (another backend's, for the unfused paths).
+        u     = silu(causal depthwise conv(x; conv_weight[d], conv_bias[d]))      (batch, L, E)
+        dt, B, C = split(u x_proj_weight[d]^T, [R, N, N])                          (batch, L, R / N / N)
+        delta = softplus(dt dt_proj_weight[d]^T + dt_proj_bias[d])                 (batch, L, E)
+        h_t   = exp(delta_t A[d]) h_{t-1} + delta_t B_t u_t                        h: (batch, E, N)
+        y_d   = (<h_t, C_t> + D[d] u_t) * silu(z_t)                                (batch, L, E)
+
+    and the result is (y_0 + flip(y_1)) / 2, (batch, L, E) in x's dtype. x, z token-major (strided views of
+    in_proj's output are fine); the parameters of the two directions stacked on a leading axis of 2:
+    conv_weight (2, E, K), conv_bias (2, E), x_proj_weight (2, R + 2N, E), dt_proj_weight (2, E, R),
+    dt_proj_bias (2, E), A (2, E, N) (= -exp(A_log)), D (2, E). ``scan`` is the one-direction scan (another
+    backend's, for the unfused paths); it adds the bias and applies the softplus itself.
     """
-    params = (conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
-    y_fwd = _direction(x, z, *(p[0] for p in params), scan)
-    y_bwd = _direction(x.flip(1), z.flip(1), *(p[1] for p in params), scan).flip(1)
-    return (y_fwd + y_bwd) / 2
-
-
-def _direction(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, scan) -> torch.Tensor:
-    """One causal direction: x, z (batch, L, E) -> the gated scan output (batch, L, E)."""
     length, channels, taps = x.shape[1], x.shape[2], conv_weight.shape[-1]
-    u = F.conv1d(x.transpose(1, 2), conv_weight[:, None], conv_bias, padding=taps - 1, groups=channels)
-    u = F.silu(u[..., :length])  # (batch, E, L): the causal part of the padded convolution
-    rank, state = dt_proj_weight.shape[1], A.shape[1]
-    dt, B, C = F.linear(u.transpose(1, 2), x_proj_weight).split([rank, state, state], dim=-1)
-    delta = F.linear(dt, dt_proj_weight).transpose(1, 2)  # the bias is added inside the scan
-    y = scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), D=D, z=z.transpose(1, 2), delta_bias=dt_proj_bias,
-             delta_softplus=True)
-    return y.transpose(1, 2)
+    rank, state = dt_proj_weight.shape[-1], A.shape[-1]
+
+    def direction(x: torch.Tensor, z: torch.Tensor, d: int) -> torch.Tensor:
+        u = F.conv1d(x.transpose(1, 2), conv_weight[d][:, None], conv_bias[d], padding=taps - 1, groups=channels)
+        u = F.silu(u[..., :length])  # (batch, E, L): the causal part of the padded convolution
+        dt, B, C = F.linear(u.transpose(1, 2), x_proj_weight[d]).split([rank, state, state], dim=-1)
+        delta = F.linear(dt, dt_proj_weight[d]).transpose(1, 2)  # (batch, E, L); bias and softplus in the scan
+        y = scan(u, delta, A[d], B.transpose(1, 2), C.transpose(1, 2), D=D[d], z=z.transpose(1, 2),
+                 delta_bias=dt_proj_bias[d], delta_softplus=True)
+        return y.transpose(1, 2)
+
+    return (direction(x, z, 0) + direction(x.flip(1), z.flip(1), 1).flip(1)) / 2
