@@ -130,3 +130,32 @@ def test_offsets_within_a_sequence_that_would_pass_2_31_are_refused():
     u = torch.empty(1, 1, 2**21, 2**10, device="meta")  # 2^31 elements in one sequence
     with pytest.raises(ValueError, match="2\\^31"):
         kernels._check_rows(u.shape[2], u)
+
+
+def test_vim_b_at_1248_batch_128_is_the_regime_tested_here():
+    """The launches' real arguments for Vim-B at 1248x1248, batch 128 (meta tensors: nothing allocated):
+    every stride is a 32-bit argument, the batch-scaled offsets pass 2^31 (z and x, views of in_proj's
+    (b, L, 2E) output: 127 x 18.7M), and no in-sequence offset is refused: what the tests above exercise."""
+    b, L, E, N, R, K = 128, (1248 // 16) ** 2 + 1, 1536, 16, 48, 4
+    m = dict(device="meta")
+    x, z = torch.empty(b, L, 2 * E, **m).chunk(2, dim=-1)
+    u, delta = torch.empty(2, b, L, E, **m), torch.empty(2, b, L, E, **m)
+    x_dbl = torch.empty(2, b, L, R + 2 * N, **m)
+    B, C = x_dbl[..., R:R + N], x_dbl[..., R + N:]
+    A, D = torch.empty(2, N, E, **m), torch.empty(2, E, **m)
+    states = torch.empty(2, b, triton.cdiv(L, 64), N, E, **m)
+    w = torch.empty(2, E, K, **m)
+    grads = kernels.scan_bwd_buffers(u, A, z, 64)
+    launches = [
+        kernels.scan_fwd_launch(u, delta, A, B, C, D, z, D, True, u, states, 64),
+        kernels.scan_bwd_launch(u, delta, A, B, C, D, z, D, True, states, z, 64, grads),
+        kernels.conv_fwd_launch(x, w, D, u),
+        kernels.conv_bwd_launch(x, w, D, u, u, grads[2], grads[2]),
+        kernels.conv_dx_launch(w, u, x),
+    ]
+    largest = 0
+    for _, _, args in launches:
+        strides = {k: v for k, v in args.items() if k.startswith("s_")}
+        assert all(abs(s) < 2**31 for s in strides.values()), strides
+        largest = max([largest] + [(b - 1) * s for k, s in strides.items() if k.endswith("_b")])
+    assert largest >= 2**31
