@@ -5,7 +5,6 @@ import os
 import site
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -65,9 +64,10 @@ def test_an_output_path_that_is_a_file_is_refused_before_running(tmp_path):
     assert taken.read_text() == "the user's file"
 
 
-def fake_measure(seconds=0.0, raises=()):
+def fake_measure(seconds=0.0, raises=(), clock=None):
     def measure(spec, res, batch, device, dtype, train, repeats):
-        time.sleep(seconds)
+        if clock is not None:
+            clock[0] += seconds  # a point's time on the fake clock
         if spec in raises:
             raise RuntimeError(f"{spec} cannot launch")  # e.g. a Triton OutOfResources
         return Point(spec, res, batch, "train" if train else "infer", img_per_s=100.0, peak_mem_mb=10.0)
@@ -92,9 +92,12 @@ def test_after_a_cuda_error_the_remaining_points_are_skipped(tmp_path, monkeypat
     assert gpu_check.scan_section(run, gpu_check.plan(True, False)).startswith("skipped: the device failed")
 
 
-def test_the_benchmarks_stop_when_their_share_of_the_budget_is_spent(tmp_path):
+def test_the_benchmarks_stop_when_their_share_of_the_budget_is_spent(tmp_path, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(gpu_check.time, "perf_counter", lambda: clock[0])
     run = gpu_check.Run(tmp_path, 1.0, ["# test"])  # 0.6 s for the benchmarks, 0.4 s kept for the tests
-    points = gpu_check.measure_points(run, ["a", "b", "c"], [32], 2, "cpu", False, 1, fake_measure(seconds=0.4))
+    points = gpu_check.measure_points(run, ["a", "b", "c"], [32], 2, "cpu", False, 1,
+                                      fake_measure(seconds=0.4, clock=clock))
     assert [p.status for p in points] == ["ok", "ok", "skipped: out of budget"]
     assert run.left() > 0  # the tests' share is still there
 
