@@ -642,8 +642,8 @@ def _channels_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_rows(length: int, *tensors: Optional[torch.Tensor]) -> None:
-    """The kernels' 64-bit offsets are the batch and direction ones (:func:`_program_ids`); a step's offset
-    within a sequence, step x row stride (+ channel), is 32-bit. Checked here, not wrapped silently."""
+    """The kernels' 64-bit offsets are the batch ones (:func:`_program_ids`); a step's offset within a
+    sequence, step x row stride (+ channel), is 32-bit. Checked here, not wrapped silently."""
     for t in tensors:
         if t is not None and t.dim() >= 2 and (length + 1) * max(abs(t.stride(-2)), 1) >= 2**31:
             raise ValueError(f"sequence of {length} steps with a row stride of {t.stride(-2)}: the offsets within a "
