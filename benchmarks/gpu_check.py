@@ -199,13 +199,22 @@ def autotune_picks() -> str:
     return "\n".join(lines) or "none (one config each: nothing to tune)"
 
 
+def per_test_timeout(seconds: int = 120) -> List[str]:
+    """pytest arguments that stop a test hanging longer than ``seconds`` (pytest-timeout, where installed: the
+    device has it). The plugin loads itself; naming it with ``-p`` as well fails ("already registered")
+    unless plugin autoloading is off."""
+    if importlib.util.find_spec("pytest_timeout") is None:
+        return []
+    load = ["-p", "pytest_timeout"] if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") else []
+    return [*load, "--timeout", str(seconds)]
+
+
 def run_tests(paths: List[str], env: Dict[str, str], timeout_s: float) -> str:
     """The kernel tests in a fresh pytest process, stopped after ``timeout_s``: the summary line, and the
     failures' names and first error lines (never raises: the run goes on to write what it has)."""
     if timeout_s < 10:
         return "skipped: out of budget"
-    per_test = ["-p", "pytest_timeout", "--timeout", "120"] if importlib.util.find_spec("pytest_timeout") else []
-    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *per_test, *paths]
+    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *per_test_timeout(), *paths]
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout_s)
     except subprocess.TimeoutExpired as stopped:

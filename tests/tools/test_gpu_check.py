@@ -108,3 +108,14 @@ def test_tests_that_outlast_the_budget_are_stopped_and_reported(tmp_path):
     report = gpu_check.run_tests([str(slow)], dict(os.environ), timeout_s=10)
     assert report.startswith("stopped after 10 s")
     assert gpu_check.run_tests([str(slow)], dict(os.environ), timeout_s=3) == "skipped: out of budget"
+
+
+def test_the_per_test_timeout_names_the_plugin_only_when_it_does_not_load_itself(monkeypatch):
+    found = object()
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: found if name == "pytest_timeout" else None)
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    assert gpu_check.per_test_timeout() == ["--timeout", "120"]  # "-p" too would fail: "already registered"
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert gpu_check.per_test_timeout() == ["-p", "pytest_timeout", "--timeout", "120"]
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None)
+    assert gpu_check.per_test_timeout() == []
