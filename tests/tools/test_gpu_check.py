@@ -33,8 +33,9 @@ def test_dry_run_from_a_bare_checkout_writes_every_table_past_a_failing_test_and
     failing = tmp_path / "test_planted.py"
     failing.write_text("def test_planted_failure():\n    assert 1 == 2\n\ndef test_fine():\n    pass\n")
     out = tmp_path / "out"
+    # a budget no loaded machine runs out of: the budget's own behaviour is tested on a fake clock below
     done = dry_run("--out", out, "--models", "vim_tiny_patch16_224", "no_such_model", "deit_tiny_patch16_224",
-                   "--tests", str(failing))
+                   "--tests", str(failing), "--budget-s", 3000)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = (out / "results.md").read_text()
     assert report.startswith("# gpu_check: CPU dry run") and "torch " in report and "Triton " in report
