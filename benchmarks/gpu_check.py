@@ -80,7 +80,6 @@ class Run:
 
     def __init__(self, out: Path, budget_s: float, header: List[str]):
         self.out, self.header = out, header
-        self.deadline = time.perf_counter() + budget_s
         self.budget_s = budget_s
         self.started = time.perf_counter()
         self.points: list = []
@@ -88,7 +87,7 @@ class Run:
         self.cuda_error: Optional[str] = None
 
     def left(self) -> float:
-        return self.deadline - time.perf_counter()
+        return self.started + self.budget_s - time.perf_counter()
 
     def benchmarks_left(self) -> float:
         return self.left() - TESTS_SHARE * self.budget_s
@@ -117,13 +116,15 @@ def device_broken(device: str) -> Optional[str]:
     the process fails with it), or None."""
     import torch
 
+    from visionmamba.tools.benchmark import error_line
+
     if device != "cuda":
         return None
     try:
         (torch.ones(1, device=device) + 1).item()
         torch.cuda.synchronize()
     except Exception as err:  # noqa: BLE001  (any failure here means the device is unusable)
-        return f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        return error_line(err)
     return None
 
 
@@ -131,7 +132,7 @@ def measure_points(run: Run, specs: List[str], resolutions: List[int], batch: in
                    repeats: int, measure: Optional[Callable] = None) -> list:
     """Each (resolution, model) point, isolated: an exception is the point's status; after a CUDA error or
     once the benchmarks' share of the budget is spent, the remaining points are marked skipped."""
-    from visionmamba.tools.benchmark import Point
+    from visionmamba.tools.benchmark import Point, error_line
     from visionmamba.tools.benchmark import measure as measure_point
 
     measure = measure or measure_point
@@ -147,7 +148,7 @@ def measure_points(run: Run, specs: List[str], resolutions: List[int], batch: in
                 try:
                     point = measure(spec, res, batch, device, "bf16", train, repeats)
                 except Exception as err:  # noqa: BLE001  (recorded: one point's failure must not end the run)
-                    point.status = f"error: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+                    point.status = f"error: {error_line(err)}"
                 if point.status != "ok":
                     run.cuda_error = device_broken(device)
                 _empty_cache(device)
@@ -172,6 +173,8 @@ def scan_section(run: Run, p: Plan) -> str:
         return f"skipped: the device failed earlier ({run.cuda_error})"
     if run.benchmarks_left() <= 0:
         return "skipped: out of budget"
+    from visionmamba.tools.benchmark import error_line
+
     try:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import torch
@@ -184,7 +187,7 @@ def scan_section(run: Run, p: Plan) -> str:
         return markdown(scan_table(p.scan_shapes, backends, p.device, p.repeats, dtype))
     except Exception as err:  # noqa: BLE001
         run.cuda_error = device_broken(p.device)
-        return f"error: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        return f"error: {error_line(err, 200)}"
 
 
 def autotune_picks() -> str:

@@ -120,3 +120,11 @@ def test_the_per_test_timeout_names_the_plugin_only_when_it_does_not_load_itself
     assert gpu_check.per_test_timeout() == ["-p", "pytest_timeout", "--timeout", "120"]
     monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None)
     assert gpu_check.per_test_timeout() == []
+
+
+def test_an_exception_without_a_message_is_still_a_status(tmp_path):
+    def measure(*args):
+        raise RuntimeError()
+
+    run = gpu_check.Run(tmp_path, 60, ["# test"])
+    assert [p.status for p in gpu_check.measure_points(run, ["a"], [32], 2, "cpu", False, 1, measure)] == ["error: RuntimeError: "]

@@ -122,9 +122,13 @@ def measure(spec: str, res: int, batch: int, device: str, dtype: str, train: boo
     except (torch.cuda.OutOfMemoryError, MemoryError):
         point.status = "OOM"
     except Exception as err:  # noqa: BLE001  (a Triton compile or launch error is a plain Exception: one point's status)
-        message = (str(err).splitlines() or [""])[0][:120]
-        point.status = "OOM" if "out of memory" in message.lower() else f"error: {type(err).__name__}: {message}"
+        point.status = "OOM" if "out of memory" in str(err).lower() else f"error: {error_line(err)}"
     return point
+
+
+def error_line(err: BaseException, width: int = 120) -> str:
+    """``Type: first line of the message`` (cut to ``width``), for a status that fits a table cell."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:width]}"
 
 
 def _sync(dev: torch.device) -> None:
