@@ -22,6 +22,13 @@ class OutputError(OSError):
     """A file or folder the user asked us to write cannot be written (disk full, read-only, a file in the way)."""
 
 
+WINDOWS = os.name == "nt"
+# Windows' byte-range locks are mandatory (a locked byte cannot be read by another process), so the lock is
+# taken on a byte past the holder's line, which a refused run reads to name the holder.
+_WINDOWS_LOCK_OFFSET = 1 << 16
+_HOLDER_BYTES = 256  # the holder's line, padded: rewritten in place, never truncated under a lock
+
+
 def _host() -> str:
     return socket.gethostname().replace(".", "-") or "host"
 
@@ -105,13 +112,6 @@ def prepare_output_dir(folder: PathLike) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(errno.EACCES, f"cannot write into the output folder {str(folder)!r} (permission denied); choose another one")
     return folder
-
-
-WINDOWS = os.name == "nt"
-# Windows' byte-range locks are mandatory (a locked byte cannot be read by another process), so the lock is
-# taken on a byte past the holder's line, which a refused run reads to name the holder.
-_WINDOWS_LOCK_OFFSET = 1 << 16
-_HOLDER_BYTES = 256  # the holder's line, padded: rewritten in place, never truncated under a lock
 
 
 def _lock_exclusive(fd: int) -> bool:
