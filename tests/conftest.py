@@ -23,6 +23,19 @@ def scenes(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def cuda_kernels():
+    """The CUDA (Triton) kernels run the test's tensors: on the GPU when there is one, else CPU tensors run
+    them in Triton's interpreter (the dispatcher would otherwise pick the CPU kernels for them)."""
+    if torch.cuda.is_available():
+        yield
+        return
+    from visionmamba.ops import library
+
+    with library.cuda_kernels_on_cpu():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def fresh_compiler_caches():
     """Each test compiles from scratch: torch.compile's frame cache outlives a test, and a model compiled

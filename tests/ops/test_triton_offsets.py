@@ -20,6 +20,7 @@ from visionmamba.ops import norm_triton  # noqa: E402
 from visionmamba.ops.scan import triton as kernels  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("cuda_kernels")  # conftest.py: CPU tensors run the Triton kernels too
 BATCH = 3
 STRIDE = 2**30 + 2**20  # a 32-bit stride; batch 2 starts at 2^31 + 2^21
 

@@ -1,13 +1,16 @@
 """The pre-norm step of a Vim block: ``residual + hidden`` (float32) and its RMSNorm in one pass.
 
 The official code runs this as one fused kernel (``layer_norm_fn(..., prenorm=True, residual_in_fp32=True,
-is_rms_norm=True)``); :func:`fused` is that kernel (Triton), which the blocks use on the Triton path;
-:func:`reference` is the formula it is tested against (elsewhere the blocks keep timm's ``RmsNorm``).
+is_rms_norm=True)``); :func:`fused` runs it as the ops ``add_rms_norm`` (``add_rms_norm_`` and ``rms_norm`` in
+place, for inference) of :mod:`visionmamba.ops.library`, whose kernels are Triton's: the blocks use it on the
+Triton path. :func:`reference` is the formula it is tested against (elsewhere the blocks keep timm's ``RmsNorm``).
 """
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from visionmamba.ops import library  # noqa: F401  (declares the ops)
 
 
 def reference(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -24,14 +27,14 @@ def fused(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.
     With ``inplace`` (for a caller that owns the residual stream: the model's own block loop) and nothing
     to differentiate, the residual is updated in place and returned (the first block's float32 hidden
     becomes the residual as it is)."""
-    from visionmamba.ops import norm_triton  # imports Triton: only where the Triton backend runs
-
+    ops = torch.ops.visionmamba
+    eps = float(eps)
     if inplace and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, residual, weight))):
         if residual is None and _float32_rows(hidden):
-            return norm_triton.rms_norm(hidden, weight, eps), hidden
+            return ops.rms_norm(hidden, weight, eps), hidden
         if residual is not None and _float32_rows(residual) and residual.shape == hidden.shape:
-            return norm_triton.add_rms_norm_inplace(hidden, residual, weight, eps), residual
-    y, out, _ = norm_triton.add_rms_norm(hidden, residual, weight, eps)
+            return ops.add_rms_norm_(hidden, residual, weight, eps), residual
+    y, out, _ = ops.add_rms_norm(hidden, residual, weight, eps)
     return y, out
 
 

@@ -1,4 +1,5 @@
-"""Residual add + RMSNorm as one Triton kernel, forward and backward, and the ``torch.library`` op around it.
+"""Residual add + RMSNorm as one Triton kernel, forward and backward: the CUDA kernels of the pre-norm ops of
+:mod:`visionmamba.ops.library` (each public function runs the op of its name).
 
 One program normalises ROWS rows of D (a power-of-two block) features: it reads hidden (any dtype) and the
 float32 residual once, writes the new residual (float32), the normalised rows (hidden's dtype) and one
@@ -95,9 +96,8 @@ def _run(launch) -> None:
         kernel[grid](**args)
 
 
-@torch.library.custom_op("visionmamba::triton_add_rms_norm", mutates_args=())
-def add_rms_norm_op(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
-                    eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def add_rms_norm(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
+                 eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (..., D) any float dtype, residual (..., D) float32 or None, weight (D,) -> (normalised rows in
     hidden's dtype, the new residual in float32, rstd (rows,))."""
     dim = hidden.shape[-1]
@@ -107,14 +107,6 @@ def add_rms_norm_op(hidden: torch.Tensor, residual: Optional[torch.Tensor], weig
     return y, out.view(hidden.shape), rstd
 
 
-@add_rms_norm_op.register_fake
-def _(hidden, residual, weight, eps):
-    rows = hidden.numel() // hidden.shape[-1]
-    return (hidden.new_empty(hidden.shape), hidden.new_empty(hidden.shape, dtype=torch.float32),
-            hidden.new_empty((rows,), dtype=torch.float32))
-
-
-@torch.library.custom_op("visionmamba::triton_add_rms_norm_backward", mutates_args=())
 def add_rms_norm_backward(dy: torch.Tensor, dout: Optional[torch.Tensor], out: torch.Tensor, rstd: torch.Tensor,
                           weight: torch.Tensor, has_residual: bool) -> List[torch.Tensor]:
     """Gradients of hidden (dy's dtype), of the residual (float32; empty without one) and of the weight."""
@@ -131,36 +123,7 @@ def add_rms_norm_backward(dy: torch.Tensor, dout: Optional[torch.Tensor], out: t
             dw_part.sum(0).to(weight.dtype)]
 
 
-@add_rms_norm_backward.register_fake
-def _(dy, dout, out, rstd, weight, has_residual):
-    return [dy.new_empty(out.shape), out.new_empty(out.shape if has_residual else (0,)), weight.new_empty(weight.shape)]
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    hidden, residual, weight, eps = inputs
-    _, out, rstd = output
-    ctx.save_for_backward(out, rstd, weight)
-    ctx.has_residual, ctx.hidden_dtype = residual is not None, hidden.dtype
-
-
-def _backward(ctx, dy, dout, _drstd):
-    out, rstd, weight = ctx.saved_tensors
-    if dy is None:  # only the new residual was used
-        dy = out.new_zeros(out.shape, dtype=ctx.hidden_dtype)
-    dhidden, dresidual, dweight = add_rms_norm_backward(dy, dout, out, rstd, weight, ctx.has_residual)
-    return dhidden, dresidual if ctx.has_residual else None, dweight, None
-
-
-add_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def add_rms_norm(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
-                 eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return add_rms_norm_op(hidden, residual, weight, float(eps))
-
-
-@torch.library.custom_op("visionmamba::triton_add_rms_norm_inplace", mutates_args=("residual",))
-def add_rms_norm_inplace(hidden: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def add_rms_norm_(hidden: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Inference's :func:`add_rms_norm`, for a caller that owns the residual stream: residual (..., D)
     float32 contiguous becomes residual + hidden in place (each element read before it is written, by the
     same program); returns the normalised rows; no gradient. Saves a residual-sized float32 buffer per
@@ -169,21 +132,10 @@ def add_rms_norm_inplace(hidden: torch.Tensor, residual: torch.Tensor, weight: t
     return _forward(hidden, res, res, weight, eps)[0]
 
 
-@add_rms_norm_inplace.register_fake
-def _(hidden, residual, weight, eps):
-    return hidden.new_empty(hidden.shape)
-
-
-@torch.library.custom_op("visionmamba::triton_rms_norm", mutates_args=())
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The first block's :func:`add_rms_norm_inplace`: no residual yet, and a float32 hidden is the new one
-    as it is, so only the normalised rows are written; no gradient."""
+    """The first block's :func:`add_rms_norm_`: no residual yet, and a float32 hidden is the new one as it
+    is, so only the normalised rows are written; no gradient."""
     return _forward(hidden, None, None, weight, eps)[0]
-
-
-@rms_norm.register_fake
-def _(hidden, weight, eps):
-    return hidden.new_empty(hidden.shape)
 
 
 def _forward(hidden: torch.Tensor, residual: Optional[torch.Tensor], out: Optional[torch.Tensor], weight: torch.Tensor,

@@ -1,39 +1,48 @@
 """The one dispatch point of the selective scan: a backend is picked per call from :data:`BACKENDS`.
 
 Model code calls :func:`bidirectional` (the mixer core) or :func:`selective_scan` and never imports a
-backend module. Each backend is the module ``visionmamba.ops.scan.<name>`` and implements the contract of
-:mod:`visionmamba.ops.scan.reference`, the specification every other backend is tested against. The
-``cpu``, ``triton`` and ``loop`` modules also fuse the whole mixer core (``bidirectional``); for the others
-it is composed from their one-direction scan exactly as the reference writes it. ``loop`` is the backend of
-the exporters (a loop that exported graphs keep), not a fast path.
+backend module. Each backend is a module of this package with these two functions on the contract of :mod:`visionmamba.ops.scan.reference`, the specification every other backend is tested against.
+``cpu`` and ``triton`` are one module, ``fused``: the fused ops of :mod:`visionmamba.ops.library`, whose
+kernels the dispatcher picks by device (C++ on the CPU, Triton on CUDA), so each of the two names stands
+for its device's kernels. ``loop`` is the backend of the exporters (a loop that exported graphs keep), not a
+fast path.
 
 ``"auto"`` picks per device (``cpu`` on the CPU, falling back to ``reference`` with a warning when no
 compiler is available; ``triton`` on CUDA when Triton imports, else ``chunked``); the environment variable
-``VISIONMAMBA_SCAN_BACKEND`` overrides "auto", and a model's ``scan_backend=`` overrides both. The kernel
-backends run the one-direction scan as the custom op ``visionmamba::selective_scan``
-(:mod:`~visionmamba.ops.scan.custom_op`), and their fused mixer cores as custom ops too, so that
-torch.compile and torch.export see one graph. The first use of the ``cpu`` backend compiles its C++ kernels and applies
-:func:`visionmamba.ops.memory.keep_freed_memory` (the CPU path's large activations would otherwise be
-page-faulted in anew every layer).
+``VISIONMAMBA_SCAN_BACKEND`` overrides "auto", and a model's ``scan_backend=`` overrides both. The first use
+of the ``cpu`` kernels compiles them and applies :func:`visionmamba.ops.memory.keep_freed_memory` (the CPU
+path's large activations would otherwise be page-faulted in anew every layer).
 """
 import functools
 import os
 import warnings
-from typing import Dict, Optional
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from visionmamba.ops.scan import cpu, loop, reference
-from visionmamba.ops.scan.custom_op import selective_scan_op
+from visionmamba.ops import library
+from visionmamba.ops.scan import chunked, cpu, fused, loop, reference
 
 BACKEND_ENV = "VISIONMAMBA_SCAN_BACKEND"
 
-BACKENDS: Dict[str, str] = {
-    "reference": "the specification: a plain loop over the sequence, autograd for the backward",
-    "cpu": "fused C++ kernels compiled at first use (the default on the CPU)",
-    "chunked": "pure PyTorch: closed form inside chunks, hand-written recomputing backward (any device)",
-    "triton": "fused Triton kernels, forward and backward (the default on CUDA)",
-    "loop": "PyTorch's scan operator over chunks of steps: a loop exported graphs keep (ONNX, torch.export)",
+
+@dataclass(frozen=True)
+class Backend:
+    description: str
+    module: ModuleType  # its selective_scan and bidirectional
+    devices: Optional[Tuple[str, ...]] = None  # the device types it runs on; None: any
+
+
+BACKENDS: Dict[str, Backend] = {
+    "reference": Backend("the specification: a plain loop over the sequence, autograd for the backward", reference),
+    "cpu": Backend("fused C++ kernels compiled at first use (the default on the CPU)", fused, ("cpu",)),
+    "chunked": Backend("pure PyTorch: closed form inside chunks, hand-written recomputing backward (any device)",
+                       chunked),
+    "triton": Backend("fused Triton kernels, forward and backward (the default on CUDA)", fused, ("cuda",)),
+    "loop": Backend("PyTorch's scan operator over chunks of steps: a loop exported graphs keep (ONNX, torch.export)",
+                    loop),
 }
 
 
@@ -65,7 +74,7 @@ def _warn_cpu_fallback() -> None:
 
 
 def _auto_backend(device: torch.device) -> str:
-    if device.type == "cuda":
+    if device.type == "cuda" or library.routed_to_cuda(device.type):
         return "triton" if triton_available() else "chunked"
     if device.type == "cpu":
         if cpu_available():
@@ -89,6 +98,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             f"unknown selective-scan backend {backend!r}; expected 'auto' or one of {available_backends()}"
             + (f" (check the {BACKEND_ENV} environment variable)" if _env_backend() else "")
         )
+    devices = BACKENDS[backend].devices
+    kernels = "cuda" if library.routed_to_cuda(device.type) else device.type
+    if devices is not None and kernels not in devices:
+        raise ValueError(f"the {backend!r} scan backend runs on {' and '.join(devices)} tensors, got {device.type}; "
+                         "use backend='auto'")
     if backend == "triton" and not triton_available():
         raise RuntimeError("the 'triton' scan backend needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
     if backend == "cpu" and not cpu_available():
@@ -115,11 +129,8 @@ def selective_scan(
     :func:`visionmamba.ops.scan.reference.selective_scan` for the recurrence.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    name = resolve_backend(backend, u.device)
-    if name in ("reference", "loop"):  # plain tensor code, no custom op: tracers and exporters see through it
-        module = reference if name == "reference" else loop
-        return module.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
-    return selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, name)
+    module = BACKENDS[resolve_backend(backend, u.device)].module
+    return module.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
 
 
 def bidirectional(
@@ -140,18 +151,8 @@ def bidirectional(
     ``triton`` backends run it as fused kernels (both directions per call, the backward one read in
     reverse: no flips, no layout copies); the others compose their one-direction scan.
     """
-    name = resolve_backend(backend, x.device)
-    params = (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
-    if name == "cpu":
-        return cpu.bidirectional(*params)
-    if name == "loop":
-        return loop.bidirectional(*params)
-    if name == "triton":
-        from visionmamba.ops.scan import triton  # imports Triton: only where this backend runs
-
-        return triton.bidirectional(*params)
-    scan = reference.selective_scan if name == "reference" else functools.partial(selective_scan, backend=name)
-    return reference.bidirectional(*params, scan=scan)
+    module = BACKENDS[resolve_backend(backend, x.device)].module
+    return module.bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:

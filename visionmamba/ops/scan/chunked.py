@@ -5,17 +5,18 @@ Inside a chunk of T steps, with S_t the cumulative sum of delta_s A (non-positiv
 evaluated as a masked T x T "segment sum": every exponent is <= 0, so nothing overflows however large
 delta grows (the single-cumsum trick exp(S_t) * cumsum(exp(-S_s) ...) overflows once sum |delta A| passes
 ~80). The backward recomputes each chunk from its start state (batch, E, N) and applies hand-written
-gradients inside the chunk only (no autograd, so it also runs inside the custom op): memory is
-O(batch E N L / T) plus one chunk's terms, never batch x E x N x L.
+gradients inside the chunk only (:class:`_ChunkedScan`, an autograd Function): memory is O(batch E N L / T)
+plus one chunk's terms, never batch x E x N x L.
 
 The core computes y_t = <h_t, C_t> only; the rest of the contract (delta bias, softplus, D skip, SiLU(z)
 gate) is applied around it, forward and backward written out by hand (:func:`forward`, :func:`backward`).
 """
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from visionmamba.ops.scan import reference
 from visionmamba.ops.scan.reference import compute_dtype, skip_and_gate, step_sizes
 
 CLOSED_FORM_STEPS = 16  # chunk length: the T x T segment sums cost O(T^2) per chunk
@@ -130,3 +131,38 @@ def backward(u, delta, A, B, C, D, z, delta_bias, softplus, dout):
         ddelta = ddelta * torch.sigmoid(raw).masked_fill(raw > 20, 1.0)  # softplus threshold 20: identity above
     ddelta_bias = ddelta.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
     return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dz, ddelta_bias)
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """:func:`forward` with :func:`backward` as its gradient (nothing but the inputs is saved)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.softplus = softplus
+        return forward(u, delta, A, B, C, D, z, delta_bias, softplus)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return (*backward(*ctx.saved_tensors, ctx.softplus, dout), None)
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """The contract of :func:`visionmamba.ops.scan.reference.selective_scan`, in chunks."""
+    return _ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D) -> torch.Tensor:
+    """The reference mixer core (:func:`visionmamba.ops.scan.reference.bidirectional`) on this scan."""
+    return reference.bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
+                                   scan=selective_scan)

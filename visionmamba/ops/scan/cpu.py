@@ -1,14 +1,16 @@
-"""The CPU backend: C++ kernels (``csrc/``) compiled at first use with torch's cpp_extension.
+"""The CPU kernels of the fused ops (:mod:`visionmamba.ops.library`): C++ (``csrc/``) compiled at first use
+with torch's cpp_extension. Each public function is the CPU kernel of the op of the same name.
 
 The whole contract is fused, forward and backward: delta bias, softplus, the D skip and the SiLU(z) gate.
 
-* :func:`bidirectional`, the mixer core the model runs: the depthwise conv + SiLU of both directions, then
-  x_proj (through :mod:`visionmamba.ops.linear`), then the scan of both directions in one kernel that
+* :func:`conv_silu`, :func:`bi_scan`, :func:`bi_scan_`: the mixer core (``ops/scan/fused.py``): the depthwise
+  conv + SiLU of both directions, then (after x_proj) the scan of both directions in one kernel that
   vectorises over channels, applies dt_proj inside (delta is never stored) and walks the backward direction
   in reverse (no flips, no layout copies). Its backward recomputes the states per (direction, channel) row
-  from channel-major copies, so no (batch, E, L, N) tensor is ever stored.
-* :func:`forward` / :func:`backward`, the one-direction scan of the custom op (``selective_scan(...,
-  backend="cpu")``), one (batch, channel) row per task.
+  from channel-major copies, so no (batch, E, L, N) tensor is ever stored (``checkpoint_steps`` 0).
+* :func:`selective_scan` and its backward, the one-direction scan, one (batch, channel) row per task.
+
+The kernels compute in float32 (float64 stays float64) and return their inputs' dtypes.
 
 Reductions over channels or batch go to per-task partial buffers summed here in a fixed order: results are
 deterministic. Nothing is compiled at install time; when no compiler is available :func:`available` is
@@ -26,15 +28,16 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from visionmamba.ops.linear import linear
+from visionmamba.ops.library import in_layout_of
 from visionmamba.ops.memory import keep_freed_memory
-from visionmamba.ops.scan.custom_op import register_backward
 from visionmamba.ops.scan.reference import compute_dtype
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("scan_rows.cpp", "scan_lanes.cpp", "conv_silu.cpp", "bindings.cpp")
 HEADERS = ("selective_scan.h", "scan_math.h")
 CFLAGS = ("-O3", "-ffast-math", "-fopenmp")
+CHECKPOINT_STEPS = 0  # the backward recomputes the states per row: none are kept
+FLOAT32_ACTIVATIONS = True  # the mixer hands these kernels float32 activations (it casts first, autocast off)
 
 
 def instruction_set() -> Tuple[str, Tuple[str, ...]]:
@@ -116,7 +119,7 @@ def build_error() -> Optional[str]:
     return _build()[1]
 
 
-# ------------------------------------------------------------------------------- one direction (custom op)
+# ----------------------------------------------------------------------------------------- one direction
 def _prepare(u, delta, A, B, C, D, z, delta_bias):
     """The kernel's layout in one compute dtype: contiguous u, delta (bias added), A; B and C side by side,
     time-major (batch, L, 2N); absent D and z as empty tensors."""
@@ -128,123 +131,100 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias):
             empty if D is None else D.to(ct).contiguous(), empty if z is None else z.to(ct).contiguous())
 
 
-def forward(u, delta, A, B, C, D, z, delta_bias, softplus) -> torch.Tensor:
-    """The whole contract in one fused pass; returns u's dtype."""
-    if u.device.type != "cpu":
-        raise ValueError(f"the 'cpu' scan backend needs CPU tensors, got {u.device}; use backend='auto'")
-    return load().scan_forward(*_prepare(u, delta, A, B, C, D, z, delta_bias), softplus).to(u.dtype)
+def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> torch.Tensor:
+    """The whole one-direction contract in one fused pass; returns u's dtype and layout."""
+    out = load().scan_forward(*_prepare(u, delta, A, B, C, D, z, delta_bias), delta_softplus)
+    return in_layout_of(u, out.to(u.dtype))
 
 
-def backward(u, delta, A, B, C, D, z, delta_bias, softplus, dout):
+def selective_scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> List[torch.Tensor]:
+    """The gradients of :func:`selective_scan` for its eight tensors (empty placeholders for absent ones)."""
     dout = dout.to(compute_dtype(u.dtype)).contiguous()
     du, ddelta, dz, dA_part, dBC_part, dD_part, dbias_part = load().scan_backward(
-        *_prepare(u, delta, A, B, C, D, z, delta_bias), softplus, dout
+        *_prepare(u, delta, A, B, C, D, z, delta_bias), delta_softplus, dout
     )
     state = A.shape[-1]
     dBC = dBC_part.sum(1).transpose(1, 2)  # (batch, 2N, L)
-    return (
-        du.to(u.dtype), ddelta.to(delta.dtype), dA_part.sum(0).to(A.dtype),
-        dBC[:, :state].to(B.dtype), dBC[:, state:].to(C.dtype),
-        None if D is None else dD_part.sum(0).to(D.dtype), None if z is None else dz.to(z.dtype),
-        None if delta_bias is None else dbias_part.sum(0).to(delta_bias.dtype),
-    )
+    grads = (du, ddelta, dA_part.sum(0), dBC[:, :state], dBC[:, state:], dD_part.sum(0), dz, dbias_part.sum(0))
+    return [u.new_empty(0) if t is None else in_layout_of(t, g.to(t.dtype))
+            for t, g in zip((u, delta, A, B, C, D, z, delta_bias), grads)]
 
 
 # ---------------------------------------------------------------------------- both directions (the mixer)
-# The kernels as torch.library custom ops (fake shapes for tracing, a backward op for autograd), so that
-# torch.compile(fullgraph=True) and torch.export see each as one opaque operator.
-@torch.library.custom_op("visionmamba::cpu_conv_silu", mutates_args=())
+def _lanes(t: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
+    """``t`` in the compute dtype with contiguous last axis (the kernels read rows of channels)."""
+    t = t.to(ct)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Depthwise conv + SiLU of both directions: x (b, L, E) token-major (a strided view of contiguous
-    channels is fine); weight (2, E, K); bias (2, E) -> u (2, b, L, E)."""
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    return load().conv_forward(x, weight.transpose(1, 2).contiguous(), bias.contiguous())
+    channels is fine); weight (2, E, K); bias (2, E) -> u (2, b, L, E) in x's dtype."""
+    ct = compute_dtype(x.dtype)
+    u = load().conv_forward(_lanes(x, ct), weight.to(ct).transpose(1, 2).contiguous(), bias.to(ct).contiguous())
+    return u.to(x.dtype)
 
 
-@conv_silu.register_fake
-def _(x, weight, bias):
-    return x.new_empty((2, *x.shape))
-
-
-@torch.library.custom_op("visionmamba::cpu_conv_silu_backward", mutates_args=())
 def conv_silu_backward(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> List[torch.Tensor]:
-    """(dx (b, L, E), dweight (2, E, K), dbias (2, E)) of :func:`conv_silu`."""
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    dx, dw_part, db_part = load().conv_backward(x, weight.transpose(1, 2).contiguous(), bias.contiguous(), du.contiguous())
-    return [dx, dw_part.sum(0).transpose(1, 2).contiguous(), db_part.sum(0)]
+    """(dx (b, L, E), dweight (2, E, K), dbias (2, E)) of :func:`conv_silu`, contiguous, in their dtypes."""
+    ct = compute_dtype(x.dtype)
+    dx, dw_part, db_part = load().conv_backward(_lanes(x, ct), weight.to(ct).transpose(1, 2).contiguous(),
+                                                bias.to(ct).contiguous(), du.to(ct).contiguous())
+    return [dx.to(x.dtype), dw_part.sum(0).transpose(1, 2).contiguous().to(weight.dtype), db_part.sum(0).to(bias.dtype)]
 
 
-@conv_silu_backward.register_fake
-def _(du, x, weight, bias):
-    return [t.new_empty(t.shape) for t in (x, weight, bias)]  # contiguous, as the real ones
+def _bi_forward(u, x_proj_out, dt_weight, A, D, z, bias, out) -> None:
+    """Both directions into ``out`` (b, L, E) contiguous in the compute dtype (may be ``u[0]``)."""
+    ct = out.dtype
+    A_t = A.to(ct).transpose(1, 2).contiguous()  # (2, N, E): channels contiguous, the lanes
+    W_t = dt_weight.to(ct).transpose(1, 2).contiguous()  # (2, R, E)
+    load().bi_forward(u.to(ct).contiguous(), W_t, A_t, x_proj_out.to(ct).contiguous(), D.to(ct).contiguous(),
+                      _lanes(z, ct), bias.to(ct).contiguous(), out)
 
 
-@torch.library.custom_op("visionmamba::cpu_bi_scan", mutates_args=())
 def bi_scan(u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
-            z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            z: torch.Tensor, bias: torch.Tensor, checkpoint_steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Both directions, dt_proj included: u (2, b, L, E); x_proj_out, x_proj's output (2, b, L, R + 2N) (dt_t,
-    B_t, C_t per row); dt_weight (2, E, R); A (2, E, N); D, bias (2, E); z (b, L, E) -> (y_fwd + y_bwd) / 2
-    as (b, L, E). The kernel vectorises over channels and computes delta = dt_weight dt_t inside."""
-    z = z if z.stride(-1) == 1 else z.contiguous()  # the kernel reads z_t as contiguous channels
-    A_t = A.transpose(1, 2).contiguous()  # (2, N, E): channels contiguous, the lanes
-    W_t = dt_weight.transpose(1, 2).contiguous()  # (2, R, E)
-    return load().bi_forward(u.contiguous(), W_t, A_t, x_proj_out.contiguous(), D.contiguous(), z, bias.contiguous())
+    B_t, C_t per row); dt_weight (2, E, R); A (2, E, N); D, bias (2, E); z (b, L, E) -> ((y_fwd + y_bwd) / 2
+    as (b, L, E) in z's dtype, no checkpoints: (2, b, 0, N, E)). delta = dt_weight dt_t is computed inside."""
+    _check_no_checkpoints(checkpoint_steps)
+    out = torch.empty(u.shape[1:], dtype=compute_dtype(u.dtype))
+    _bi_forward(u, x_proj_out, dt_weight, A, D, z, bias, out)
+    return out.to(z.dtype), u.new_empty((2, u.shape[1], 0, A.shape[-1], u.shape[3]), dtype=torch.float32)
 
 
-@bi_scan.register_fake
-def _(u, x_proj_out, dt_weight, A, D, z, bias):
-    return u.new_empty(u.shape[1:])
+def bi_scan_(u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+             z: torch.Tensor, bias: torch.Tensor) -> None:
+    """:func:`bi_scan` in place, for inference: the result is written over u[0] (the kernel reads the rows it
+    owns before it writes them); no buffer the size of the output is allocated."""
+    if u.is_contiguous() and u.dtype == compute_dtype(u.dtype):
+        _bi_forward(u, x_proj_out, dt_weight, A, D, z, bias, u[0])
+    else:
+        u[0].copy_(bi_scan(u, x_proj_out, dt_weight, A, D, z, bias, 0)[0])
 
 
-@torch.library.custom_op("visionmamba::cpu_bi_scan_backward", mutates_args=())
 def bi_scan_backward(dout: torch.Tensor, u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor,
-                     A: torch.Tensor, D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor) -> List[torch.Tensor]:
-    """The gradients of :func:`bi_scan` for its seven inputs; it recomputes delta and the states per
-    (direction, channel) row from channel-major copies."""
-    z = z if z.stride(-1) == 1 else z.contiguous()
-    x_proj_out = x_proj_out.contiguous()
-    dt = x_proj_out[..., : dt_weight.shape[-1]]
-    u_c = u.transpose(2, 3).contiguous()  # (2, b, E, L)
-    delta_c = dt_weight.unsqueeze(1) @ dt.transpose(2, 3)  # (2, b, E, L), as the forward computed it
+                     A: torch.Tensor, D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor, checkpoint_steps: int,
+                     checkpoints: torch.Tensor) -> List[torch.Tensor]:
+    """The gradients of :func:`bi_scan` for its seven tensors (contiguous, in their dtypes); it recomputes
+    delta and the states per (direction, channel) row from channel-major copies."""
+    _check_no_checkpoints(checkpoint_steps)
+    ct = compute_dtype(u.dtype)
+    inputs = (u, x_proj_out, dt_weight, A, D, z, bias)
+    xdbl, W = x_proj_out.to(ct).contiguous(), dt_weight.to(ct)
+    dt = xdbl[..., : W.shape[-1]]
+    u_c = u.to(ct).transpose(2, 3).contiguous()  # (2, b, E, L)
+    delta_c = W.unsqueeze(1) @ dt.transpose(2, 3)  # (2, b, E, L), as the forward computed it
     du, ddelta, dz, dA_part, dBC_part, dD_part, dbias_part = load().bi_backward(
-        u_c, delta_c, A.contiguous(), x_proj_out, D.contiguous(), z, bias.contiguous(), dout.transpose(1, 2).contiguous()
+        u_c, delta_c, A.to(ct).contiguous(), xdbl, D.to(ct).contiguous(), _lanes(z, ct), bias.to(ct).contiguous(),
+        dout.to(ct).transpose(1, 2).contiguous()
     )
-    ddt = ddelta.transpose(2, 3) @ dt_weight.unsqueeze(1)  # (2, b, L, R)
-    dx_proj_out = torch.cat([ddt, dBC_part.sum(0)], dim=-1)
-    ddt_weight = torch.einsum("dbel,dblr->der", ddelta, dt).contiguous()
-    return [du.transpose(2, 3).contiguous(), dx_proj_out, ddt_weight, dA_part.sum(0), dD_part.sum(0),
-            dz.transpose(1, 2).contiguous(), dbias_part.sum(0)]
+    ddt = ddelta.transpose(2, 3) @ W.unsqueeze(1)  # (2, b, L, R)
+    grads = (du.transpose(2, 3), torch.cat([ddt, dBC_part.sum(0)], dim=-1), torch.einsum("dbel,dblr->der", ddelta, dt),
+             dA_part.sum(0), dD_part.sum(0), dz.transpose(1, 2), dbias_part.sum(0))
+    return [g.to(t.dtype).contiguous() for t, g in zip(inputs, grads)]
 
 
-@bi_scan_backward.register_fake
-def _(dout, u, x_proj_out, dt_weight, A, D, z, bias):
-    return [t.new_empty(t.shape) for t in (u, x_proj_out, dt_weight, A, D, z, bias)]  # contiguous, as the real ones
-
-
-register_backward(conv_silu, conv_silu_backward)
-register_backward(bi_scan, bi_scan_backward)
-
-
-def bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D) -> torch.Tensor:
-    """The mixer core on the CPU, token-major throughout: the conv, x_proj, dt_proj and the scan all
-    vectorise over channels. Same arguments and result as :func:`visionmamba.ops.scan.reference.bidirectional`
-    (x, z (b, L, E) -> (b, L, E))."""
-    params = (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
-    if torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cpu", enabled=False):  # the kernels compute in float32 whatever autocast says
-            return _bidirectional(*params)
-    return _bidirectional(*params)
-
-
-def _bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D) -> torch.Tensor:
-    dtype = x.dtype
-    ct = compute_dtype(dtype)
-    x = x.to(ct)
-    batch, length, inner = x.shape
-    u = conv_silu(x, conv_weight.to(ct), conv_bias.to(ct))  # (2, b, L, E)
-    x_proj_weight = x_proj_weight.to(ct)
-    rows = u.view(2, batch * length, inner)
-    width = x_proj_weight.shape[1]  # R + 2N
-    x_proj_out = torch.stack([linear(rows[i], x_proj_weight[i]) for i in range(2)]).view(2, batch, length, width)
-    out = bi_scan(u, x_proj_out, dt_proj_weight.to(ct), A.to(ct), D.to(ct), z.to(ct), dt_proj_bias.to(ct))
-    return out.to(dtype)
+def _check_no_checkpoints(checkpoint_steps: int) -> None:
+    if checkpoint_steps != CHECKPOINT_STEPS:
+        raise ValueError(f"the CPU kernels keep no checkpoints (checkpoint_steps {CHECKPOINT_STEPS}), got {checkpoint_steps}")

@@ -1,8 +1,10 @@
-"""Triton backend: fused selective-scan kernels, forward and backward, one or both directions per launch.
+"""The CUDA kernels of the fused scan ops (:mod:`visionmamba.ops.library`): Triton, forward and backward,
+one or both directions per launch.
 
 Layers: ``_*_kernel`` (Triton) -> ``*_launch`` (allocation, grid, arguments: one function per kernel, used
 by the launchers and by ``benchmarks/gpu_static.py``, so the machine code measured is the code that runs)
--> ``torch.library`` custom ops with fake shapes and backward ops -> public functions.
+-> launchers -> the op kernels, each public function named after the op it runs (same arguments and
+results as the CPU kernels of ``cpu.py``; the conversions to the kernels' layouts happen here).
 
 Designed for the hardware (the SASS each choice produced is in benchmarks/RESULTS.md, "GPU kernels"):
 
@@ -44,9 +46,10 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from visionmamba.ops.devices import current_device_of
-from visionmamba.ops.scan.custom_op import register_backward
+from visionmamba.ops.library import in_layout_of
 
 CHECKPOINT_STEPS = 64  # steps between the saved states the backward restarts from
+FLOAT32_ACTIVATIONS = False  # the kernels read the activations in their own dtype (bf16 under autocast)
 # Inference computes delta = dt dt_proj in the scan when dt_proj's rank is at most this: at Vim-Ti's 12 the
 # forward stays under its MUFU bound (9.8 instructions per state-element-step against 10.0 on sm_90), at
 # Vim-S's 24 and Vim-B's 48 it would not (11.5, 13.1), so there delta is written out (benchmarks/gpu_static.py).
@@ -737,100 +740,97 @@ def _conv_bwd(x, w, bias, du):
     return dx, dw_part.sum((1, 2)).to(w.dtype), db_part.sum((1, 2)).to(bias.dtype)
 
 
-# --------------------------------------------------------------------------------- custom ops (the mixer)
-# The launches as torch.library custom ops (fake shapes for tracing, a backward op for autograd), so that
-# torch.compile(fullgraph=True) and torch.export see each as one opaque operator.
-@torch.library.custom_op("visionmamba::triton_conv_silu", mutates_args=())
+# ------------------------------------------------------------------------------------------ the op kernels
 def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x (b, L, E) (any strides); weight (2, E, K); bias (2, E) -> silu(conv) (2, b, L, E) in x's dtype."""
     return _conv_fwd(x, weight, bias)
 
 
-@conv_silu.register_fake
-def _(x, weight, bias):
-    return x.new_empty((weight.shape[0], *x.shape))
-
-
-@torch.library.custom_op("visionmamba::triton_conv_silu_backward", mutates_args=())
 def conv_silu_backward(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> List[torch.Tensor]:
     return list(_conv_bwd(x, weight, bias, du))
 
 
-@conv_silu_backward.register_fake
-def _(du, x, weight, bias):
-    return [x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)]
+def _kernel_inputs(x_proj_out: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor):
+    """The op's (x_proj_out, dt_weight, A (2, E, N)) as the kernels read them: delta = dt dt_weight (2, b, L, E)
+    in x_proj_out's dtype, B and C (2, b, L, N) as float32 views of one copy (their N scalar loads per step
+    then need no conversion), A (2, N, E) float32 contiguous."""
+    state = A.shape[-1]
+    dt, BC = x_proj_out.split([dt_weight.shape[-1], 2 * state], dim=-1)
+    B, C = BC.float().split([state, state], dim=-1)
+    delta = torch.matmul(dt, dt_weight.to(dt.dtype).transpose(1, 2)[:, None])
+    return delta, B, C, A.float().transpose(1, 2).contiguous()
 
 
-@torch.library.custom_op("visionmamba::triton_bi_scan", mutates_args=())
-def bi_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-            D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor, steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Both directions in one launch. u, delta (2, b, L, E); A (2, N, E); B, C (2, b, L, N) (any strides);
-    D, bias (2, E); z (b, L, E). Returns out = y_fwd / 2 + y_bwd / 2, each y = (scan + D u) * silu(z)
-    rounded to z's dtype before the sum (as the official code adds its two directions' outputs), (b, L, E),
-    and the states at every ``steps``-th step the backward restarts from."""
+def bi_scan(u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+            z: torch.Tensor, bias: torch.Tensor, checkpoint_steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Both directions in one launch (shapes as in ``cpu.bi_scan``; any strides). Returns out = y_fwd / 2 +
+    y_bwd / 2, each y = (scan + D u) * silu(z) rounded to z's dtype before the sum (as the official code adds
+    its two directions' outputs), (b, L, E), and the states every ``checkpoint_steps`` steps
+    (2, b, chunks, N, E) the backward restarts from."""
+    if checkpoint_steps < 1:
+        raise ValueError(f"the CUDA kernels restart the backward from checkpoints: checkpoint_steps >= 1, got {checkpoint_steps}")
+    delta, B, C, A_t = _kernel_inputs(x_proj_out, dt_weight, A)
     ys = torch.empty((2, *z.shape), device=z.device, dtype=z.dtype)
-    states = _scan_fwd(u, delta, A, B, C, D, z, bias, True, ys, steps)
+    states = _scan_fwd(u, delta, A_t, B, C, D, z, bias, True, ys, checkpoint_steps)
     return ys[0] + ys[1], states
 
 
-@bi_scan.register_fake
-def _(u, delta, A, B, C, D, z, bias, steps):
-    chunks = (u.shape[2] + steps - 1) // steps
-    return z.new_empty(z.shape), u.new_empty((2, u.shape[1], chunks, A.shape[1], u.shape[3]), dtype=torch.float32)
+def bi_scan_backward(dout: torch.Tensor, u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor,
+                     A: torch.Tensor, D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor, checkpoint_steps: int,
+                     checkpoints: torch.Tensor) -> List[torch.Tensor]:
+    """The gradients of :func:`bi_scan` for its seven tensors, contiguous, in their dtypes; delta is
+    recomputed (one small matrix product) rather than kept."""
+    delta, B, C, A_t = _kernel_inputs(x_proj_out, dt_weight, A)
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(u, delta, A_t, B, C, D, z, bias, True, checkpoints, dout,
+                                                      checkpoint_steps)
+    dt = x_proj_out[..., : dt_weight.shape[-1]]
+    ddelta = ddelta.to(dt.dtype)
+    ddt = torch.matmul(ddelta, dt_weight.to(dt.dtype)[:, None])  # (2, b, L, R)
+    dx_proj_out = torch.cat([ddt, dB.to(dt.dtype), dC.to(dt.dtype)], dim=-1)
+    ddt_weight = torch.einsum("dble,dblr->der", ddelta, dt)
+    grads = (du, dx_proj_out, ddt_weight, dA.transpose(1, 2), dD, dz, dbias)
+    return [g.to(t.dtype).contiguous() for g, t in zip(grads, (u, x_proj_out, dt_weight, A, D, z, bias))]
 
 
-@torch.library.custom_op("visionmamba::triton_bi_scan_backward", mutates_args=())
-def bi_scan_backward(dout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                     C: torch.Tensor, D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor, steps: int,
-                     states: torch.Tensor) -> List[torch.Tensor]:
-    inputs = (u, delta, A, B, C, D, z, bias)
-    grads = _scan_bwd(*inputs, True, states, dout, steps)
-    return [gr.to(t.dtype) for gr, t in zip(grads, inputs)]
-
-
-@bi_scan_backward.register_fake
-def _(dout, u, delta, A, B, C, D, z, bias, steps, states):
-    return [t.new_empty(t.shape) for t in (u, delta, A, B, C, D, z, bias)]
-
-
-@torch.library.custom_op("visionmamba::triton_bi_scan_inference", mutates_args=("u",))
-def bi_scan_inference(u: torch.Tensor, delta: torch.Tensor, dt_weight: Optional[torch.Tensor], A: torch.Tensor,
-                      B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor) -> None:
+def bi_scan_(u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+             z: torch.Tensor, bias: torch.Tensor) -> None:
     """:func:`bi_scan` without a backward, in place: each direction's halved output is written over u (each
-    thread reads u at a step before writing there), and the output is ``u[0] + u[1]``; no states. With
-    ``dt_weight`` (2, R, E) float32, ``delta`` is the low-rank dt (2, b, L, R) and delta = dt dt_weight is
-    computed per step (R FMAs a channel), never written out. At 1248x1248, batch 128, a Vim-Ti block's scan
-    then allocates nothing, where bi_scan's delta and output take 1.7 GB."""
-    _scan_fwd(u, delta, A, B, C, D, z, bias, True, u, CHECKPOINT_STEPS, save_states=False, dt_weight=dt_weight)
+    thread reads u at a step before writing there), then u[0] += u[1]; no states. Up to rank FUSED_DT_RANK
+    delta = dt dt_weight is computed per step (R FMAs a channel), never written out. At 1248x1248, batch 128,
+    a Vim-Ti block's scan then allocates nothing, where bi_scan's delta and output take 1.7 GB."""
+    rank, state = dt_weight.shape[-1], A.shape[-1]
+    A_t = A.float().transpose(1, 2).contiguous()
+    if rank <= FUSED_DT_RANK:
+        dt, B, C = x_proj_out.float().split([rank, state, state], dim=-1)
+        W_t = dt_weight.float().transpose(1, 2).contiguous()
+        _scan_fwd(u, dt, A_t, B, C, D, z, bias, True, u, CHECKPOINT_STEPS, save_states=False, dt_weight=W_t)
+        del dt, B, C
+    else:
+        delta, B, C, _ = _kernel_inputs(x_proj_out, dt_weight, A)
+        _scan_fwd(u, delta, A_t, B, C, D, z, bias, True, u, CHECKPOINT_STEPS, save_states=False)
+        del delta, B, C
+    u[0].add_(u[1])
 
 
-@bi_scan_inference.register_fake
-def _(u, delta, dt_weight, A, B, C, D, z, bias):
-    return None
-
-
-register_backward(conv_silu, conv_silu_backward)
-register_backward(bi_scan, bi_scan_backward, saved_outputs=1)
-
-
-# --------------------------------------------------------------------------------------- public functions
-def forward(u, delta, A, B, C, D, z, delta_bias, softplus) -> torch.Tensor:
-    """One direction (the custom-op contract): u, delta, z (b, E, L); A (E, N); B, C (b, N, L) -> (b, E, L).
+def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> torch.Tensor:
+    """One direction: u, delta, z (b, E, L); A (E, N); B, C (b, N, L) -> (b, E, L) in u's dtype and layout.
     The kernels read them as token-major views (slower strided loads: the mixer path is token-major)."""
     out = torch.empty_like(u)
-    _scan_fwd(*_one_direction(u, delta, A, B, C, D, z, delta_bias), softplus, out.transpose(1, 2)[None], CHECKPOINT_STEPS)
+    _scan_fwd(*_one_direction(u, delta, A, B, C, D, z, delta_bias), delta_softplus, out.transpose(1, 2)[None],
+              CHECKPOINT_STEPS)
     return out
 
 
-def backward(u, delta, A, B, C, D, z, delta_bias, softplus, dout):
+def selective_scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> List[torch.Tensor]:
+    """The gradients of :func:`selective_scan` for its eight tensors (empty placeholders for absent ones)."""
     inputs = _one_direction(u, delta, A, B, C, D, z, delta_bias)
-    states = _scan_fwd(*inputs, softplus, torch.empty_like(u).transpose(1, 2)[None], CHECKPOINT_STEPS)
-    grads = _scan_bwd(*inputs, softplus, states, dout.transpose(1, 2), CHECKPOINT_STEPS)
-    du, ddelta, dA, dB, dC, dD, dz, dbias = grads
-    cast = lambda gr, t: None if t is None else gr.to(t.dtype)  # noqa: E731
-    return (cast(du[0].transpose(1, 2), u), cast(ddelta[0].transpose(1, 2), delta), cast(dA[0].t(), A),
-            cast(dB[0].transpose(1, 2), B), cast(dC[0].transpose(1, 2), C), cast(_first(dD), D),
-            cast(None if dz is None else dz.transpose(1, 2), z), cast(_first(dbias), delta_bias))
+    states = _scan_fwd(*inputs, delta_softplus, torch.empty_like(u).transpose(1, 2)[None], CHECKPOINT_STEPS)
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(*inputs, delta_softplus, states, dout.transpose(1, 2),
+                                                      CHECKPOINT_STEPS)
+    grads = (du[0].transpose(1, 2), ddelta[0].transpose(1, 2), dA[0].t(), dB[0].transpose(1, 2),
+             dC[0].transpose(1, 2), _first(dD), None if dz is None else dz.transpose(1, 2), _first(dbias))
+    return [u.new_empty(0) if t is None else in_layout_of(t, g.to(t.dtype))
+            for t, g in zip((u, delta, A, B, C, D, z, delta_bias), grads)]
 
 
 def _one_direction(u, delta, A, B, C, D, z, delta_bias):
@@ -846,53 +846,3 @@ def _first(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _opt1(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.float()[None]
-
-
-def bidirectional(
-    x: torch.Tensor,
-    z: torch.Tensor,
-    conv_weight: torch.Tensor,
-    conv_bias: torch.Tensor,
-    x_proj_weight: torch.Tensor,
-    dt_proj_weight: torch.Tensor,
-    dt_proj_bias: torch.Tensor,
-    A: torch.Tensor,
-    D: torch.Tensor,
-) -> torch.Tensor:
-    """The fused bidirectional mixer core. Same arguments and result as
-    :func:`visionmamba.ops.scan.reference.bidirectional`: x, z (b, L, E) token-major (strided views of
-    in_proj's output are fine) -> (b, L, E) in x's dtype. Token-major throughout: no transpose or copy of
-    an activation. B and C (2N values a token, against E channels) are cast to float32 once, so that the
-    N scalar loads of each step need no conversion (one instruction per value fewer in the step loops).
-    Without a gradient to compute, the scan runs in place (:func:`bi_scan_inference`), with dt_proj fused
-    up to rank FUSED_DT_RANK: of the block's temporaries only u is then as large as the activations."""
-    u = conv_silu(x, conv_weight, conv_bias)  # (2, b, L, E)
-    x_dbl = torch.matmul(u, x_proj_weight.to(u.dtype).transpose(1, 2)[:, None])  # (2, b, L, R + 2N)
-    A = A.float().transpose(1, 2).contiguous()
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (u, x_dbl, dt_proj_weight, A, D, z, dt_proj_bias))):
-        return _inference(u, x_dbl, dt_proj_weight, A, D, z, dt_proj_bias)
-    delta, B, C = _delta_B_C(x_dbl, dt_proj_weight, A.shape[1])
-    return bi_scan(u, delta, A, B, C, D, z, dt_proj_bias, CHECKPOINT_STEPS)[0]
-
-
-def _delta_B_C(x_dbl: torch.Tensor, dt_proj_weight: torch.Tensor, state: int):
-    """x_proj's output (2, b, L, R + 2N) -> delta = dt dt_proj (2, b, L, E) in x_dbl's dtype, and B, C
-    (2, b, L, N) as float32 views of one copy."""
-    dt, BC = x_dbl.split([dt_proj_weight.shape[-1], 2 * state], dim=-1)
-    B, C = BC.float().split([state, state], dim=-1)
-    return torch.matmul(dt, dt_proj_weight.to(dt.dtype).transpose(1, 2)[:, None]), B, C
-
-
-def _inference(u, x_dbl, dt_proj_weight, A, D, z, dt_proj_bias) -> torch.Tensor:
-    """The mixer core's scan without autograd: in place over u, the temporaries dropped, and the two
-    directions summed into u[0] (a new tensor for the sum would be the block's peak)."""
-    rank, state = dt_proj_weight.shape[-1], A.shape[1]
-    if rank <= FUSED_DT_RANK:
-        dt, B, C = x_dbl.float().split([rank, state, state], dim=-1)
-        bi_scan_inference(u, dt, dt_proj_weight.float().transpose(1, 2).contiguous(), A, B, C, D, z, dt_proj_bias)
-        del dt, B, C
-    else:
-        delta, B, C = _delta_B_C(x_dbl, dt_proj_weight, state)
-        bi_scan_inference(u, delta, None, A, B, C, D, z, dt_proj_bias)
-        del delta, B, C
-    return u[0].add_(u[1])

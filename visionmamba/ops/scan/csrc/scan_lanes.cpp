@@ -212,15 +212,16 @@ void lanes_direction(const LaneDirection<T>& p, int64_t e0, int64_t e1, T* __res
 
 }  // namespace
 
-at::Tensor bi_forward(const at::Tensor& u, const at::Tensor& W_t, const at::Tensor& A_t, const at::Tensor& x_proj_out,
-                      const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias) {
+void bi_forward(const at::Tensor& u, const at::Tensor& W_t, const at::Tensor& A_t, const at::Tensor& x_proj_out,
+                const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias, const at::Tensor& out) {
   const int64_t batch = u.size(1), L = u.size(2), E = u.size(3), N = A_t.size(1), R = W_t.size(1);
   TORCH_CHECK(z.stride(2) == 1, "bi_forward: z must have contiguous channels");
   TORCH_CHECK(x_proj_out.stride(3) == 1, "bi_forward: x_proj's output must have contiguous columns");
   TORCH_CHECK(u.is_contiguous() && W_t.is_contiguous() && A_t.is_contiguous(),
               "bi_forward: u, W_t, A must be contiguous");
+  TORCH_CHECK(out.is_contiguous() && out.numel() == batch * L * E && out.scalar_type() == u.scalar_type(),
+              "bi_forward: out must be a contiguous (b, L, E) tensor of u's dtype");
   const int64_t span = kGroup * kLanes, groups = (E + span - 1) / span;
-  auto out = at::empty({batch, L, E}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "visionmamba_bi_forward", [&] {
     using T = scalar_t;
     std::vector<T> A2(2 * N * E);  // A log2(e), for the base-2 exps of the AVX-512 path
@@ -251,7 +252,6 @@ at::Tensor bi_forward(const at::Tensor& u, const at::Tensor& W_t, const at::Tens
       }
     });
   });
-  return out;
 }
 
 }  // namespace visionmamba

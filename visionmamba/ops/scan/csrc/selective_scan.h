@@ -120,9 +120,10 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
                                       const at::Tensor& BC, const at::Tensor& D, const at::Tensor& z, bool softplus,
                                       const at::Tensor& dout);
 
-// Both directions (scan_lanes.cpp): returns (y_forward + y_backward) / 2 as (b, L, E).
-at::Tensor bi_forward(const at::Tensor& u, const at::Tensor& W_t, const at::Tensor& A_t, const at::Tensor& x_proj_out,
-                      const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias);
+// Both directions (scan_lanes.cpp): writes (y_forward + y_backward) / 2 into out (b, L, E), contiguous. out may
+// be u[0]: each task reads the rows of u[0] it owns before it writes them (in-place inference).
+void bi_forward(const at::Tensor& u, const at::Tensor& W_t, const at::Tensor& A_t, const at::Tensor& x_proj_out,
+                const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias, const at::Tensor& out);
 // Gradients of bi_forward (scan_rows.cpp): du, ddelta (2, b, E, L), dz (b, E, L), dA_part (b, 2, E, N),
 // dBC_part (blocks, 2, b, L, 2N) in x_proj's column order, dD_part, dbias_part (b, 2, E).
 std::vector<at::Tensor> bi_backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,

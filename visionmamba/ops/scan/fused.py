@@ -1,0 +1,81 @@
+"""The ``cpu`` and ``triton`` backends: the scan and the mixer core on the fused ops of
+:mod:`visionmamba.ops.library`. One code path for every device; the dispatcher runs the device's kernels
+(C++ on the CPU, Triton on CUDA), and two constants of the kernel module say how to call them: whether the
+activations must be float32 and how often the forward keeps states for the backward.
+"""
+import importlib
+from typing import Optional, Tuple
+
+import torch
+
+from visionmamba.ops import library
+from visionmamba.ops.linear import linear, onednn_applies
+from visionmamba.ops.scan.reference import compute_dtype
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """The contract of :func:`visionmamba.ops.scan.reference.selective_scan` as the op ``selective_scan``."""
+    return torch.ops.visionmamba.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D) -> torch.Tensor:
+    """The mixer core: same arguments and result as :func:`visionmamba.ops.scan.reference.bidirectional`
+    (x, z (b, L, E) token-major, strided views of in_proj's output are fine -> (b, L, E) in x's dtype).
+
+    conv + SiLU of both directions (op ``conv_silu``), x_proj, then the scan of both directions with dt_proj
+    fused (op ``bi_scan``; ``bi_scan_`` in place over u when there is nothing to differentiate, so that of
+    the block's temporaries only u is as large as the activations). Token-major throughout: no transpose,
+    flip or copy of an activation.
+    """
+    params = (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
+    float32, checkpoint_steps = kernel_constants(x.device.type)
+    if float32 and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):  # the kernels compute in float32 whatever autocast says
+            return _core(float32, checkpoint_steps, *params)
+    return _core(float32, checkpoint_steps, *params)
+
+
+def _core(float32: bool, checkpoint_steps: int, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+          dt_proj_bias, A, D) -> torch.Tensor:
+    dtype = x.dtype
+    if float32:
+        ct = compute_dtype(dtype)
+        x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D = (
+            t.to(ct) for t in (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D))
+    ops = torch.ops.visionmamba
+    u = ops.conv_silu(x, conv_weight, conv_bias)  # (2, b, L, E)
+    x_proj_out = _x_proj(u, x_proj_weight.to(u.dtype))  # (2, b, L, R + 2N)
+    scan_args = (x_proj_out, dt_proj_weight, A, D, z, dt_proj_bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, *scan_args)):
+        out = ops.bi_scan(u, *scan_args, checkpoint_steps)[0]
+    else:
+        ops.bi_scan_(u, *scan_args)
+        out = u[0]
+    return out.to(dtype)
+
+
+def _x_proj(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """u (2, b, L, E) @ weight (2, R + 2N, E)^T per direction: through oneDNN where it applies (the CPU, in
+    float32, eagerly), else as one batched product."""
+    if not onednn_applies(u, weight):
+        return torch.matmul(u, weight.transpose(1, 2)[:, None])
+    rows = u.view(2, -1, u.shape[-1])
+    return torch.stack([linear(rows[i], weight[i]) for i in range(2)]).view(*u.shape[:3], weight.shape[1])
+
+
+@torch.compiler.assume_constant_result
+def kernel_constants(device_type: str) -> Tuple[bool, int]:
+    """(FLOAT32_ACTIVATIONS, CHECKPOINT_STEPS) of the kernels that run tensors of ``device_type``: whether
+    they read float32 activations only, and every how many steps their forward keeps states (0: none)."""
+    module = importlib.import_module(library.kernel_module(device_type))
+    return module.FLOAT32_ACTIVATIONS, module.CHECKPOINT_STEPS
