@@ -84,7 +84,7 @@ def cuda_kernels_on_cpu() -> Iterator[None]:
 
 
 def dispatcher_kernels() -> Dict[str, List[str]]:
-    """Op name -> the device types the dispatcher has a kernel for (for the tests and ``visionmamba env``)."""
+    """Op name -> the device types the dispatcher has a kernel for (what the tests check)."""
     keys = {"cpu": "CPU", "cuda": "CUDA"}
     return {name: [d for d, key in keys.items() if torch._C._dispatch_has_kernel_for_dispatch_key(
         f"{NAMESPACE}::{name}", key)] for name in SCHEMAS}

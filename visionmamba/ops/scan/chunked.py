@@ -11,7 +11,7 @@ plus one chunk's terms, never batch x E x N x L.
 The core computes y_t = <h_t, C_t> only; the rest of the contract (delta bias, softplus, D skip, SiLU(z)
 gate) is applied around it, forward and backward written out by hand (:func:`forward`, :func:`backward`).
 """
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -147,17 +147,7 @@ class _ChunkedScan(torch.autograd.Function):
         return (*backward(*ctx.saved_tensors, ctx.softplus, dout), None)
 
 
-def selective_scan(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: Optional[torch.Tensor] = None,
-    z: Optional[torch.Tensor] = None,
-    delta_bias: Optional[torch.Tensor] = None,
-    delta_softplus: bool = False,
-) -> torch.Tensor:
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False) -> torch.Tensor:
     """The contract of :func:`visionmamba.ops.scan.reference.selective_scan`, in chunks."""
     return _ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 

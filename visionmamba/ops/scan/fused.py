@@ -4,7 +4,7 @@
 activations must be float32 and how often the forward keeps states for the backward.
 """
 import importlib
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
@@ -13,17 +13,7 @@ from visionmamba.ops.linear import linear, onednn_applies
 from visionmamba.ops.scan.reference import compute_dtype
 
 
-def selective_scan(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: Optional[torch.Tensor] = None,
-    z: Optional[torch.Tensor] = None,
-    delta_bias: Optional[torch.Tensor] = None,
-    delta_softplus: bool = False,
-) -> torch.Tensor:
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False) -> torch.Tensor:
     """The contract of :func:`visionmamba.ops.scan.reference.selective_scan` as the op ``selective_scan``."""
     return torch.ops.visionmamba.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
