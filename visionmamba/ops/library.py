@@ -23,7 +23,7 @@ to the CUDA kernels, which Triton's interpreter runs on the CPU: how the tests r
 import contextlib
 import functools
 import importlib
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -125,6 +125,12 @@ def in_layout_of(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value`` with the strides of ``t`` (the one-direction ops' outputs take their input's layout)."""
     target = torch.empty_like(t)
     return value if value.stride() == target.stride() else target.copy_(value)
+
+
+def gradients_like(tensors: Sequence[Optional[torch.Tensor]], grads: Sequence[Optional[torch.Tensor]]) -> List[torch.Tensor]:
+    """Each gradient in the dtype and layout of its tensor, an empty placeholder for each absent tensor
+    (the one-direction backward's result on every device; the first tensor is present)."""
+    return [tensors[0].new_empty(0) if t is None else in_layout_of(t, g.to(t.dtype)) for t, g in zip(tensors, grads)]
 
 
 # ------------------------------------------------------------------------------------- the one-direction scan

@@ -28,7 +28,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from visionmamba.ops.library import in_layout_of
+from visionmamba.ops.library import gradients_like, in_layout_of
 from visionmamba.ops.memory import keep_freed_memory
 from visionmamba.ops.scan.reference import compute_dtype
 
@@ -146,8 +146,7 @@ def selective_scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_sof
     state = A.shape[-1]
     dBC = dBC_part.sum(1).transpose(1, 2)  # (batch, 2N, L)
     grads = (du, ddelta, dA_part.sum(0), dBC[:, :state], dBC[:, state:], dD_part.sum(0), dz, dbias_part.sum(0))
-    return [u.new_empty(0) if t is None else in_layout_of(t, g.to(t.dtype))
-            for t, g in zip((u, delta, A, B, C, D, z, delta_bias), grads)]
+    return gradients_like((u, delta, A, B, C, D, z, delta_bias), grads)
 
 
 # ---------------------------------------------------------------------------- both directions (the mixer)

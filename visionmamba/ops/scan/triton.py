@@ -46,7 +46,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from visionmamba.ops.devices import current_device_of
-from visionmamba.ops.library import in_layout_of
+from visionmamba.ops.library import gradients_like
 
 CHECKPOINT_STEPS = 64  # steps between the saved states the backward restarts from
 FLOAT32_ACTIVATIONS = False  # the kernels read the activations in their own dtype (bf16 under autocast)
@@ -799,14 +799,14 @@ def bi_scan_(u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor,
     delta = dt dt_weight is computed per step (R FMAs a channel), never written out. At 1248x1248, batch 128,
     a Vim-Ti block's scan then allocates nothing, where bi_scan's delta and output take 1.7 GB."""
     rank, state = dt_weight.shape[-1], A.shape[-1]
-    A_t = A.float().transpose(1, 2).contiguous()
     if rank <= FUSED_DT_RANK:
         dt, B, C = x_proj_out.float().split([rank, state, state], dim=-1)
         W_t = dt_weight.float().transpose(1, 2).contiguous()
+        A_t = A.float().transpose(1, 2).contiguous()
         _scan_fwd(u, dt, A_t, B, C, D, z, bias, True, u, CHECKPOINT_STEPS, save_states=False, dt_weight=W_t)
         del dt, B, C
     else:
-        delta, B, C, _ = _kernel_inputs(x_proj_out, dt_weight, A)
+        delta, B, C, A_t = _kernel_inputs(x_proj_out, dt_weight, A)
         _scan_fwd(u, delta, A_t, B, C, D, z, bias, True, u, CHECKPOINT_STEPS, save_states=False)
         del delta, B, C
     u[0].add_(u[1])
@@ -829,8 +829,7 @@ def selective_scan_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_sof
                                                       CHECKPOINT_STEPS)
     grads = (du[0].transpose(1, 2), ddelta[0].transpose(1, 2), dA[0].t(), dB[0].transpose(1, 2),
              dC[0].transpose(1, 2), _first(dD), None if dz is None else dz.transpose(1, 2), _first(dbias))
-    return [u.new_empty(0) if t is None else in_layout_of(t, g.to(t.dtype))
-            for t, g in zip((u, delta, A, B, C, D, z, delta_bias), grads)]
+    return gradients_like((u, delta, A, B, C, D, z, delta_bias), grads)
 
 
 def _one_direction(u, delta, A, B, C, D, z, delta_bias):
