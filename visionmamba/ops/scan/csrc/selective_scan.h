@@ -4,7 +4,7 @@
 // direction of the bidirectional mixer):
 //   one direction (the custom-op contract): u, delta, z (b, E, L) channel-major; A (E, N);
 //     BC (b, L, 2N) time-major: B_t then C_t; D (E,) or empty; z empty for no gate.
-//   bidirectional forward (scan_lanes.cpp): u (2, b, L, E) token-major; W_t (2, R, E); A_t (2, N, E);
+//   bidirectional forward (scan_lanes.h): u (2, b, L, E) token-major; W_t (2, R, E); A_t (2, N, E);
 //     x_proj_out: x_proj's output (2, b, L, R + 2N) (dt_t, B_t, C_t per row); z (b, L, E) with contiguous
 //     channels; D, bias (2, E).
 //   bidirectional backward (scan_rows.cpp): u, delta (2, b, E, L) channel-major copies; A (2, E, N);
@@ -74,27 +74,6 @@ template <typename T>
 struct RowScratch {
   RowScratch(int64_t L, int64_t N) : H(L * N), Ad(L * N), ys(L), g(N), dts(L), zsig(L), dsoftplus(L), zeros(N) {}
   std::vector<T> H, Ad, ys, g, dts, zsig, dsoftplus, zeros;
-};
-
-// One direction of the bidirectional forward for one batch row, channels as the SIMD lanes.
-template <typename T>
-struct LaneDirection {
-  const T* u;           // (L, E)
-  const T* Wt;          // dt_proj's weight, transposed (R, E): delta = softplus(W dt_t + bias) inside the kernel
-  const T* A;           // (N, E)
-  const T* A2;          // A log2(e) (N, E), for the base-2 exps of the AVX-512 path
-  const T* x_proj_out;  // x_proj's output at t = 0: dt_t in columns [0, R), B_t from R, C_t from R + N
-  int64_t sx_t;
-  const T* D;     // (E,)
-  const T* bias;  // (E,)
-  const T* z;     // z_t: E contiguous channels at z + t * sz_t
-  int64_t sz_t;
-  T* out;  // (L, E): y / 2 is written (forward direction) or added (backward direction)
-  int64_t L;
-  int64_t E;
-  int64_t N;
-  int64_t R;
-  bool reverse;
 };
 
 // The depthwise conv + SiLU of both directions (causal for 0, anti-causal for 1).

@@ -1,0 +1,377 @@
+// The forward of both directions of the mixer with channels as the SIMD lanes, free of torch: the PyTorch
+// op (scan_lanes.cpp) and the ONNX Runtime op (onnxruntime_op.cpp) both run it.
+//
+// A task owns up to kGroup x 16 channels of one batch row and walks the sequence; per step and state n it
+// updates 16 independent states (no horizontal reduction, 16-wide exps). dt_proj is applied inside the
+// kernel, so delta (as large as u) is never written. The walk runs in chunks of kPhaseSteps steps with
+// three phases per block of 16 channels, so that only the recurrence itself is sequential: (1) for every
+// step of the chunk, delta = softplus(W dt_t + bias), delta u and the D skip; (2) the N-state recurrence;
+// (3) the SiLU(z) gate and the output. Phases 1 and 3 have no dependence between steps and run at full
+// throughput; inside the recurrence their latency chains would stall it.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "scan_math.h"
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#define VM_AVX512 1
+#endif
+
+namespace visionmamba {
+namespace lanes {
+
+// One direction of the bidirectional forward for one batch row, channels as the SIMD lanes.
+template <typename T>
+struct LaneDirection {
+  const T* u;           // (L, E)
+  const T* Wt;          // dt_proj's weight, transposed (R, E): delta = softplus(W dt_t + bias) inside the kernel
+  const T* A;           // (N, E)
+  const T* A2;          // A log2(e) (N, E), for the base-2 exps of the AVX-512 path
+  const T* x_proj_out;  // x_proj's output at t = 0: dt_t in columns [0, R), B_t from R, C_t from R + N
+  int64_t sx_t;
+  const T* D;     // (E,)
+  const T* bias;  // (E,)
+  const T* z;     // z_t: E contiguous channels at z + t * sz_t
+  int64_t sz_t;
+  T* out;  // (L, E): y / 2 is written (forward direction) or added (backward direction)
+  int64_t L;
+  int64_t E;
+  int64_t N;
+  int64_t R;
+  bool reverse;
+};
+
+// Both directions of the mixer over a batch: the layouts of bi_forward in selective_scan.h, by pointer and
+// stride. u, W_t, A_t, A2 and out are contiguous; x_proj_out and z have contiguous last axes.
+template <typename T>
+struct BiForwardArgs {
+  const T* u;           // (2, b, L, E)
+  const T* W_t;         // (2, R, E)
+  const T* A_t;         // (2, N, E)
+  const T* A2;          // A_t log2(e) (2, N, E)
+  const T* x_proj_out;  // (2, b, L, R + 2N) at strides sx_dir, sx_b, sx_t, 1
+  int64_t sx_dir;
+  int64_t sx_b;
+  int64_t sx_t;
+  const T* D;     // (2, E)
+  const T* bias;  // (2, E)
+  const T* z;     // (b, L, E) at strides sz_b, sz_t, 1
+  int64_t sz_b;
+  int64_t sz_t;
+  T* out;  // (b, L, E); may be u's first direction (each task reads its rows before it writes them)
+  int64_t batch;
+  int64_t L;
+  int64_t E;
+  int64_t N;
+  int64_t R;
+};
+
+constexpr int64_t kLanes = 16;       // channels per block: the SIMD lanes
+constexpr int64_t kPhaseSteps = 32;  // steps per three-phase chunk
+constexpr int64_t kGroup = 4;        // blocks of 16 channels per task
+
+// The per-step values of one chunk of one block: delta, delta u, and the accumulated output.
+template <typename T>
+struct ChunkBuffers {
+  alignas(64) T d[kPhaseSteps * kLanes];
+  alignas(64) T du[kPhaseSteps * kLanes];
+  alignas(64) T acc[kPhaseSteps * kLanes];
+};
+
+// The channels [e0, e0 + width) of a direction and the steps [i0, i0 + steps) of its walk.
+struct LaneTile {
+  int64_t e0;
+  int64_t width;
+  int64_t i0;
+  int64_t steps;
+};
+
+#ifdef VM_AVX512
+// One time step of 16 channels x N states in AVX-512 registers: h = exp(d A) h + du B_n; acc += C_n h.
+// exp(d A) = 2^(d A log2 e) with A2 = A log2 e: f = x - floor(x) (vreduceps), a degree-5 polynomial for 2^f
+// on [0, 1) (max relative error 1.6e-7 in float32 evaluation), then vscalefps multiplies by 2^floor(x),
+// underflowing gradually to 0 (no clamp needed): 8 instructions per 16 exps.
+// A2: this block's first channel of the (N, E) table; j: the step's row of the chunk buffers.
+inline void states_avx512(const LaneDirection<float>& p, const float* A2, const float* Bt, ChunkBuffers<float>& buf,
+                          int64_t j, float* __restrict h) {
+  const float* Ct = Bt + p.N;
+  const __m512 vd = _mm512_loadu_ps(buf.d + j * kLanes), vdu = _mm512_loadu_ps(buf.du + j * kLanes);
+  __m512 vacc = _mm512_loadu_ps(buf.acc + j * kLanes), vacc2 = _mm512_setzero_ps();  // two sums: half the chain
+  const __m512 c0 = _mm512_set1_ps(0.99999994039535522f), c1 = _mm512_set1_ps(0.69315308332443237f),
+               c2 = _mm512_set1_ps(0.24015359580516815f), c3 = _mm512_set1_ps(0.055826339870691299f),
+               c4 = _mm512_set1_ps(0.0089893406257033348f), c5 = _mm512_set1_ps(0.0018775670323520899f);
+  for (int64_t n = 0; n < p.N; ++n) {
+    const __m512 x = _mm512_mul_ps(vd, _mm512_loadu_ps(A2 + n * p.E));
+    const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 q = _mm512_fmadd_ps(c5, f, c4);
+    q = _mm512_fmadd_ps(q, f, c3);
+    q = _mm512_fmadd_ps(q, f, c2);
+    q = _mm512_fmadd_ps(q, f, c1);
+    q = _mm512_fmadd_ps(q, f, c0);
+    const __m512 a = _mm512_scalef_ps(q, x);
+    const __m512 hv = _mm512_fmadd_ps(a, _mm512_loadu_ps(h + n * 16), _mm512_mul_ps(vdu, _mm512_set1_ps(Bt[n])));
+    _mm512_storeu_ps(h + n * 16, hv);
+    if (n & 1)
+      vacc2 = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), hv, vacc2);
+    else
+      vacc = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), hv, vacc);
+  }
+  _mm512_storeu_ps(buf.acc + j * kLanes, _mm512_add_ps(vacc, vacc2));
+}
+#endif
+
+template <typename T>
+inline int64_t step_time(const LaneDirection<T>& p, int64_t i) {
+  return p.reverse ? p.L - 1 - i : i;
+}
+
+// Phase 1: delta = softplus(W dt_t + bias) (two partial sums over the rank: half the dependent-FMA chain),
+// delta u and the D skip, for every step of the chunk.
+template <typename T, bool FULL>
+void chunk_inputs(const LaneDirection<T>& p, const LaneTile& tile, ChunkBuffers<T>& buf) {
+  const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0;
+  for (int64_t j = 0; j < tile.steps; ++j) {
+    const int64_t t = step_time(p, tile.i0 + j);
+    const T* __restrict ut = p.u + t * p.E + e0;
+    const T* __restrict dtr = p.x_proj_out + t * p.sx_t;
+    T x0[kLanes], x1[kLanes];
+#pragma omp simd
+    for (int64_t e = 0; e < cnt; ++e) x0[e] = x1[e] = T(0);
+    int64_t r = 0;
+    for (; r + 1 < p.R; r += 2) {
+      const T a = dtr[r], b = dtr[r + 1];
+      const T* __restrict W0 = p.Wt + r * p.E + e0;
+      const T* __restrict W1 = W0 + p.E;
+#pragma omp simd
+      for (int64_t e = 0; e < cnt; ++e) {
+        x0[e] += a * W0[e];
+        x1[e] += b * W1[e];
+      }
+    }
+    if (r < p.R) {
+      const T a = dtr[r];
+      const T* __restrict W0 = p.Wt + r * p.E + e0;
+#pragma omp simd
+      for (int64_t e = 0; e < cnt; ++e) x0[e] += a * W0[e];
+    }
+    T* __restrict dj = buf.d + j * kLanes;
+    T* __restrict duj = buf.du + j * kLanes;
+    T* __restrict aj = buf.acc + j * kLanes;
+#pragma omp simd
+    for (int64_t e = 0; e < cnt; ++e) {
+      dj[e] = softplus20(x0[e] + x1[e] + p.bias[e0 + e]);
+      duj[e] = dj[e] * ut[e];
+      aj[e] = p.D[e0 + e] * ut[e];
+    }
+  }
+}
+
+// The next chunk's rows, whose strided addresses the hardware prefetcher would not guess.
+template <typename T>
+inline void prefetch_next_chunk(const LaneDirection<T>& p, int64_t e0, int64_t t) {
+  const int64_t q = p.reverse ? t - kPhaseSteps : t + kPhaseSteps;
+  __builtin_prefetch(p.u + q * p.E + e0);
+  __builtin_prefetch(p.z + q * p.sz_t + e0);
+  __builtin_prefetch(p.out + q * p.E + e0, 1);
+  for (int64_t c = 0; c < p.R + 2 * p.N; c += 64 / sizeof(T)) __builtin_prefetch(p.x_proj_out + q * p.sx_t + c);
+}
+
+// Phase 2: the recurrence over the chunk; h: this block's (N, 16) states.
+template <typename T, bool FULL>
+void chunk_recurrence(const LaneDirection<T>& p, const LaneTile& tile, ChunkBuffers<T>& buf, T* __restrict h) {
+  const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0;
+  for (int64_t j = 0; j < tile.steps; ++j) {
+    const int64_t t = step_time(p, tile.i0 + j);
+    if (tile.i0 + kPhaseSteps + j < p.L) prefetch_next_chunk(p, e0, t);
+    const T* __restrict Bt = p.x_proj_out + t * p.sx_t + p.R;
+    const T* __restrict Ct = Bt + p.N;
+#ifdef VM_AVX512
+    if constexpr (FULL && std::is_same<T, float>::value) {
+      states_avx512(p, p.A2 + e0, Bt, buf, j, h);
+      continue;
+    }
+#endif
+    T* __restrict dj = buf.d + j * kLanes;
+    T* __restrict duj = buf.du + j * kLanes;
+    T* __restrict aj = buf.acc + j * kLanes;
+    for (int64_t n = 0; n < p.N; ++n) {
+      const T bn = Bt[n], cn = Ct[n];
+      const T* __restrict An = p.A + n * p.E + e0;
+      T* __restrict hn = h + n * kLanes;
+#pragma omp simd
+      for (int64_t e = 0; e < cnt; ++e) {
+        const T hv = vexp(dj[e] * An[e]) * hn[e] + duj[e] * bn;
+        hn[e] = hv;
+        aj[e] += cn * hv;
+      }
+    }
+  }
+}
+
+// Phase 3: the SiLU(z) gate and the average of the two directions.
+template <typename T, bool FULL>
+void chunk_output(const LaneDirection<T>& p, const LaneTile& tile, const ChunkBuffers<T>& buf) {
+  const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0;
+  for (int64_t j = 0; j < tile.steps; ++j) {
+    const int64_t t = step_time(p, tile.i0 + j);
+    const T* __restrict aj = buf.acc + j * kLanes;
+    const T* __restrict zt = p.z + t * p.sz_t + e0;
+    T* __restrict o = p.out + t * p.E + e0;
+#pragma omp simd
+    for (int64_t e = 0; e < cnt; ++e) {
+      const T y = T(0.5) * aj[e] * zt[e] * sigmoid(zt[e]);
+      o[e] = p.reverse ? o[e] + y : y;
+    }
+  }
+}
+
+template <typename T, bool FULL>
+void block_chunk(const LaneDirection<T>& p, const LaneTile& tile, ChunkBuffers<T>& buf, T* __restrict h) {
+  chunk_inputs<T, FULL>(p, tile, buf);
+  chunk_recurrence<T, FULL>(p, tile, buf, h);
+  chunk_output<T, FULL>(p, tile, buf);
+}
+
+// One direction over the channels [e0, e1); h: (blocks, N, 16) states.
+template <typename T>
+void lanes_direction(const LaneDirection<T>& p, int64_t e0, int64_t e1, T* __restrict h) {
+  const int64_t blocks = (e1 - e0 + kLanes - 1) / kLanes;
+  std::fill(h, h + blocks * p.N * kLanes, T(0));
+  ChunkBuffers<T> buf;
+  for (int64_t i0 = 0; i0 < p.L; i0 += kPhaseSteps) {
+    const int64_t steps = std::min(kPhaseSteps, p.L - i0);
+    for (int64_t k = 0; k < blocks; ++k) {
+      const int64_t eb = e0 + k * kLanes;
+      const LaneTile tile{eb, std::min(kLanes, e1 - eb), i0, steps};
+      T* hk = h + k * p.N * kLanes;
+      if (tile.width == kLanes)
+        block_chunk<T, true>(p, tile, buf, hk);
+      else
+        block_chunk<T, false>(p, tile, buf, hk);
+    }
+  }
+}
+
+
+// A log2(e): the base-2 exponents of the AVX-512 path.
+template <typename T>
+void log2e_table(const T* A, T* A2, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) A2[i] = A[i] * T(1.4426950408889634);
+}
+
+// Tasks of bi_forward: (batch row, group of kGroup x 16 channels) pairs, independent of each other.
+template <typename T>
+int64_t bi_forward_tasks(const BiForwardArgs<T>& a) {
+  const int64_t span = kGroup * kLanes;
+  return a.batch * ((a.E + span - 1) / span);
+}
+
+// Values of the state scratch one task needs (reused across the tasks one thread runs).
+template <typename T>
+int64_t bi_forward_scratch(const BiForwardArgs<T>& a) {
+  return kGroup * a.N * kLanes;
+}
+
+// One task of bi_forward: both directions of its channels; h holds bi_forward_scratch values.
+template <typename T>
+void bi_forward_task(const BiForwardArgs<T>& a, int64_t task, T* h) {
+  const int64_t span = kGroup * kLanes, groups = (a.E + span - 1) / span;
+  const int64_t b = task / groups, e0 = (task % groups) * span, e1 = std::min(a.E, e0 + span);
+  for (int64_t dir = 0; dir < 2; ++dir) {
+    LaneDirection<T> p;
+    p.u = a.u + (dir * a.batch + b) * a.L * a.E;
+    p.Wt = a.W_t + dir * a.R * a.E;
+    p.A = a.A_t + dir * a.N * a.E;
+    p.A2 = a.A2 + dir * a.N * a.E;
+    p.x_proj_out = a.x_proj_out + dir * a.sx_dir + b * a.sx_b;
+    p.sx_t = a.sx_t;
+    p.D = a.D + dir * a.E;
+    p.bias = a.bias + dir * a.E;
+    p.z = a.z + b * a.sz_b;
+    p.sz_t = a.sz_t;
+    p.out = a.out + b * a.L * a.E;
+    p.L = a.L;
+    p.E = a.E;
+    p.N = a.N;
+    p.R = a.R;
+    p.reverse = dir == 1;
+    lanes_direction<T>(p, e0, e1, h);
+  }
+}
+
+// The inputs of the ONNX node BiSelectiveScan (the op bi_scan's layouts), contiguous, for the runtimes' kernels.
+template <typename T>
+struct BiScanInputs {
+  const T* u;           // (2, b, L, E)
+  const T* x_proj_out;  // (2, b, L, R + 2N)
+  const T* dt_weight;   // (2, E, R)
+  const T* A;           // (2, E, N)
+  const T* D;           // (2, E)
+  const T* z;           // (b, L, E)
+  const T* bias;        // (2, E)
+  int64_t batch;
+  int64_t L;
+  int64_t E;
+  int64_t N;
+  int64_t R;
+};
+
+// dt_proj's weight and A with channels as the contiguous lanes, and A log2(e).
+template <typename T>
+struct LaneWeights {
+  std::vector<T> W_t;  // (2, R, E)
+  std::vector<T> A_t;  // (2, N, E)
+  std::vector<T> A2;   // (2, N, E)
+};
+
+// (2, rows, cols) -> (2, cols, rows).
+template <typename T>
+std::vector<T> transposed_pairs(const T* t, int64_t rows, int64_t cols) {
+  std::vector<T> out(2 * rows * cols);
+  for (int64_t d = 0; d < 2; ++d)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) out[(d * cols + c) * rows + r] = t[(d * rows + r) * cols + c];
+  return out;
+}
+
+template <typename T>
+LaneWeights<T> lane_weights(const BiScanInputs<T>& in) {
+  LaneWeights<T> w{transposed_pairs(in.dt_weight, in.E, in.R), transposed_pairs(in.A, in.E, in.N), {}};
+  w.A2.resize(w.A_t.size());
+  log2e_table(w.A_t.data(), w.A2.data(), static_cast<int64_t>(w.A2.size()));
+  return w;
+}
+
+// The lanes forward's arguments for contiguous inputs; w must outlive them.
+template <typename T>
+BiForwardArgs<T> contiguous_args(const BiScanInputs<T>& in, const LaneWeights<T>& w, T* out) {
+  BiForwardArgs<T> a;
+  a.u = in.u;
+  a.W_t = w.W_t.data();
+  a.A_t = w.A_t.data();
+  a.A2 = w.A2.data();
+  a.x_proj_out = in.x_proj_out;
+  a.sx_t = in.R + 2 * in.N;
+  a.sx_b = in.L * a.sx_t;
+  a.sx_dir = in.batch * a.sx_b;
+  a.D = in.D;
+  a.bias = in.bias;
+  a.z = in.z;
+  a.sz_t = in.E;
+  a.sz_b = in.L * in.E;
+  a.out = out;
+  a.batch = in.batch;
+  a.L = in.L;
+  a.E = in.E;
+  a.N = in.N;
+  a.R = in.R;
+  return a;
+}
+
+}  // namespace lanes
+}  // namespace visionmamba
