@@ -127,14 +127,16 @@ def test_cpp_kernels_are_source_files_with_short_parameter_lists():
 
 
 def test_kernel_sources_ship_as_package_data():
-    """Every file the CPU build compiles is matched by pyproject.toml's package-data (it is built at first use)."""
+    """Every file the CPU builds (PyTorch's and ONNX Runtime's) compile, and the vendored header's licence, is
+    matched by pyproject.toml's package-data (they are built at first use)."""
     import fnmatch
 
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
     patterns = config["tool"]["setuptools"]["package-data"]["visionmamba.ops.scan"]
-    from visionmamba.ops.scan import cpu
+    from visionmamba.ops.scan import cpu, runtime_kernels
 
-    needed = [f"csrc/{name}" for name in cpu.SOURCES + cpu.HEADERS]
-    assert sorted(needed) == sorted(f"csrc/{p.name}" for p in CSRC.iterdir() if p.is_file())
+    compiled = {*cpu.SOURCES, *cpu.HEADERS, *(name for r in runtime_kernels.RUNTIMES for name in (r.source, *r.headers))}
+    needed = [f"csrc/{name}" for name in sorted(compiled | {"third_party/onnxruntime/README.md"})]
+    assert needed == sorted(f"csrc/{p.relative_to(CSRC).as_posix()}" for p in CSRC.rglob("*") if p.is_file())
     assert all(any(fnmatch.fnmatch(name, pattern) for pattern in patterns) for name in needed)

@@ -10,7 +10,7 @@ import torch
 
 import visionmamba  # noqa: F401  (registers the models)
 from visionmamba import cli
-from visionmamba.tools.export import EXPORTERS, StackedBlocks, export_onnx, export_torch, onnx_session
+from visionmamba.tools.export import EXPORTERS, export_onnx, export_torch, onnx_session
 
 TINY = dict(depth=3, embed_dim=32, num_classes=10, patch_size=8, stride=8)
 
@@ -21,25 +21,30 @@ def tiny(seed: int, **overrides) -> torch.nn.Module:
     return timm.create_model("vim_tiny_patch16_224", img_size=32, **{**TINY, **overrides}).eval()
 
 
-def test_stacked_blocks_equal_the_model():
-    model = tiny(0)
-    x = torch.randn(2, 3, 40, 24)
-    with torch.no_grad():
-        assert torch.equal(StackedBlocks(model)(x), model(x))
-
-
 @pytest.mark.parametrize("overrides", [{}, {"patch_size": 8, "stride": 4}], ids=["patch8", "stride4"])
 def test_one_onnx_file_serves_every_batch_and_fitting_size(tmp_path, overrides):
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     report = export_onnx("vim_tiny_patch16_224", tmp_path / "m.onnx", img_size=32, model_args={**TINY, **overrides})
     assert set(report["max_abs_diff"]) == {f"{b}x{s}" for b in (1, 2) for s in (32, 48, 72)}  # 2 batches, 3 sizes
-    model, session = tiny(0, **overrides), onnx_session(str(tmp_path / "m.onnx"))
-    for shape in [(3, 3, 32, 56), (1, 3, 64, 40)]:  # other batch sizes, non-square
-        x = torch.randn(*shape)
-        with torch.no_grad():
-            expected = model(x).numpy()
-        assert np.abs(session.run(None, {"image": x.numpy()})[0] - expected).max() < 1e-4
+    model = tiny(0, **overrides)
+    for fused in (True, False):  # our kernel of the scan node, and the node's stock-operator body
+        session = onnx_session(str(tmp_path / "m.onnx"), fused=fused)
+        for shape in [(3, 3, 32, 56), (1, 3, 64, 40)]:  # other batch sizes, non-square
+            x = torch.randn(*shape)
+            with torch.no_grad():
+                expected = model(x).numpy()
+            assert np.abs(session.run(None, {"image": x.numpy()})[0] - expected).max() < 1e-4, fused
+    if pytest.importorskip("openvino"):
+        from visionmamba.tools.export import openvino_model
+
+        for fused in (True, False):
+            compiled = openvino_model(tmp_path / "m.onnx", fused=fused)
+            for shape in [(3, 3, 32, 56), (1, 3, 64, 40)]:
+                x = torch.randn(*shape)
+                with torch.no_grad():
+                    expected = model(x).numpy()
+                assert np.abs(compiled(x.numpy())[0] - expected).max() < 1e-4, ("openvino", fused)
     meta = session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["labels"]) == [str(i) for i in range(10)] and json.loads(meta["input_size"]) == [3, 32, 32]
     assert "+ %d * k" % overrides.get("stride", 8) in meta["image_sizes"]
@@ -58,6 +63,22 @@ def test_the_readmes_onnx_runtime_example_classifies_an_image(tmp_path, capsys):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(tmp_path / "c.jpg")
     exec(example.replace("vim_t.onnx", str(tmp_path / "m.onnx")).replace("cat.jpg", str(tmp_path / "c.jpg")), {})
     assert capsys.readouterr().out.strip() in [str(i) for i in range(10)]
+
+
+def test_the_readmes_fused_session_example_runs_our_kernel(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("The same file at our kernel's speed")[1].split("```python\n")[1].split("```")[0]
+    torch.manual_seed(0)
+    export_onnx("vim_tiny_patch16_224", tmp_path / "m.onnx", img_size=32, model_args=TINY, check=False)
+    scope: dict = {}
+    exec(example.replace("vim_t.onnx", str(tmp_path / "m.onnx")), scope)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = tiny(0)(x).numpy()
+    assert np.abs(scope["session"].run(None, {"image": x.numpy()})[0] - expected).max() < 1e-4
 
 
 def test_torch_export_program_loads_and_runs_at_other_sizes(tmp_path):

@@ -4,10 +4,12 @@ Figure 1 (speed and memory vs resolution), with ratios against the first model m
 CPU points run each in a fresh process (peak resident memory is per process); GPU points run in this
 process with CUDA's peak-allocated counter reset per point. Out of memory is recorded as such.
 A model spec is a timm name, optionally with ":naive" to turn off fused attention (DeiT), ":onednn" to
-give its plain linears Vim's oneDNN route (like-for-like matrix products on the CPU), or ":onnx" to run
-it in ONNX Runtime (CPU execution provider, the same thread count): the model is exported first (Vim
-through ``visionmamba export``'s graph, others with ``torch.onnx``) and measured by
-:mod:`visionmamba.tools.onnx_point` in a process without torch.
+give its plain linears Vim's oneDNN route (like-for-like matrix products on the CPU), ":onnx" to run
+it in ONNX Runtime (CPU execution provider, the same thread count, our kernel of the scan node registered)
+or ":onnx-fallback" to run the same file without our kernel (the node's stock-operator body), ":openvino"
+and ":openvino-fallback" the same in OpenVINO (float32; our extension loaded, or the body inlined): the
+model is exported first (Vim through ``visionmamba export``'s graph, others with ``torch.onnx``) and
+measured by :mod:`visionmamba.tools.runtime_point` in a process without torch.
 """
 import csv
 import json
@@ -37,6 +39,11 @@ class Point:
     peak_mem_mb: float = float("nan")
 
 
+# variant -> (runtime, with our kernel of the scan node)
+RUNTIME_VARIANTS = {"onnx": ("onnxruntime", True), "onnx-fallback": ("onnxruntime", False),
+                    "openvino": ("openvino", True), "openvino-fallback": ("openvino", False)}
+
+
 def build(spec: str, res: int) -> torch.nn.Module:
     """A model from ``name[:naive|:onednn]`` for res x res inputs."""
     import timm
@@ -52,7 +59,8 @@ def build(spec: str, res: int) -> torch.nn.Module:
     elif variant == "onednn":
         use_onednn_linears(model)
     elif variant:
-        raise ValueError(f"unknown model variant {variant!r} in {spec!r} (':naive', ':onednn' or ':onnx')")
+        raise ValueError(f"unknown model variant {variant!r} in {spec!r} (':naive', ':onednn', or one of "
+                         f"{', '.join(':' + v for v in RUNTIME_VARIANTS)})")
     return model
 
 
@@ -65,6 +73,8 @@ def onnx_file(name: str, res: int, folder: Path) -> Path:
     from visionmamba.tools.export import export_onnx
 
     path = folder / f"{name}_{res}.onnx"
+    if path in _EXPORTED:
+        return path
     if name in VARIANTS:
         export_onnx(name, path, img_size=res, check=False)
     else:
@@ -74,14 +84,42 @@ def onnx_file(name: str, res: int, folder: Path) -> Path:
             program = torch.onnx.export(model, (torch.randn(2, 3, res, res),), dynamo=True, external_data=False, verbose=False,
                                         dynamic_shapes=(batch,))
         atomic_write(path, program.save)
+    _EXPORTED.add(path)
     return path
 
 
-def measure_onnx_in_fresh_process(spec: str, path: Path, res: int, batch: int, repeats: int, threads: int) -> Point:
-    """One ONNX Runtime point in its own process (:mod:`visionmamba.tools.onnx_point`)."""
-    script = Path(__file__).with_name("onnx_point.py")
-    proc = subprocess.run([sys.executable, str(script), str(path), str(res), str(batch), str(repeats), str(threads)],
-                          capture_output=True, text=True)
+_EXPORTED: set = set()  # the files this process wrote (several variants of a point share one)
+
+
+def inlined(path: Path) -> Path:
+    """A copy of the ONNX file with its model-local functions inlined (OpenVINO runs no functions)."""
+    import onnx
+    import onnx.inliner
+
+    out = path.with_name(path.stem + "_inlined.onnx")
+    model = onnx.inliner.inline_local_functions(onnx.load(str(path)))
+    atomic_write(out, lambda tmp: onnx.save(model, tmp))
+    return out
+
+
+def runtime_library(runtime: str) -> Path:
+    """Our kernel library for ``runtime`` (built here, so the point's process needs no torch to find it)."""
+    from visionmamba.ops.scan import runtime_kernels
+
+    kind = {"onnxruntime": runtime_kernels.ONNXRUNTIME, "openvino": runtime_kernels.OPENVINO}[runtime]
+    ok, reason = runtime_kernels.available(kind)
+    if not ok:
+        raise RuntimeError(f"our {runtime} kernel cannot be built here ({reason}); measure the '-fallback' variant")
+    return runtime_kernels.library_path(kind)
+
+
+def measure_runtime_in_fresh_process(spec: str, runtime: str, path: Path, res: int, batch: int, repeats: int,
+                                     threads: int, library: Optional[Path]) -> Point:
+    """One ONNX Runtime or OpenVINO point in its own process (:mod:`visionmamba.tools.runtime_point`), with
+    the kernel library ``library`` loaded (None: none)."""
+    script = Path(__file__).with_name("runtime_point.py")
+    args = [runtime, str(path), str(res), str(batch), str(repeats), str(threads), str(library) if library else "-"]
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
     return _point_from(proc, Point(spec, res, batch, "infer"))
 
 
@@ -169,7 +207,7 @@ def run_benchmark(
     train: bool = False, repeats: int = 3, threads: int = 2, out: Optional[Path] = None, progress: bool = True,
 ) -> List[Point]:
     """Every (model, resolution) point; writes ``benchmark.csv`` and ``benchmark.png`` under ``out``."""
-    onnx_specs = [spec for spec in models if spec.endswith(":onnx")]
+    onnx_specs = [spec for spec in models if spec.partition(":")[2] in RUNTIME_VARIANTS]
     if onnx_specs and (device != "cpu" or train or dtype != "fp32"):
         raise ValueError(f"{onnx_specs}: ONNX Runtime points are CPU float32 inference (drop --train / --dtype / --device)")
     points = []
@@ -191,8 +229,13 @@ def run_benchmark(
 def _measure_point(spec: str, res: int, batch: int, device: str, dtype: str, train: bool, repeats: int, threads: int,
                    onnx_folder: Path) -> Point:
     name, _, variant = spec.partition(":")
-    if variant == "onnx":
-        return measure_onnx_in_fresh_process(spec, onnx_file(name, res, onnx_folder), res, batch, repeats, threads)
+    if variant in RUNTIME_VARIANTS:
+        runtime, fused = RUNTIME_VARIANTS[variant]
+        path = onnx_file(name, res, onnx_folder)
+        if runtime == "openvino" and not fused:
+            path = inlined(path)
+        library = runtime_library(runtime) if fused else None
+        return measure_runtime_in_fresh_process(spec, runtime, path, res, batch, repeats, threads, library)
     if device == "cpu":
         return measure_in_fresh_process(spec, res, batch, dtype, train, repeats, threads)
     point = measure(spec, res, batch, device, dtype, train, repeats)

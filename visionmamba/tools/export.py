@@ -2,12 +2,13 @@
 
 Two formats:
 
-* ``onnx``: the graph ONNX Runtime (and other ONNX runtimes) run. The scan is the ``loop`` backend
-  (:mod:`visionmamba.ops.scan.loop`: PyTorch's scan operator, written as an ONNX ``Scan`` node), and the
-  blocks after the first run as a second loop over their stacked weights (:class:`StackedBlocks`), so the
-  exporter traces one block whatever the depth: Vim-Ti exports in seconds instead of unrolling 24 blocks x
-  197 steps x 2 directions. The position table is resampled inside the graph and the class token goes to
-  the middle of whatever sequence arrives. The file's metadata holds the preprocessing and the labels.
+* ``onnx``: what ``torch.onnx.export`` writes for the model (the same file a direct call writes, e.g.
+  timm's ``onnx_export.py``), completed: the mixer's scan is one node ``visionmamba.BiSelectiveScan`` per
+  block (:mod:`visionmamba.ops.scan.onnx`), which ONNX Runtime runs with our kernel (:func:`onnx_session`);
+  the node's body in stock operators is stored in the file as a model-local function
+  (:mod:`visionmamba.tools.onnx_graph`), which runtimes without the kernel run instead. The position table
+  is resampled inside the graph and the class token goes to the middle of whatever sequence arrives. The
+  file's metadata holds the preprocessing and the labels.
 * ``torch-export``: a ``torch.export`` program (``.pt2``) with the model's own scan kernels as operators:
   PyTorch speed, loadable with ``torch.export.load`` after ``import visionmamba`` (which registers them).
 
@@ -17,50 +18,20 @@ put in place (atomically); a file that does not match is not written.
 import io
 import json
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 from timm.data import resolve_data_config
 from torch import nn
-from torch._higher_order_ops.scan import scan_op
 
 from visionmamba.files import atomic_write
 from visionmamba.models.factory import InferenceModel, check_model_args, check_model_name, default_labels, load_for_inference
 
 TOLERANCE = 1e-4  # max abs difference of the logits from the PyTorch model
 CHECK_BATCHES = (1, 2)
-
-
-class StackedBlocks(nn.Module):
-    """A Vim whose blocks after the first run as one loop over their stacked weights (same results).
-
-    Why: an exporter traces a loop body once, so the export costs one block instead of ``depth`` and the
-    graph is as small for Vim-B as for Vim-Ti. The first block stays outside the loop: it starts the fp32
-    residual stream (its input residual is None), the others continue it.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        if len(model.layers) < 2:
-            raise ValueError("StackedBlocks needs at least two blocks")
-        self.model = model
-        self.names = [name for name, _ in model.layers[1].named_parameters()]
-        for i, name in enumerate(self.names):
-            self.register_buffer(f"stacked_{i}", torch.stack([block.get_parameter(name) for block in model.layers[1:]]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        model, template, names = self.model, self.model.layers[1], self.names
-        hidden, _ = model._embed(x)
-        hidden, residual = model.layers[0](hidden, None)
-
-        def block(hidden: torch.Tensor, residual: torch.Tensor, *weights: torch.Tensor) -> List[torch.Tensor]:
-            return list(torch.func.functional_call(template, dict(zip(names, weights)), (hidden, residual)))
-
-        stacked = [getattr(self, f"stacked_{i}") for i in range(len(names))]
-        hidden, residual = scan_op(block, [hidden, residual], stacked, ())
-        return model.forward_head(model._final_norm(hidden, residual))
 
 
 def load(model_name: str, checkpoint: Optional[str], use_ema: bool, img_size: int,
@@ -97,10 +68,13 @@ def dynamic_shapes(model: nn.Module) -> Tuple[Dict[int, Any]]:
     return ({0: Dim("batch"), 2: stride * rows + (patch - stride), 3: stride * cols + (patch - stride)},)
 
 
-def trace(module: nn.Module, model: nn.Module, size: int) -> "torch.export.ExportedProgram":
-    example = torch.randn(2, model.patch_embed.in_chans, size, size, generator=torch.Generator().manual_seed(0))
+def example_input(model: nn.Module, size: int) -> torch.Tensor:
+    return torch.randn(2, model.patch_embed.in_chans, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def trace(model: nn.Module, size: int) -> "torch.export.ExportedProgram":
     with torch.no_grad():
-        return torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes(model))
+        return torch.export.export(model, (example_input(model, size),), dynamic_shapes=dynamic_shapes(model))
 
 
 def compare(run: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, sizes: Sequence[int]) -> Dict[str, float]:
@@ -144,18 +118,21 @@ def export_onnx(model_name: str, path: Path, *, img_size: int = 224, checkpoint:
     except ImportError as err:
         raise ValueError(f"ONNX export needs onnx, onnxscript and onnxruntime ({err}): pip install 'visionmamba[export]'") from err
 
+    from visionmamba.tools.onnx_graph import add_fallback
+
     loaded = load(model_name, checkpoint, use_ema, img_size, model_args)
     model = loaded.model.requires_grad_(False)
     check_size(model, img_size)
-    model.set_scan_backend("loop")
-    module = StackedBlocks(model) if len(model.layers) > 1 else model
     start = time.perf_counter()
-    program = torch.onnx.export(trace(module, model, img_size), input_names=["image"], output_names=["logits"],
-                                dynamo=True, external_data=False, verbose=False)
+    with torch.no_grad():  # traced by torch.onnx itself: the mixers then write their ONNX form
+        program = torch.onnx.export(model, (example_input(model, img_size),), dynamic_shapes=dynamic_shapes(model),
+                                    input_names=["image"], output_names=["logits"], dynamo=True,
+                                    external_data=False, verbose=False)
     proto = program.model_proto
+    mixer = model.layers[0].mixer
+    add_fallback(proto, mixer.dt_rank, mixer.d_state)
     onnx.helper.set_model_props(proto, metadata(loaded))
     report: Dict[str, Any] = {"export_s": time.perf_counter() - start}
-    model.set_scan_backend("auto")
     if check:
         session = onnx_session(proto.SerializeToString())
         report["max_abs_diff"] = compare(lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0]),
@@ -164,14 +141,58 @@ def export_onnx(model_name: str, path: Path, *, img_size: int = 224, checkpoint:
     return report
 
 
-def onnx_session(model: Any, threads: int = 0) -> Any:
-    """An ONNX Runtime CPU session (``threads`` 0: the runtime's default)."""
+def onnx_session(model: Union[str, bytes], threads: int = 0, fused: bool = True) -> Any:
+    """An ONNX Runtime CPU session for a file or serialized model (``threads`` 0: the runtime's default).
+
+    ``fused``: with our kernel of ``visionmamba.BiSelectiveScan`` registered (built at first use, seconds);
+    False, or when it cannot be built here (one warning), the runtime runs the node's stock-operator body.
+    """
     import onnxruntime
+
+    from visionmamba.ops.scan import runtime_kernels
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # the exporter leaves unused constants that the runtime warns about
+    if fused:
+        ok, reason = runtime_kernels.available(runtime_kernels.ONNXRUNTIME)
+        if ok:
+            runtime_kernels.register_onnxruntime(options)
+        else:
+            warnings.warn(f"visionmamba: ONNX Runtime kernel unavailable ({reason}); running the stock-operator body")
     return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def openvino_model(path: Union[str, Path], threads: int = 0, fused: bool = True) -> Any:
+    """An OpenVINO CPU model (``openvino.CompiledModel``, float32) compiled from an ONNX file of ``export``.
+
+    ``fused``: with our extension loaded, so the scan node runs our kernel (built at first use, seconds);
+    False, or when it cannot be built here (one warning), the file's stock-operator body, inlined first
+    (OpenVINO does not run model-local functions).
+    """
+    try:
+        import openvino
+    except ImportError as err:
+        raise ValueError(f"OpenVINO is not installed ({err}): pip install 'visionmamba[openvino]'") from err
+    from visionmamba.ops.scan import runtime_kernels
+
+    core = openvino.Core()
+    if fused:
+        ok, reason = runtime_kernels.available(runtime_kernels.OPENVINO)
+        if ok:
+            runtime_kernels.add_to_openvino(core)
+        else:
+            warnings.warn(f"visionmamba: OpenVINO kernel unavailable ({reason}); running the stock-operator body")
+            fused = False
+    if fused:
+        model = core.read_model(str(path))
+    else:
+        import onnx
+        import onnx.inliner
+
+        model = core.read_model(onnx.inliner.inline_local_functions(onnx.load(str(path))).SerializeToString())
+    config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    return core.compile_model(model, "CPU", config)
 
 
 def export_torch(model_name: str, path: Path, *, img_size: int = 224, checkpoint: Optional[str] = None,
@@ -181,7 +202,7 @@ def export_torch(model_name: str, path: Path, *, img_size: int = 224, checkpoint
     model = loaded.model.requires_grad_(False)
     check_size(model, img_size)
     start = time.perf_counter()
-    program = trace(model, model, img_size)
+    program = trace(model, img_size)
     report: Dict[str, Any] = {"export_s": time.perf_counter() - start}
     if check:
         report["max_abs_diff"] = compare(program.module(), model, check_sizes(model, img_size))

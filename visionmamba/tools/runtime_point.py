@@ -1,10 +1,12 @@
-"""One ONNX Runtime point of ``visionmamba benchmark``, run as a script in a fresh process:
+"""One ONNX Runtime or OpenVINO point of ``visionmamba benchmark``, run as a script in a fresh process:
 
-    python onnx_point.py FILE RES BATCH REPEATS THREADS
+    python runtime_point.py RUNTIME FILE RES BATCH REPEATS THREADS LIBRARY
 
-It imports neither torch nor visionmamba, so the peak memory it reports is the runtime's own (read as the
-PyTorch points read theirs: the process's peak resident set, started anew once the weights are loaded).
-Prints ``POINT {"img_per_s": ..., "peak_mem_mb": ...}``.
+RUNTIME is ``onnxruntime`` or ``openvino`` (CPU, float32: OpenVINO's default bf16 on CPUs that have it is
+turned off, as the other points are float32). It imports neither torch nor visionmamba, so the peak memory it
+reports is the runtime's own (read as the PyTorch points read theirs: the process's peak resident set,
+started anew once the weights are loaded). LIBRARY is the path of our kernel library for that runtime (its
+kernel of the scan node), or ``-``. Prints ``POINT {"img_per_s": ..., "peak_mem_mb": ...}``.
 """
 import importlib.util
 import json
@@ -13,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 
 
 def _process_module():
@@ -36,19 +37,40 @@ def reset_peak() -> None:
         pass
 
 
-def main(argv: list) -> None:
-    path, (res, batch, repeats, threads) = argv[0], map(int, argv[1:5])
+def onnxruntime_runner(path: str, threads: int, library: str):
+    import onnxruntime
+
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if library != "-":
+        options.register_custom_ops_library(library)
     session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((batch, 3, res, res), dtype=np.float32)}
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})
+
+
+def openvino_runner(path: str, threads: int, library: str):
+    import openvino
+
+    core = openvino.Core()
+    if library != "-":
+        core.add_extension(library)
+    config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    compiled = core.compile_model(core.read_model(path), "CPU", config)
+    return lambda x: compiled(x)
+
+
+def main(argv: list) -> None:
+    runtime, path, (res, batch, repeats, threads), library = argv[0], argv[1], map(int, argv[2:6]), argv[6]
+    run = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}[runtime](path, threads, library)
+    x = np.random.default_rng(0).standard_normal((batch, 3, res, res), dtype=np.float32)
     reset_peak()
-    session.run(None, feed)  # warm-up
+    run(x)  # warm-up
     start = time.perf_counter()
     for _ in range(repeats):
-        session.run(None, feed)
+        run(x)
     img_per_s = batch * repeats / (time.perf_counter() - start)
     print("POINT " + json.dumps({"img_per_s": img_per_s, "peak_mem_mb": peak_rss_mb()}))
 

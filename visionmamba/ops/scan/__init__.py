@@ -15,6 +15,7 @@ path's large activations would otherwise be page-faulted in anew every layer).
 """
 import functools
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
@@ -23,7 +24,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from visionmamba.ops import library
-from visionmamba.ops.scan import chunked, cpu, fused, loop, reference
+from visionmamba.ops.scan import chunked, cpu, fused, loop, onnx, reference
 
 BACKEND_ENV = "VISIONMAMBA_SCAN_BACKEND"
 
@@ -43,7 +44,10 @@ BACKENDS: Dict[str, Backend] = {
     "triton": Backend("fused Triton kernels, forward and backward (the default on CUDA)", fused, ("cuda",)),
     "loop": Backend("PyTorch's scan operator over chunks of steps: a loop exported graphs keep (ONNX, torch.export)",
                     loop),
+    "onnx": Backend("the node visionmamba.BiSelectiveScan that torch.onnx.export writes (fused and cpu while exporting)",
+                    onnx),
 }
+EXPORTED_AS_ONNX = ("auto", "cpu", "triton")  # backends whose kernels ONNX knows as the node BiSelectiveScan
 
 
 def available_backends() -> list:
@@ -84,13 +88,22 @@ def _auto_backend(device: torch.device) -> str:
     return "chunked"
 
 
+def exporting_onnx() -> bool:
+    """True while ``torch.onnx.export`` traces (torch.onnx is imported by then; it is not read otherwise)."""
+    exporter = sys.modules.get("torch.onnx")
+    return exporter is not None and exporter.is_in_onnx_export()
+
+
 @torch.compiler.assume_constant_result
 def _env_backend() -> str:
     return os.environ.get(BACKEND_ENV, "")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn ``"auto"`` into a concrete backend name; the environment variable overrides ``"auto"``."""
+    """Turn ``"auto"`` into a concrete backend name; the environment variable overrides ``"auto"``. While
+    ``torch.onnx.export`` traces, ``auto`` and the fused backends are the ``onnx`` backend."""
+    if backend in EXPORTED_AS_ONNX and exporting_onnx():
+        return "onnx"
     if backend == "auto":
         backend = _env_backend() or _auto_backend(device)
     if backend not in BACKENDS:
@@ -103,6 +116,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if devices is not None and kernels not in devices:
         raise ValueError(f"the {backend!r} scan backend runs on {' and '.join(devices)} tensors, got {device.type}; "
                          "use backend='auto'")
+    if backend == "onnx":  # its node has no eager kernel: outside an export it would return garbage
+        raise ValueError("the 'onnx' scan backend is what torch.onnx.export writes; it does not run eagerly")
     if backend == "triton" and not triton_available():
         raise RuntimeError("the 'triton' scan backend needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
     if backend == "cpu" and not cpu_available():

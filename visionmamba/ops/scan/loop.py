@@ -126,3 +126,26 @@ def bidirectional(
     y = (y.reshape(padded, batch, 2 * channels) + u * D.to(compute).reshape(-1))[:length].unflatten(-1, (2, channels))
     y = (y[:, :, 0] + y[:, :, 1].flip(0)) / 2  # the backward direction back in forward time
     return (y * F.silu(z.to(compute).transpose(0, 1))).transpose(0, 1).to(out_dtype)
+
+
+def bi_scan(u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+            z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The op ``bi_scan``'s contract for inference (:mod:`visionmamba.ops.library`) as one scan: u (2, b, L, E);
+    x_proj_out (2, b, L, R + 2N); dt_weight (2, E, R); A (2, E, N); D, bias (2, E); z (b, L, E) -> (b, L, E).
+    The body of the ONNX node ``visionmamba.BiSelectiveScan`` in runtimes without its kernel."""
+    _, batch, length, channels = u.shape
+    rank, state = dt_weight.shape[-1], A.shape[-1]
+    compute = compute_dtype(u.dtype)
+    u, x_proj_out = (torch.cat([t[:1], t[1:].flip(2)]).to(compute) for t in (u, x_proj_out))  # direction 1 reversed
+    dt, B, C = x_proj_out.split([rank, state, state], dim=-1)
+    delta = softplus(torch.matmul(dt, dt_weight.to(compute).transpose(1, 2)[:, None]) + bias.to(compute)[:, None, None])
+
+    def per_sequence(t: torch.Tensor) -> torch.Tensor:  # (2, b, L, F) -> (L + pad, 2b, F), time-major
+        t = t.permute(2, 0, 1, 3).reshape(length, 2 * batch, t.shape[-1])
+        return F.pad(t, (0, 0, 0, 0, 0, -length % STEPS_PER_ITERATION))
+
+    A_seq = A.to(compute).transpose(1, 2)[:, None].expand(2, batch, state, channels).reshape(2 * batch, state, channels)
+    y = scan_states(per_sequence(delta), per_sequence(delta * u), A_seq, per_sequence(B), per_sequence(C))
+    y = y[:length].reshape(length, 2, batch, channels).permute(1, 2, 0, 3) + u * D.to(compute)[:, None, None]
+    y = (y[0] + y[1].flip(1)) / 2  # the backward direction back in forward time
+    return (y * F.silu(z.to(compute))).to(z.dtype)

@@ -1,0 +1,144 @@
+"""The deployment runtimes' kernels of the ONNX node ``visionmamba.BiSelectiveScan``, built at first use into
+shared libraries from our C++ sources: the lanes forward of ``csrc/scan_lanes.h`` (which the PyTorch op
+``bi_scan_`` runs too) behind each runtime's extension interface.
+
+* ONNX Runtime (``csrc/onnxruntime_op.cpp``): a custom-op library on the runtime's C API. The runtime's wheel
+  ships no headers; the library builds against ONNX Runtime's own C API header kept in
+  ``csrc/third_party/onnxruntime`` (API version 21; the C API is ABI-stable, so the library loads into any
+  ONNX Runtime from 1.21 on) and links to nothing (the runtime hands it its API table).
+* OpenVINO (``csrc/openvino_op.cpp``): an extension (the operation, and the ONNX frontend's mapping of the
+  node to it) built against the headers and libraries OpenVINO's wheel ships.
+
+Builds are cached by name as the PyTorch kernels are: the runtime, the instruction-set level and a hash of
+the sources, flags and runtime version, so machines and environments sharing a cache each keep their own
+binary; a cached file that does not load is rebuilt once.
+"""
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
+
+from visionmamba.ops.scan.cpu import CSRC, instruction_set
+
+CFLAGS = ("-O3", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
+ONNXRUNTIME_MIN_VERSION = (1, 21)  # ORT_API_VERSION of the kept header
+
+
+@dataclass(frozen=True)
+class Runtime:
+    name: str  # the Python package
+    source: str  # under csrc/
+    headers: Tuple[str, ...]  # under csrc/, hashed into the build's name
+
+    def version(self) -> str:
+        return __import__(self.name).__version__
+
+    def include_and_link(self) -> List[str]:
+        """Compiler arguments for the runtime's own headers and libraries (ONNX Runtime: none)."""
+        if self.name != "openvino":
+            return ["-fvisibility=hidden"]
+        root = Path(__import__("openvino").__file__).parent
+        libs = root / "libs"
+        found = [next(iter(sorted(libs.glob(f"{stem}.so*")) or sorted(libs.glob(f"{stem}*.dylib"))), None)
+                 for stem in ("libopenvino", "libtbb")]
+        if None in found:
+            raise RuntimeError(f"OpenVINO's wheel at {root} has no libopenvino / libtbb to link to")
+        return ["-I", str(root / "include"), *(str(f) for f in found), f"-Wl,-rpath,{libs}"]
+
+
+ONNXRUNTIME = Runtime("onnxruntime", "onnxruntime_op.cpp",
+                      ("scan_lanes.h", "scan_math.h", "third_party/onnxruntime/onnxruntime_c_api.h"))
+OPENVINO = Runtime("openvino", "openvino_op.cpp", ("scan_lanes.h", "scan_math.h"))
+RUNTIMES = (ONNXRUNTIME, OPENVINO)
+
+
+def cache_dir() -> Path:
+    """Where the libraries are built: beside the PyTorch kernels (TORCH_EXTENSIONS_DIR, else ~/.cache)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    return Path(root) / "visionmamba_runtimes"
+
+
+def library_path(runtime: Runtime) -> Path:
+    """The library's cached file: the runtime, the instruction-set level, a hash of sources, flags and version."""
+    level, flags = instruction_set()
+    digest = hashlib.sha1(f"{runtime.version()} {' '.join(CFLAGS + flags)}".encode())
+    for name in (runtime.source, *runtime.headers):
+        digest.update((CSRC / name).read_bytes())
+    suffix = ".dylib" if sys.platform == "darwin" else ".so"
+    return cache_dir() / f"libvisionmamba_{runtime.name}_{level.replace('-', '_')}_{digest.hexdigest()[:10]}{suffix}"
+
+
+def build(runtime: Runtime, path: Path) -> None:
+    """Compile the library to ``path`` (atomically: a concurrent or interrupted build leaves no partial file)."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    command = [compiler, *CFLAGS, *instruction_set()[1], "-I", str(CSRC), str(CSRC / runtime.source), "-o", str(tmp),
+               *runtime.include_and_link()]  # libraries after the source: linkers drop unused ones listed first
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            lines = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()[-1:]
+            raise RuntimeError(f"{compiler} failed: {lines[0] if lines else result.returncode}")
+        os.replace(tmp, path)  # whole or not at all, whoever else builds the same file meanwhile
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_into(runtime: Runtime, load: Any) -> Path:
+    """Build the library at first use and hand its path to ``load`` (the runtime's registration call); a
+    cached file that does not load (corrupt, truncated, another build's) is rebuilt once. Returns the path."""
+    path = library_path(runtime)
+    if not path.exists():
+        build(runtime, path)
+    try:
+        load(str(path))
+    except Exception:  # the runtimes raise their own error types for a file that does not load
+        build(runtime, path)
+        load(str(path))
+    return path
+
+
+def check_onnxruntime(onnxruntime: Any) -> None:
+    """One line when this ONNX Runtime is older than the library's C API."""
+    version = tuple(int(part) for part in onnxruntime.__version__.split(".")[:2])
+    if version < ONNXRUNTIME_MIN_VERSION:
+        raise RuntimeError(f"visionmamba's ONNX Runtime kernels need onnxruntime >= "
+                           f"{'.'.join(map(str, ONNXRUNTIME_MIN_VERSION))}, found {onnxruntime.__version__}")
+
+
+def register_onnxruntime(options: Any) -> Path:
+    """Register the kernel with ``onnxruntime.SessionOptions`` ``options``. Returns the library's path."""
+    import onnxruntime
+
+    check_onnxruntime(onnxruntime)
+    return load_into(ONNXRUNTIME, options.register_custom_ops_library)
+
+
+def add_to_openvino(core: Any) -> Path:
+    """Add the extension to ``openvino.Core`` ``core`` (then ``read_model`` maps the node to our kernel)."""
+    return load_into(OPENVINO, core.add_extension)
+
+
+@functools.cache
+def available(runtime: Runtime) -> Tuple[bool, Optional[str]]:
+    """(True, None) when the runtime's library builds and loads here, else (False, the reason); tried once."""
+    try:
+        if runtime is ONNXRUNTIME:
+            import onnxruntime
+
+            register_onnxruntime(onnxruntime.SessionOptions())
+        else:
+            import openvino
+
+            add_to_openvino(openvino.Core())
+    except Exception as err:
+        return False, f"{type(err).__name__}: {err}"
+    return True, None

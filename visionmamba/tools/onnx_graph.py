@@ -1,0 +1,150 @@
+"""The exporter's work on ONNX graphs: the stock-operator body of the node ``visionmamba.BiSelectiveScan`` as a
+model-local function, and ``Scan`` bodies that take every value they read as an input.
+
+Why a function: a runtime with our kernel (ONNX Runtime with the library of
+``ops/scan/runtime_kernels.py``, OpenVINO with its extension) runs the node; any other runtime finds the node's body in the file and
+runs that, so one file serves both. Why explicit inputs: ONNX lets a ``Scan`` body read values of the
+enclosing graph by name; OpenVINO reads only the values passed to the node ("Number of Scan node inputs is
+less than required"), so every such value is passed as a loop-carried state that the body hands back.
+"""
+import functools
+import hashlib
+import sys
+import warnings
+from pathlib import Path
+from typing import Dict, Iterable, List, Set
+
+import onnx
+import torch
+from google.protobuf.message import DecodeError
+from onnx import helper
+from torch import nn
+
+from visionmamba.files import atomic_write
+from visionmamba.ops.scan import loop
+from visionmamba.ops.scan import onnx as onnx_node
+from visionmamba.ops.scan.runtime_kernels import cache_dir
+
+INPUTS = ("u", "x_proj_out", "dt_weight", "A", "D", "z", "bias")
+
+
+class _BiScan(nn.Module):
+    def forward(self, u, x_proj_out, dt_weight, A, D, z, bias) -> torch.Tensor:
+        return loop.bi_scan(u, x_proj_out, dt_weight, A, D, z, bias)
+
+
+@functools.cache
+def _function_bytes(R: int, N: int) -> bytes:
+    """The serialized function, cached on disk (its export takes ~20 s) by the sources and versions it
+    comes from; a cached file that does not parse is made anew."""
+    digest = hashlib.sha1(f"{torch.__version__} {onnx.__version__} {R} {N}".encode())
+    for module in (loop, onnx_node, sys.modules[__name__]):
+        digest.update(Path(module.__file__).read_bytes())
+    path = cache_dir() / f"bi_scan_function_{digest.hexdigest()[:12]}.onnxfn"
+    try:
+        onnx.FunctionProto().ParseFromString(path.read_bytes())
+        return path.read_bytes()
+    except (OSError, DecodeError):
+        data = _export_function(R, N)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    return data
+
+
+def _export_function(R: int, N: int) -> bytes:
+    from torch.export import Dim
+
+    batch, length, channels = (Dim(n, min=2) for n in ("batch", "length", "channels"))
+    b, L, E = 2, 11, 8
+    args = (torch.randn(2, b, L, E), torch.randn(2, b, L, R + 2 * N), torch.randn(2, E, R), -torch.rand(2, E, N),
+            torch.randn(2, E), torch.randn(b, L, E), torch.randn(2, E))
+    dims = ({1: batch, 2: length, 3: channels}, {1: batch, 2: length}, {1: channels}, {1: channels}, {1: channels},
+            {0: batch, 1: length, 2: channels}, {1: channels})
+    with warnings.catch_warnings():  # torch.onnx notes each axis that shares another's constraints
+        warnings.simplefilter("ignore", UserWarning)
+        program = torch.onnx.export(_BiScan(), args, dynamo=True, dynamic_shapes=dims, input_names=list(INPUTS),
+                                    output_names=["y"], external_data=False, verbose=False)
+    model = onnx.shape_inference.infer_shapes(program.model_proto)
+    graph = model.graph
+    explicit_scan_inputs(graph, _types(graph))
+    constants = [helper.make_node("Constant", [], [t.name], value=t) for t in graph.initializer]
+    function = helper.make_function(onnx_node.DOMAIN, onnx_node.OP_TYPE, [i.name for i in graph.input],
+                                    [o.name for o in graph.output], constants + list(graph.node),
+                                    [o for o in model.opset_import if o.domain == ""])
+    return function.SerializeToString()
+
+
+def bi_scan_function(rank: int, state: int) -> onnx.FunctionProto:
+    """``visionmamba.BiSelectiveScan`` in stock operators (the loop backend's ``Scan``) for dt rank ``rank`` and
+    ``state`` states: any batch, length and model width."""
+    function = onnx.FunctionProto()
+    function.ParseFromString(_function_bytes(rank, state))
+    return function
+
+
+def add_fallback(model: onnx.ModelProto, rank: int, state: int) -> None:
+    """Give ``model`` the body of its ``BiSelectiveScan`` nodes (once; ``rank``, ``state``: the model's dt rank
+    and state size) and make its Scan bodies explicit."""
+    if not any(f.domain == onnx_node.DOMAIN and f.name == onnx_node.OP_TYPE for f in model.functions):
+        model.functions.append(bi_scan_function(rank, state))
+    if not any(o.domain == onnx_node.DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(onnx_node.DOMAIN, onnx_node.VERSION))
+    explicit_scan_inputs(model.graph, _types(model.graph))
+
+
+def _types(graph: onnx.GraphProto) -> Dict[str, onnx.TypeProto]:
+    """The type (element type and shape, as far as known) of every typed value of ``graph`` and its subgraphs."""
+    types = {v.name: v.type for v in (*graph.input, *graph.output, *graph.value_info)}
+    for t in graph.initializer:
+        types[t.name] = helper.make_tensor_type_proto(t.data_type, list(t.dims))
+    for g in _subgraphs(graph.node):
+        types.update(_types(g))
+    return types
+
+
+def _subgraphs(nodes: Iterable[onnx.NodeProto]) -> List[onnx.GraphProto]:
+    return [a.g for n in nodes for a in n.attribute if a.type == onnx.AttributeProto.GRAPH] + \
+           [g for n in nodes for a in n.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+
+
+def free_names(graph: onnx.GraphProto) -> List[str]:
+    """Values ``graph`` (or a subgraph of it) reads that it neither takes as an input nor defines, in order."""
+    defined: Set[str] = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {o for n in graph.node for o in n.output}
+    used = [name for n in graph.node for name in n.input if name]
+    used += [name for g in _subgraphs(graph.node) for name in free_names(g)]
+    used += [o.name for o in graph.output]
+    return [name for name in dict.fromkeys(used) if name not in defined]
+
+
+def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Reads of ``old`` in ``graph`` and its subgraphs read ``new``."""
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+    for output in graph.output:
+        if output.name == old:
+            output.name = new
+    for g in _subgraphs(graph.node):
+        _rename(g, old, new)
+
+
+def explicit_scan_inputs(graph: onnx.GraphProto, types: Dict[str, onnx.TypeProto]) -> None:
+    """Every ``Scan`` in ``graph`` (innermost first) takes the outer values its body reads as extra states,
+    passed through unchanged: results are the same, and a runtime that reads only the node's inputs has them."""
+    for g in _subgraphs(graph.node):
+        explicit_scan_inputs(g, types)
+    for node in graph.node:
+        if node.op_type != "Scan" or node.domain not in ("", "ai.onnx"):
+            continue
+        body = next(a.g for a in node.attribute if a.name == "body")
+        states = len(node.input) - next(a.i for a in node.attribute if a.name == "num_scan_inputs")
+        for k, name in enumerate(free_names(body)):
+            inner, passed = f"{name}__scan_in", f"{name}__scan_out"
+            _rename(body, name, inner)
+            at = states + k
+            node.input.insert(at, name)
+            node.output.insert(at, f"{node.output[0]}__{passed}" if node.output else passed)
+            kind = types.get(name) or helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, None)
+            body.input.insert(at, helper.make_value_info(inner, kind))  # ONNX Runtime wants the shapes of
+            body.output.insert(at, helper.make_value_info(passed, kind))  # a Scan body's outputs
+            body.node.append(helper.make_node("Identity", [inner], [passed]))
