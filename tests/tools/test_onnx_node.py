@@ -36,7 +36,7 @@ def test_the_nodes_stock_body_is_the_op_bi_scan(batch, length):
 
 def test_the_onnx_conv_is_the_op_conv_silu():
     x, w, b = torch.randn(2, 9, 12, dtype=torch.float64), torch.randn(2, 12, 4, dtype=torch.float64), torch.randn(2, 12, dtype=torch.float64)
-    torch.testing.assert_close(onnx_node.conv_silu(x, w, b), torch.ops.visionmamba.conv_silu(x, w, b), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(onnx_node.conv_silu_stock(x, w, b), torch.ops.visionmamba.conv_silu(x, w, b), rtol=1e-12, atol=1e-12)
 
 
 def close(actual: np.ndarray, expected: np.ndarray) -> None:
@@ -75,6 +75,41 @@ def test_onnx_runtime_runs_our_kernel_when_registered_and_the_body_otherwise(bat
     np.testing.assert_array_equal(run(one_node_model(wrong), args, fused=False), args[5].numpy())
 
 
+def conv_model(function: onnx.FunctionProto) -> bytes:
+    """A model of one ConvSiLU node whose local function is ``function``."""
+    node = helper.make_node(onnx_node.CONV_OP_TYPE, list(onnx_graph.CONV_INPUTS), ["u"], domain=onnx_node.DOMAIN)
+    shapes = {"x": ["b", "L", 40], "weight": [2, 40, 4], "bias": [2, 40]}
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shapes[n]) for n in onnx_graph.CONV_INPUTS]
+    graph = helper.make_graph([node], "conv", inputs, [helper.make_tensor_value_info("u", TensorProto.FLOAT, [2, "b", "L", 40])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(onnx_node.DOMAIN, 1)],
+                              functions=[function])
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("length", [1, 3, 29])
+def test_the_conv_node_runs_our_kernel_in_both_runtimes_and_its_body_otherwise(length, tmp_path):
+    g = torch.Generator().manual_seed(length)
+    x, w, b = torch.randn(2, length, 40, generator=g), torch.randn(2, 40, 4, generator=g), torch.randn(2, 40, generator=g)
+    feed = {"x": x.numpy(), "weight": w.numpy(), "bias": b.numpy()}
+    expected = torch.ops.visionmamba.conv_silu(x, w, b).numpy()
+    real = conv_model(onnx_graph.function_of(onnx_node.CONV_OP_TYPE, 4, 40))
+    axes = helper.make_node("Constant", [], ["axes"], value=helper.make_tensor("axes", TensorProto.INT64, [1], [0]))
+    stacked = [axes, helper.make_node("Unsqueeze", ["x", "axes"], ["x2"]), helper.make_node("Concat", ["x2", "x2"], ["u"], axis=0)]
+    wrong = conv_model(helper.make_function(onnx_node.DOMAIN, onnx_node.CONV_OP_TYPE, list(onnx_graph.CONV_INPUTS), ["u"],
+                                            stacked, [helper.make_opsetid("", 20)]))
+    close(onnx_session(wrong, fused=True).run(None, feed)[0], expected)  # the kernel, not the body
+    np.testing.assert_array_equal(onnx_session(wrong, fused=False).run(None, feed)[0], np.stack([x.numpy()] * 2))
+    for fused in (True, False):
+        out = onnx_session(real, fused=fused).run(None, feed)[0]
+        close(out, expected)
+    pytest.importorskip("openvino")
+    from visionmamba.tools.export import openvino_model
+
+    (tmp_path / "conv.onnx").write_bytes(real)
+    for fused in (True, False):
+        close(openvino_model(tmp_path / "conv.onnx", fused=fused)(feed)[0], expected)
+
+
 def test_the_kernel_refuses_mismatched_shapes_in_one_line():
     args = list(scan_args(2, 5, rank=RANK, state=STATE))
     args[5] = torch.randn(2, 6, 24)  # z one step longer than u
@@ -99,7 +134,7 @@ def test_torch_onnx_export_called_directly_writes_the_fused_node():
     program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     proto = program.model_proto
     assert sum(n.op_type == onnx_node.OP_TYPE for n in proto.graph.node) == TINY["depth"]
-    onnx_graph.add_fallback(proto, RANK, STATE)
+    onnx_graph.add_fallback(proto, RANK, STATE, 4, 2 * TINY["embed_dim"])
     onnx.checker.check_model(proto)
     for fused in (True, False):
         for batch in (1, 3):

@@ -130,7 +130,7 @@ def export_onnx(model_name: str, path: Path, *, img_size: int = 224, checkpoint:
                                     external_data=False, verbose=False)
     proto = program.model_proto
     mixer = model.layers[0].mixer
-    add_fallback(proto, mixer.dt_rank, mixer.d_state)
+    add_fallback(proto, mixer.dt_rank, mixer.d_state, mixer.conv1d.kernel_size[0], mixer.d_inner)
     onnx.helper.set_model_props(proto, metadata(loaded))
     report: Dict[str, Any] = {"export_s": time.perf_counter() - start}
     if check:

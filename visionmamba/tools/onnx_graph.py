@@ -1,5 +1,5 @@
-"""The exporter's work on ONNX graphs: the stock-operator body of the node ``visionmamba.BiSelectiveScan`` as a
-model-local function, and ``Scan`` bodies that take every value they read as an input.
+"""The exporter's work on ONNX graphs: the stock-operator bodies of the nodes ``visionmamba.BiSelectiveScan``
+and ``visionmamba.ConvSiLU`` as model-local functions, and ``Scan`` bodies that take every value they read as an input.
 
 Why a function: a runtime with our kernel (ONNX Runtime with the library of
 ``ops/scan/runtime_kernels.py``, OpenVINO with its extension) runs the node; any other runtime finds the node's body in the file and
@@ -12,7 +12,7 @@ import hashlib
 import sys
 import warnings
 from pathlib import Path
-from typing import Dict, Iterable, List, Set
+from typing import Dict, Iterable, List, Set, Tuple
 
 import onnx
 import torch
@@ -25,7 +25,8 @@ from visionmamba.ops.scan import loop
 from visionmamba.ops.scan import onnx as onnx_node
 from visionmamba.ops.scan.runtime_kernels import cache_dir
 
-INPUTS = ("u", "x_proj_out", "dt_weight", "A", "D", "z", "bias")
+INPUTS = ("u", "x_proj_out", "dt_weight", "A", "D", "z", "bias")  # BiSelectiveScan's
+CONV_INPUTS = ("x", "weight", "bias")  # ConvSiLU's
 
 
 class _BiScan(nn.Module):
@@ -33,60 +34,82 @@ class _BiScan(nn.Module):
         return loop.bi_scan(u, x_proj_out, dt_weight, A, D, z, bias)
 
 
+class _ConvSiLU(nn.Module):
+    def forward(self, x, weight, bias) -> torch.Tensor:
+        return onnx_node.conv_silu_stock(x, weight, bias)
+
+
 @functools.cache
-def _function_bytes(R: int, N: int) -> bytes:
-    """The serialized function, cached on disk (its export takes ~20 s) by the sources and versions it
-    comes from; a cached file that does not parse is made anew."""
-    digest = hashlib.sha1(f"{torch.__version__} {onnx.__version__} {R} {N}".encode())
+def _function_bytes(op_type: str, sizes: Tuple[int, ...]) -> bytes:
+    """The serialized function of ``op_type`` for the static ``sizes``, cached on disk (the scan's export
+    takes ~20 s) by the sources and versions it comes from; a cached file that does not parse is made anew."""
+    digest = hashlib.sha1(f"{torch.__version__} {onnx.__version__} {op_type} {sizes}".encode())
     for module in (loop, onnx_node, sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
-    path = cache_dir() / f"bi_scan_function_{digest.hexdigest()[:12]}.onnxfn"
+    path = cache_dir() / f"{op_type}_function_{digest.hexdigest()[:12]}.onnxfn"
     try:
         onnx.FunctionProto().ParseFromString(path.read_bytes())
         return path.read_bytes()
     except (OSError, DecodeError):
-        data = _export_function(R, N)
+        data = _export_function(op_type, sizes)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     return data
 
 
-def _export_function(R: int, N: int) -> bytes:
+def _example(op_type: str, sizes: Tuple[int, ...]):
+    """(module, example inputs, dynamic shapes, input names) of ``op_type``'s body."""
     from torch.export import Dim
 
     batch, length, channels = (Dim(n, min=2) for n in ("batch", "length", "channels"))
     b, L, E = 2, 11, 8
+    if op_type == onnx_node.CONV_OP_TYPE:  # ONNX's Conv takes its groups, the channels, as a constant
+        K, E = sizes
+        args = (torch.randn(b, L, E), torch.randn(2, E, K), torch.randn(2, E))
+        return _ConvSiLU(), args, ({0: batch, 1: length}, None, None), CONV_INPUTS
+    R, N = sizes
     args = (torch.randn(2, b, L, E), torch.randn(2, b, L, R + 2 * N), torch.randn(2, E, R), -torch.rand(2, E, N),
             torch.randn(2, E), torch.randn(b, L, E), torch.randn(2, E))
     dims = ({1: batch, 2: length, 3: channels}, {1: batch, 2: length}, {1: channels}, {1: channels}, {1: channels},
             {0: batch, 1: length, 2: channels}, {1: channels})
+    return _BiScan(), args, dims, INPUTS
+
+
+def _export_function(op_type: str, sizes: Tuple[int, ...]) -> bytes:
+    module, args, dims, names = _example(op_type, sizes)
     with warnings.catch_warnings():  # torch.onnx notes each axis that shares another's constraints
         warnings.simplefilter("ignore", UserWarning)
-        program = torch.onnx.export(_BiScan(), args, dynamo=True, dynamic_shapes=dims, input_names=list(INPUTS),
+        program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dims, input_names=list(names),
                                     output_names=["y"], external_data=False, verbose=False)
     model = onnx.shape_inference.infer_shapes(program.model_proto)
     graph = model.graph
     explicit_scan_inputs(graph, _types(graph))
     constants = [helper.make_node("Constant", [], [t.name], value=t) for t in graph.initializer]
-    function = helper.make_function(onnx_node.DOMAIN, onnx_node.OP_TYPE, [i.name for i in graph.input],
+    function = helper.make_function(onnx_node.DOMAIN, op_type, [i.name for i in graph.input],
                                     [o.name for o in graph.output], constants + list(graph.node),
                                     [o for o in model.opset_import if o.domain == ""])
     return function.SerializeToString()
 
 
-def bi_scan_function(rank: int, state: int) -> onnx.FunctionProto:
-    """``visionmamba.BiSelectiveScan`` in stock operators (the loop backend's ``Scan``) for dt rank ``rank`` and
-    ``state`` states: any batch, length and model width."""
+def function_of(op_type: str, *sizes: int) -> onnx.FunctionProto:
+    """The body of the node ``op_type`` in stock operators for its static sizes (BiSelectiveScan: dt rank and
+    state size, for any model width; ConvSiLU: taps and channels): any batch and length."""
     function = onnx.FunctionProto()
-    function.ParseFromString(_function_bytes(rank, state))
+    function.ParseFromString(_function_bytes(op_type, sizes))
     return function
 
 
-def add_fallback(model: onnx.ModelProto, rank: int, state: int) -> None:
-    """Give ``model`` the body of its ``BiSelectiveScan`` nodes (once; ``rank``, ``state``: the model's dt rank
-    and state size) and make its Scan bodies explicit."""
-    if not any(f.domain == onnx_node.DOMAIN and f.name == onnx_node.OP_TYPE for f in model.functions):
-        model.functions.append(bi_scan_function(rank, state))
+def bi_scan_function(rank: int, state: int) -> onnx.FunctionProto:
+    """``visionmamba.BiSelectiveScan`` in stock operators (the loop backend's ``Scan``)."""
+    return function_of(onnx_node.OP_TYPE, rank, state)
+
+
+def add_fallback(model: onnx.ModelProto, rank: int, state: int, taps: int, channels: int) -> None:
+    """Give ``model`` the bodies of its ``BiSelectiveScan`` and ``ConvSiLU`` nodes (once; the model's dt rank,
+    state size, conv taps and mixer channels E) and make its Scan bodies explicit."""
+    for op_type, sizes in ((onnx_node.OP_TYPE, (rank, state)), (onnx_node.CONV_OP_TYPE, (taps, channels))):
+        if not any(f.domain == onnx_node.DOMAIN and f.name == op_type for f in model.functions):
+            model.functions.append(function_of(op_type, *sizes))
     if not any(o.domain == onnx_node.DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(onnx_node.DOMAIN, onnx_node.VERSION))
     explicit_scan_inputs(model.graph, _types(model.graph))

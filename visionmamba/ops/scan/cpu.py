@@ -34,7 +34,7 @@ from visionmamba.ops.scan.reference import compute_dtype
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("scan_rows.cpp", "scan_lanes.cpp", "conv_silu.cpp", "bindings.cpp")
-HEADERS = ("selective_scan.h", "scan_math.h", "scan_lanes.h")
+HEADERS = ("selective_scan.h", "scan_math.h", "scan_lanes.h", "conv_silu.h")
 CFLAGS = ("-O3", "-ffast-math", "-fopenmp")
 CHECKPOINT_STEPS = 0  # the backward recomputes the states per row: none are kept
 FLOAT32_ACTIVATIONS = True  # the mixer hands these kernels float32 activations (it casts first, autocast off)

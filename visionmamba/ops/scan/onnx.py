@@ -14,13 +14,14 @@ from visionmamba.ops.scan import loop
 
 DOMAIN = "visionmamba"
 OP_TYPE = "BiSelectiveScan"
+CONV_OP_TYPE = "ConvSiLU"
 VERSION = 1
 
 selective_scan = loop.selective_scan  # the one-direction scan exports as the loop backend's ONNX Scan
 
 
-def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The op ``conv_silu`` in stock operators: x (b, L, E), weight (2, E, K), bias (2, E) -> u (2, b, L, E).
+def conv_silu_stock(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The op ``conv_silu`` in stock operators (the body of the node ``ConvSiLU``): x (b, L, E), weight (2, E, K), bias (2, E) -> u (2, b, L, E).
     Direction 0 is causal; direction 1, the causal conv of the reversed sequence, is anti-causal with the
     taps reversed in forward time (no flip of the activations)."""
     length, channels, taps = x.shape[1], x.shape[2], weight.shape[-1]
@@ -28,6 +29,12 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torc
     forward = F.conv1d(x, weight[0][:, None], bias[0], padding=taps - 1, groups=channels)[..., :length]
     backward = F.conv1d(x, weight[1].flip(-1)[:, None], bias[1], padding=taps - 1, groups=channels)[..., taps - 1:]
     return F.silu(torch.stack([forward, backward]).transpose(2, 3))
+
+
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The node ``visionmamba.ConvSiLU``: x (b, L, E), weight (2, E, K), bias (2, E) float32 -> u (2, b, L, E)."""
+    return torch.onnx.ops.symbolic(f"{DOMAIN}::{CONV_OP_TYPE}", (x, weight, bias), dtype=torch.float32,
+                                   shape=(2, *x.shape), version=VERSION)
 
 
 def bi_scan(u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor, D: torch.Tensor,

@@ -1,6 +1,7 @@
-"""The deployment runtimes' kernels of the ONNX node ``visionmamba.BiSelectiveScan``, built at first use into
-shared libraries from our C++ sources: the lanes forward of ``csrc/scan_lanes.h`` (which the PyTorch op
-``bi_scan_`` runs too) behind each runtime's extension interface.
+"""The deployment runtimes' kernels of the ONNX nodes ``visionmamba.BiSelectiveScan`` and ``ConvSiLU``, built at
+first use into shared libraries from our C++ sources: the lanes forward of ``csrc/scan_lanes.h`` and the conv
+of ``csrc/conv_silu.h`` (which the PyTorch ops ``bi_scan_`` and ``conv_silu`` run too) behind each runtime's
+extension interface.
 
 * ONNX Runtime (``csrc/onnxruntime_op.cpp``): a custom-op library on the runtime's C API. The runtime's wheel
   ships no headers; the library builds against ONNX Runtime's own C API header kept in
@@ -52,8 +53,8 @@ class Runtime:
 
 
 ONNXRUNTIME = Runtime("onnxruntime", "onnxruntime_op.cpp",
-                      ("scan_lanes.h", "scan_math.h", "third_party/onnxruntime/onnxruntime_c_api.h"))
-OPENVINO = Runtime("openvino", "openvino_op.cpp", ("scan_lanes.h", "scan_math.h"))
+                      ("scan_lanes.h", "conv_silu.h", "scan_math.h", "third_party/onnxruntime/onnxruntime_c_api.h"))
+OPENVINO = Runtime("openvino", "openvino_op.cpp", ("scan_lanes.h", "conv_silu.h", "scan_math.h"))
 RUNTIMES = (ONNXRUNTIME, OPENVINO)
 
 

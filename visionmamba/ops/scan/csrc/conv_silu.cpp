@@ -3,32 +3,16 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include "scan_math.h"
+#include "conv_silu.h"
 #include "selective_scan.h"
 
 namespace visionmamba {
 namespace {
 
-// The row of x a tap reads for output step t (or -1 outside [0, L)).
-template <typename T>
-inline int64_t tap_source(const ConvParams<T>& p, int64_t dir, int64_t t, int64_t k) {
-  const int64_t src = t + (dir == 0 ? 1 : -1) * (k - (p.K - 1));
-  return src >= 0 && src < p.L ? src : -1;
-}
-
-// Pre-activation of one output row (dir, b, t) over all channels: bias + the K taps (zero outside [0, L)).
-template <typename T>
-void conv_preact(const ConvParams<T>& p, int64_t dir, int64_t b, int64_t t, T* out) {
-  for (int64_t e = 0; e < p.E; ++e) out[e] = p.bias[dir * p.E + e];
-  for (int64_t k = 0; k < p.K; ++k) {
-    const int64_t src = tap_source(p, dir, t, k);
-    if (src < 0) continue;
-    const T* xs = p.x + b * p.sx_b + src * p.sx_t;
-    const T* wk = p.w + (dir * p.K + k) * p.E;
-#pragma omp simd
-    for (int64_t e = 0; e < p.E; ++e) out[e] += wk[e] * xs[e];
-  }
-}
+using conv::conv_preact;
+using conv::conv_silu_row;
+using conv::ConvParams;
+using conv::tap_source;
 
 // u (2, b, L, E) = silu(pre-activation).
 template <typename T>
@@ -36,13 +20,7 @@ void conv_forward_rows(const ConvParams<T>& p, T* pu) {
   at::parallel_for(0, 2 * p.batch * p.L, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t dir = row / (p.batch * p.L), b = (row / p.L) % p.batch, t = row % p.L;
-      T* out = pu + row * p.E;
-      conv_preact(p, dir, b, t, out);
-#pragma omp simd
-      for (int64_t e = 0; e < p.E; ++e) {
-        const T v = out[e];
-        out[e] = v * sigmoid(v);
-      }
+      conv_silu_row(p, dir, b, t, pu + row * p.E);
     }
   });
 }

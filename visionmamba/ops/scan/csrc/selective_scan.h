@@ -76,20 +76,6 @@ struct RowScratch {
   std::vector<T> H, Ad, ys, g, dts, zsig, dsoftplus, zeros;
 };
 
-// The depthwise conv + SiLU of both directions (causal for 0, anti-causal for 1).
-template <typename T>
-struct ConvParams {
-  const T* x;  // x_t (b, t) at x + b * sx_b + t * sx_t, E contiguous channels
-  int64_t sx_b;
-  int64_t sx_t;
-  const T* w;     // (2, K, E)
-  const T* bias;  // (2, E)
-  int64_t batch;
-  int64_t L;
-  int64_t E;
-  int64_t K;
-};
-
 // ------------------------------------------------------------------------------------------ entry points
 // One direction (scan_rows.cpp). Returns y (b, E, L).
 at::Tensor scan_forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& BC,
