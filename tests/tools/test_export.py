@@ -67,10 +67,11 @@ def test_the_readmes_onnx_runtime_example_classifies_an_image(tmp_path, capsys):
 
 def test_the_readmes_fused_session_example_runs_our_kernel(tmp_path):
     pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    example = readme.split("The same file at our kernel's speed")[1].split("```python\n")[1].split("```")[0]
+    example = readme.split("The same file at our kernels' speed")[1].split("```python\n")[1].split("```")[0]
     torch.manual_seed(0)
     export_onnx("vim_tiny_patch16_224", tmp_path / "m.onnx", img_size=32, model_args=TINY, check=False)
     scope: dict = {}
@@ -79,6 +80,7 @@ def test_the_readmes_fused_session_example_runs_our_kernel(tmp_path):
     with torch.no_grad():
         expected = tiny(0)(x).numpy()
     assert np.abs(scope["session"].run(None, {"image": x.numpy()})[0] - expected).max() < 1e-4
+    assert np.abs(scope["compiled"](x.numpy())[0] - expected).max() < 1e-4
 
 
 def test_torch_export_program_loads_and_runs_at_other_sizes(tmp_path):
