@@ -193,3 +193,19 @@ def test_an_old_onnx_runtime_is_one_line():
 
     with pytest.raises(RuntimeError, match="need onnxruntime >= 1.21, found 1.16.3"):
         runtime_kernels.check_onnxruntime(Old)
+
+
+def test_without_a_compiler_the_sessions_warn_once_and_run_the_bodies(monkeypatch, tmp_path):
+    monkeypatch.setattr(runtime_kernels, "available", lambda runtime: (False, "RuntimeError: no C++ compiler found"))
+    args = scan_args(2, 7, rank=RANK, state=STATE)
+    model = one_node_model(onnx_graph.bi_scan_function(RANK, STATE))
+    expected = torch.ops.visionmamba.bi_scan(*args, 0)[0].numpy()
+    with pytest.warns(UserWarning, match="onnxruntime kernels are unavailable .*no C\\+\\+ compiler"):
+        close(run(model, args, fused=True), expected)
+    pytest.importorskip("openvino")
+    from visionmamba.tools.export import openvino_model
+
+    (tmp_path / "m.onnx").write_bytes(model)
+    with pytest.warns(UserWarning, match="openvino kernels are unavailable"):
+        out = openvino_model(tmp_path / "m.onnx")({n: a.numpy() for n, a in zip(onnx_graph.INPUTS, args)})[0]
+    close(out, expected)

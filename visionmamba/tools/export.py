@@ -18,7 +18,6 @@ put in place (atomically); a file that does not match is not written.
 import io
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -147,19 +146,17 @@ def onnx_session(model: Union[str, bytes], threads: int = 0, fused: bool = True)
     ``fused``: with our kernel of ``visionmamba.BiSelectiveScan`` registered (built at first use, seconds);
     False, or when it cannot be built here (one warning), the runtime runs the node's stock-operator body.
     """
-    import onnxruntime
-
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise ValueError(f"ONNX Runtime is not installed ({err}): pip install 'visionmamba[export]'") from err
     from visionmamba.ops.scan import runtime_kernels
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # the exporter leaves unused constants that the runtime warns about
     if fused:
-        ok, reason = runtime_kernels.available(runtime_kernels.ONNXRUNTIME)
-        if ok:
-            runtime_kernels.register_onnxruntime(options)
-        else:
-            warnings.warn(f"visionmamba: ONNX Runtime kernel unavailable ({reason}); running the stock-operator body")
+        runtime_kernels.try_load(runtime_kernels.ONNXRUNTIME, options)
     return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
@@ -177,14 +174,7 @@ def openvino_model(path: Union[str, Path], threads: int = 0, fused: bool = True)
     from visionmamba.ops.scan import runtime_kernels
 
     core = openvino.Core()
-    if fused:
-        ok, reason = runtime_kernels.available(runtime_kernels.OPENVINO)
-        if ok:
-            runtime_kernels.add_to_openvino(core)
-        else:
-            warnings.warn(f"visionmamba: OpenVINO kernel unavailable ({reason}); running the stock-operator body")
-            fused = False
-    if fused:
+    if fused and runtime_kernels.try_load(runtime_kernels.OPENVINO, core):
         model = core.read_model(str(path))
     else:
         import onnx

@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
@@ -143,3 +144,14 @@ def available(runtime: Runtime) -> Tuple[bool, Optional[str]]:
     except Exception as err:
         return False, f"{type(err).__name__}: {err}"
     return True, None
+
+
+def try_load(runtime: Runtime, target: Any) -> bool:
+    """Load ``runtime``'s kernels into ``target`` (``onnxruntime.SessionOptions`` or ``openvino.Core``); when
+    they cannot be built here, one warning and False: the file's stock bodies run instead."""
+    ok, reason = available(runtime)
+    if ok:
+        (register_onnxruntime if runtime is ONNXRUNTIME else add_to_openvino)(target)
+        return True
+    warnings.warn(f"visionmamba: our {runtime.name} kernels are unavailable ({reason}); running the stock-operator bodies")
+    return False
