@@ -8,13 +8,13 @@ from helpers import assert_close
 from visionmamba.ops import library, scan
 
 SCAN_OPS = ["selective_scan", "selective_scan_backward", "conv_silu", "conv_silu_backward", "bi_scan",
-            "bi_scan_backward", "bi_scan_"]
+            "bi_scan_backward", "bi_scan_", "bi_scan_inference"]
 NORM_OPS = ["add_rms_norm", "add_rms_norm_backward", "add_rms_norm_", "rms_norm"]
 
 
 def test_the_ops_and_the_device_kernels_the_dispatcher_has():
     kernels = library.dispatcher_kernels()
-    assert list(kernels) == SCAN_OPS + NORM_OPS and len(kernels) <= 11
+    assert list(kernels) == SCAN_OPS + NORM_OPS and len(kernels) <= 12
     assert {name: kernels[name] for name in SCAN_OPS} == {name: ["cpu", "cuda"] for name in SCAN_OPS}
     with library.cuda_kernels_on_cpu():  # registers CPU entries that route to the CUDA kernels
         pass
@@ -75,6 +75,8 @@ def test_cpu_inference_in_place_equals_the_functional_op(dtype):
     strided = u.transpose(2, 3).contiguous().transpose(2, 3)  # not contiguous: computed aside, then copied
     torch.ops.visionmamba.bi_scan_(strided, *rest)
     assert torch.equal(strided[0], out)
+    assert torch.equal(torch.ops.visionmamba.bi_scan_inference(u, *rest), out)  # the graphs' op; u untouched
+    assert torch.equal(u, _bi_inputs(dtype)[0])
 
 
 def test_cpu_kernels_keep_no_checkpoints():
@@ -94,3 +96,6 @@ def test_cpu_and_cuda_kernels_compute_the_same_op():
         cuda_out, states = torch.ops.visionmamba.bi_scan(*[t.to(device) for t in inputs], 16)
     assert states.shape == (2, 2, 2, 4, 20)  # 23 steps: a checkpoint every 16
     assert_close(cuda_out.cpu(), cpu_out, rtol_max=2e-5, name="bi_scan")
+    with library.cuda_kernels_on_cpu():
+        cuda_inference = torch.ops.visionmamba.bi_scan_inference(*[t.to(device) for t in inputs])
+    assert_close(cuda_inference.cpu(), cpu_out, rtol_max=2e-5, name="bi_scan_inference")

@@ -83,6 +83,43 @@ def test_the_readmes_fused_session_example_runs_our_kernel(tmp_path):
     assert np.abs(scope["compiled"](x.numpy())[0] - expected).max() < 1e-4
 
 
+def test_openvino_converts_the_pytorch_model_itself():
+    """openvino.convert_model takes the module (traced at the example's size, here one whose position table is
+    resampled: aten's antialiased bicubic) and the torch.export program (any size) with our extension."""
+    openvino = pytest.importorskip("openvino")
+    from visionmamba.tools.export import openvino_extension, openvino_from_torch
+
+    model = tiny(0)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    converted = openvino.convert_model(model, example_input=(x,), extension=openvino_extension())
+    assert {"BiSelectiveScan", "ConvSiLU", "Interpolate"} <= {op.get_type_name() for op in converted.get_ops()}
+    compiled = openvino.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    assert np.abs(compiled(x.numpy())[0] - expected).max() < 1e-4
+    compiled = openvino_from_torch(model)
+    for shape in [(3, 3, 32, 56), (1, 3, 64, 40), (2, 3, 32, 32)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert np.abs(compiled(x.numpy())[0] - expected).max() < 1e-4, shape
+
+
+def test_the_readmes_openvino_conversion_example_runs():
+    pytest.importorskip("openvino")
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("OpenVINO also converts the PyTorch model itself")[1].split("```python\n")[1].split("```")[0]
+    example = example.replace('timm.create_model("vim_tiny_patch16_224")', "tiny(0)").replace("224, 224", "32, 32")
+    scope: dict = {"tiny": tiny}
+    exec(example, scope)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = tiny(0)(x).numpy()
+    assert np.abs(scope["compiled"](x.numpy())[0] - expected).max() < 1e-4
+
+
 def test_torch_export_program_loads_and_runs_at_other_sizes(tmp_path):
     torch.manual_seed(0)
     export_torch("vim_tiny_patch16_224", tmp_path / "m.pt2", img_size=32, model_args=TINY)

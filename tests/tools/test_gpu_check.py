@@ -13,8 +13,8 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
-from visionmamba.tools.benchmark import Point  # noqa: E402
 
+from visionmamba.tools.benchmark import Point  # noqa: E402
 
 # As on the device, where visionmamba is not installed: no site processing (so no editable install), the
 # packages' folder added as a plain path, the script run by path from another folder.

@@ -11,6 +11,8 @@ The ops, and why each exists (shapes in the kernels' docstrings; the math in ``s
   (the CUDA kernels' way; with 0 none are kept and the backward recomputes them, the CPU kernels' way).
 * ``bi_scan_``: inference's ``bi_scan``, in place: the result is written over ``u[0]`` (``u[1]`` is left
   undefined), so a block's scan allocates nothing; no gradient.
+* ``bi_scan_inference``: inference's ``bi_scan`` as a function of one result, what traced and exported graphs
+  hold (converters such as OpenVINO's want neither side effects nor unused outputs).
 * ``add_rms_norm`` / ``add_rms_norm_backward``: the pre-norm step (float32 residual + RMSNorm) on CUDA.
 * ``add_rms_norm_`` and ``rms_norm``: inference's pre-norm step, the residual updated in place, and the
   first block's, which has no residual yet (one op cannot do both: inductor cannot compile an optional
@@ -181,6 +183,8 @@ _define("bi_scan_backward", f"(Tensor dout, {_BI_ARGS}, int checkpoint_steps, Te
         _SCAN_KERNELS, lambda dout, *args: empty_like_all(*args[:7], like=dout))
 register_backward("bi_scan", saved_outputs=1)
 _define("bi_scan_", f"({_BI_ARGS.replace('Tensor u', 'Tensor(a!) u')}) -> ()", _SCAN_KERNELS, lambda *args: None)
+_define("bi_scan_inference", f"({_BI_ARGS}) -> Tensor", _SCAN_KERNELS, 
+        lambda u, x_proj_out, dt_weight, A, D, z, bias: z.new_empty(z.shape))
 
 # ------------------------------------------------------------------------------------------ the pre-norm step
 _define("add_rms_norm", "(Tensor hidden, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)",

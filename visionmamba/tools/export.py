@@ -185,6 +185,40 @@ def openvino_model(path: Union[str, Path], threads: int = 0, fused: bool = True)
     return core.compile_model(model, "CPU", config)
 
 
+def openvino_extension() -> str:
+    """The path of our OpenVINO extension library, built at first use (seconds): its operations run the scan
+    and the conv, and it maps the PyTorch ops to them, so ``openvino.convert_model(model, example_input=x,
+    extension=openvino_extension())`` converts a Vim model as it is (a module traced at x's size, or a
+    ``torch.export`` program, with dynamic shapes for any size). One line when it cannot be built here."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError as err:
+        raise ValueError(f"OpenVINO is not installed ({err}): pip install 'visionmamba[openvino]'") from err
+    from visionmamba.ops.scan import runtime_kernels
+
+    ok, reason = runtime_kernels.available(runtime_kernels.OPENVINO)
+    if not ok:
+        raise RuntimeError(f"visionmamba's OpenVINO extension cannot be built here: {reason}")
+    return str(runtime_kernels.library_path(runtime_kernels.OPENVINO))
+
+
+def openvino_from_torch(model: nn.Module, size: Optional[int] = None, threads: int = 0) -> Any:
+    """An OpenVINO CPU model (``openvino.CompiledModel``, float32) converted from the PyTorch ``model`` itself,
+    no file in between: its ``torch.export`` program with dynamic batch and size (any size that fits the patch
+    grid) through OpenVINO's PyTorch frontend and our extension. ``size``: the example input's (default: the
+    model's own)."""
+    import openvino
+
+    extension = openvino_extension()
+    model = model.eval()
+    size = size or model.patch_embed.img_size[0]
+    with torch.no_grad():
+        program = torch.export.export(model, (example_input(model, size),), dynamic_shapes=dynamic_shapes(model))
+        converted = openvino.convert_model(program, extension=extension)
+    config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    return openvino.Core().compile_model(converted, "CPU", config)
+
+
 def export_torch(model_name: str, path: Path, *, img_size: int = 224, checkpoint: Optional[str] = None,
                  use_ema: bool = False, check: bool = True, model_args: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Write ``path``: a ``torch.export`` program (.pt2) with dynamic batch, height and width."""

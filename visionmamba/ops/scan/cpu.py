@@ -202,6 +202,12 @@ def bi_scan_(u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor,
         u[0].copy_(bi_scan(u, x_proj_out, dt_weight, A, D, z, bias, 0)[0])
 
 
+def bi_scan_inference(u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor,
+                      D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:func:`bi_scan`'s result alone, without a backward (the op of traced and exported graphs)."""
+    return bi_scan(u, x_proj_out, dt_weight, A, D, z, bias, CHECKPOINT_STEPS)[0]
+
+
 def bi_scan_backward(dout: torch.Tensor, u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor,
                      A: torch.Tensor, D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor, checkpoint_steps: int,
                      checkpoints: torch.Tensor) -> List[torch.Tensor]:

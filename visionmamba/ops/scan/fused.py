@@ -24,7 +24,8 @@ def bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, d
 
     conv + SiLU of both directions (op ``conv_silu``), x_proj, then the scan of both directions with dt_proj
     fused (op ``bi_scan``; ``bi_scan_`` in place over u when there is nothing to differentiate, so that of
-    the block's temporaries only u is as large as the activations). Token-major throughout: no transpose,
+    the block's temporaries only u is as large as the activations; ``bi_scan`` in traced graphs and
+    ``bi_scan_inference`` in exported ones, whose converters want ops without side effects). Token-major throughout: no transpose,
     flip or copy of an activation.
     """
     params = (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
@@ -46,8 +47,11 @@ def _core(float32: bool, checkpoint_steps: int, x, z, conv_weight, conv_bias, x_
     u = ops.conv_silu(x, conv_weight, conv_bias)  # (2, b, L, E)
     x_proj_out = _x_proj(u, x_proj_weight.to(u.dtype))  # (2, b, L, R + 2N)
     scan_args = (x_proj_out, dt_proj_weight, A, D, z, dt_proj_bias)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, *scan_args)):
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (u, *scan_args))
+    if differentiable or torch.jit.is_tracing():  # one op whatever the tracer's checks re-trace under
         out = ops.bi_scan(u, *scan_args, checkpoint_steps)[0]
+    elif torch.compiler.is_exporting():
+        out = ops.bi_scan_inference(u, *scan_args)
     else:
         ops.bi_scan_(u, *scan_args)
         out = u[0]

@@ -812,6 +812,14 @@ def bi_scan_(u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor,
     u[0].add_(u[1])
 
 
+def bi_scan_inference(u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor,
+                      D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:func:`bi_scan_` on a copy of u, returned (the op of traced and exported graphs)."""
+    u = u.clone()
+    bi_scan_(u, x_proj_out, dt_weight, A, D, z, bias)
+    return u[0].to(z.dtype)
+
+
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> torch.Tensor:
     """One direction: u, delta, z (b, E, L); A (E, N); B, C (b, N, L) -> (b, E, L) in u's dtype and layout.
     The kernels read them as token-major views (slower strided loads: the mixer path is token-major)."""

@@ -1,14 +1,22 @@
 // OpenVINO's kernels of the nodes visionmamba.BiSelectiveScan and visionmamba.ConvSiLU (scan_lanes.h and
 // conv_silu.h, as the PyTorch ops and ONNX Runtime's kernels run them) as OpenVINO operations, on
-// OpenVINO's TBB threads. The extension library holds the operations and the ONNX frontend's mapping of the
-// nodes (domain "visionmamba") to them; openvino.Core.add_extension(path) loads both. Contracts:
+// OpenVINO's TBB threads. The extension library holds the operations and two mappings to them: the ONNX
+// frontend's, of the nodes (domain "visionmamba"), and the PyTorch frontend's, of the ops visionmamba::bi_scan
+// and conv_silu (traced or torch.export-ed), with aten's antialiased bicubic resampling that the frontend lacks.
+// openvino.Core.add_extension(path) and openvino.convert_model(..., extension=path) load them. Contracts:
 // onnxruntime_op.cpp.
 #include <tbb/parallel_for.h>
 
 #include <openvino/core/extension.hpp>
 #include <openvino/core/op_extension.hpp>
 #include <openvino/frontend/onnx/extension/op.hpp>
+#include <openvino/frontend/pytorch/extension/conversion.hpp>
+#include <openvino/op/constant.hpp>
+#include <openvino/op/convert.hpp>
+#include <openvino/op/interpolate.hpp>
 #include <openvino/op/op.hpp>
+
+#include <string>
 
 #include <vector>
 
@@ -121,11 +129,86 @@ class ConvSiLU : public ov::op::Op {
   }
 };
 
+// ------------------------------------------------------------------ the PyTorch frontend: ops -> operations
+namespace pytorch {
+
+ov::OutputVector inputs(const ov::frontend::NodeContext& context, size_t count) {
+  ov::OutputVector in;
+  for (size_t i = 0; i < count; ++i) in.push_back(context.get_input(static_cast<int>(i)));
+  return in;
+}
+
+// visionmamba::bi_scan (u, x_proj_out, dt_weight, A, D, z, bias, checkpoint_steps) -> (y, states): the
+// states are the backward's, which a converted (inference) model has no use for: an empty tensor.
+ov::OutputVector bi_scan(const ov::frontend::NodeContext& context) {
+  auto scan = std::make_shared<BiSelectiveScan>(inputs(context, 7));
+  auto states = ov::op::v0::Constant::create(ov::element::f32, ov::Shape{0}, std::vector<float>{});
+  return {scan->output(0), states};
+}
+
+// visionmamba::bi_scan_inference: the same inputs but checkpoint_steps, y alone.
+ov::OutputVector bi_scan_inference(const ov::frontend::NodeContext& context) {
+  return {std::make_shared<BiSelectiveScan>(inputs(context, 7))->output(0)};
+}
+
+ov::OutputVector conv_silu(const ov::frontend::NodeContext& context) {
+  return {std::make_shared<ConvSiLU>(inputs(context, 3))->output(0)};
+}
+
+// aten::_upsample_bicubic2d_aa (input, output_size, align_corners, scales) in both overloads (.default and
+// .vec: output_size None, scale_factors given): PyTorch's antialiased bicubic is PIL's (a = -0.5, taps
+// renormalised at the borders), which is OpenVINO's BICUBIC_PILLOW (checked against PyTorch in the tests).
+ov::OutputVector upsample_bicubic2d_aa(const ov::frontend::NodeContext& context) {
+  using Interpolate = ov::op::v11::Interpolate;
+  Interpolate::InterpolateAttrs attrs;
+  attrs.mode = Interpolate::InterpolateMode::BICUBIC_PILLOW;
+  attrs.antialias = true;
+  attrs.cube_coeff = -0.5;
+  const bool align_corners = context.get_values_from_const_input(2).as<bool>();
+  attrs.coordinate_transformation_mode = align_corners ? Interpolate::CoordinateTransformMode::ALIGN_CORNERS
+                                                       : Interpolate::CoordinateTransformMode::HALF_PIXEL;
+  const bool by_size = !context.input_is_none(1);
+  attrs.shape_calculation_mode = by_size ? Interpolate::ShapeCalcMode::SIZES : Interpolate::ShapeCalcMode::SCALES;
+  auto target = std::make_shared<ov::op::v0::Convert>(context.get_input(by_size ? 1 : 3),
+                                                      by_size ? ov::element::i64 : ov::element::f32);
+  auto axes = ov::op::v0::Constant::create(ov::element::i64, ov::Shape{2}, std::vector<int64_t>{2, 3});
+  return {std::make_shared<Interpolate>(context.get_input(0), target, axes, attrs)->output(0)};
+}
+
+// Each op under its TorchScript name (convert_model of a module) and its FX name (of a torch.export program);
+// bi_scan (two results, in graphs traced with gradients) under the first only: the FX frontend would index
+// its first result where the graph takes the second.
+std::vector<ov::Extension::Ptr> conversions() {
+  std::vector<ov::Extension::Ptr> all;
+  const std::vector<std::pair<std::string, ov::frontend::CreatorFunction>> ops = {
+      {"visionmamba::bi_scan", bi_scan},
+      {"visionmamba::bi_scan_inference", bi_scan_inference},
+      {"visionmamba.bi_scan_inference.default", bi_scan_inference},
+      {"visionmamba::conv_silu", conv_silu}, {"visionmamba.conv_silu.default", conv_silu},
+      {"aten::_upsample_bicubic2d_aa", upsample_bicubic2d_aa},
+      {"aten._upsample_bicubic2d_aa.default", upsample_bicubic2d_aa},
+      {"aten._upsample_bicubic2d_aa.vec", upsample_bicubic2d_aa}};
+  for (const auto& [name, converter] : ops)
+    all.push_back(std::make_shared<ov::frontend::pytorch::ConversionExtension>(name, converter));
+  return all;
+}
+
+}  // namespace pytorch
 }  // namespace visionmamba
 
-OPENVINO_CREATE_EXTENSIONS(std::vector<ov::Extension::Ptr>({
-    std::make_shared<ov::OpExtension<visionmamba::BiSelectiveScan>>(),
-    std::make_shared<ov::frontend::onnx::OpExtension<visionmamba::BiSelectiveScan>>("BiSelectiveScan", "visionmamba"),
-    std::make_shared<ov::OpExtension<visionmamba::ConvSiLU>>(),
-    std::make_shared<ov::frontend::onnx::OpExtension<visionmamba::ConvSiLU>>("ConvSiLU", "visionmamba"),
-}));
+namespace {
+
+std::vector<ov::Extension::Ptr> all_extensions() {
+  std::vector<ov::Extension::Ptr> all = {
+      std::make_shared<ov::OpExtension<visionmamba::BiSelectiveScan>>(),
+      std::make_shared<ov::frontend::onnx::OpExtension<visionmamba::BiSelectiveScan>>("BiSelectiveScan", "visionmamba"),
+      std::make_shared<ov::OpExtension<visionmamba::ConvSiLU>>(),
+      std::make_shared<ov::frontend::onnx::OpExtension<visionmamba::ConvSiLU>>("ConvSiLU", "visionmamba"),
+  };
+  for (auto& conversion : visionmamba::pytorch::conversions()) all.push_back(conversion);
+  return all;
+}
+
+}  // namespace
+
+OPENVINO_CREATE_EXTENSIONS(all_extensions());
