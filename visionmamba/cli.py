@@ -24,7 +24,10 @@ def positive_int(text: str) -> int:
 
 
 def device_arg(text: str) -> str:
-    """An argparse type: a device this machine has ("auto", "cpu", "cuda", "cuda:N")."""
+    """An argparse type: a device this machine has ("auto", "cpu", "cuda", "cuda:N"; only a CUDA one needs
+    torch to be checked)."""
+    if text in ("auto", "cpu"):
+        return text
     from visionmamba.ops.devices import resolve_device
 
     try:
@@ -471,10 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run a subcommand. A user error (bad value, missing or unreadable file, an output that cannot be written)
     is one line on stderr and exit 2; Ctrl-C is one line and exit 130; a bug keeps its traceback."""
+    args = build_parser().parse_args(argv)  # --help and argument errors end here, before torch is imported
     from visionmamba.data.folders import CorruptImageError
     from visionmamba.files import OutputError
 
-    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, CorruptImageError, OutputError) as err:

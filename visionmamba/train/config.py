@@ -7,8 +7,6 @@ spec §6.2 / §6.3) share :class:`RunConfig`'s fields; :class:`EvalConfig` descr
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple, Type, TypeVar
 
-from visionmamba.models.factory import check_model_args, check_model_name
-from visionmamba.ops.devices import resolve_device
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # VisionMamba arguments every run sets itself: from the data, --img-size / --crop-size and --drop-path.
@@ -46,6 +44,9 @@ class RunConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        from visionmamba.models.factory import check_model_args, check_model_name  # torch: not for --help
+        from visionmamba.ops.devices import resolve_device
+
         if not self.data:
             raise ValueError("no data folder given: pass --data DIR")
         if self.precision not in PRECISIONS:
@@ -187,6 +188,9 @@ class EvalConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        from visionmamba.models.factory import check_model_name
+        from visionmamba.ops.devices import resolve_device
+
         if not self.data:
             raise ValueError("no data folder given: pass --data DIR (class sub-folders of images)")
         if self.precision not in PRECISIONS:
