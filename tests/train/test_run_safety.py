@@ -136,6 +136,14 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     deadline = time.time() + 120
     while not (run / "last.pth").exists() and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    for _ in range(12):  # a signal that lands inside a C call that checks for signals itself can be lost there
+        proc.send_signal(signal.SIGINT)  # (seen once in a loaded CI run): press Ctrl-C again, as a user would
+        try:
+            _, err = proc.communicate(timeout=10)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    else:
+        proc.kill()
+        _, err = proc.communicate()
     assert proc.returncode == 130 and "interrupted" in err and "--resume" in err and "Traceback" not in err, err
