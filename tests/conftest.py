@@ -39,7 +39,7 @@ def cuda_kernels():
 @pytest.fixture(autouse=True)
 def fresh_compiler_caches():
     """Each test compiles from scratch: torch.compile's frame cache outlives a test, and a model compiled
-    again at another size is recompiled with dynamic shapes, a different path (README: training a compiled
+    again at another size is recompiled with dynamic shapes, a different path (docs/timm.md: training a compiled
     model at several sizes), so results would depend on which tests ran before in the same process."""
     yield
     torch._dynamo.reset()

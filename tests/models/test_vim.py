@@ -208,7 +208,7 @@ def test_bfloat16_autocast_runs_with_fp32_residual():
 
 
 def test_compiled_model_trains_at_two_sizes_with_dynamic_false():
-    """README's advice for training a compiled model at several resolutions: one graph per size."""
+    """The docs' advice (timm.md) for training a compiled model at several resolutions: one graph per size."""
     torch.manual_seed(0)
     model = tiny_vim()
     compiled = torch.compile(model, fullgraph=True, dynamic=False)

@@ -50,14 +50,14 @@ def test_one_onnx_file_serves_every_batch_and_fitting_size(tmp_path, overrides):
     assert "+ %d * k" % overrides.get("stride", 8) in meta["image_sizes"]
 
 
-def test_the_readmes_onnx_runtime_example_classifies_an_image(tmp_path, capsys):
+def test_the_docs_onnx_runtime_example_classifies_an_image(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     from pathlib import Path
 
     from PIL import Image
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    example = readme.split("Classifying an image with the ONNX file")[1].split("```python\n")[1].split("```")[0]
+    page = (Path(__file__).resolve().parents[2] / "docs" / "deployment.md").read_text()
+    example = page.split("Classifying an image with the ONNX file")[1].split("```python\n")[1].split("```")[0]
     torch.manual_seed(0)
     export_onnx("vim_tiny_patch16_224", tmp_path / "m.onnx", img_size=32, model_args=TINY, check=False)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(tmp_path / "c.jpg")
@@ -65,13 +65,13 @@ def test_the_readmes_onnx_runtime_example_classifies_an_image(tmp_path, capsys):
     assert capsys.readouterr().out.strip() in [str(i) for i in range(10)]
 
 
-def test_the_readmes_fused_session_example_runs_our_kernel(tmp_path):
+def test_the_docs_fused_session_example_runs_our_kernel(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    example = readme.split("The same file at our kernels' speed")[1].split("```python\n")[1].split("```")[0]
+    page = (Path(__file__).resolve().parents[2] / "docs" / "deployment.md").read_text()
+    example = page.split("The same file at our kernels' speed")[1].split("```python\n")[1].split("```")[0]
     torch.manual_seed(0)
     export_onnx("vim_tiny_patch16_224", tmp_path / "m.onnx", img_size=32, model_args=TINY, check=False)
     scope: dict = {}
@@ -105,12 +105,12 @@ def test_openvino_converts_the_pytorch_model_itself():
         assert np.abs(compiled(x.numpy())[0] - expected).max() < 1e-4, shape
 
 
-def test_the_readmes_openvino_conversion_example_runs():
+def test_the_docs_openvino_conversion_example_runs():
     pytest.importorskip("openvino")
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    example = readme.split("OpenVINO also converts the PyTorch model itself")[1].split("```python\n")[1].split("```")[0]
+    page = (Path(__file__).resolve().parents[2] / "docs" / "deployment.md").read_text()
+    example = page.split("OpenVINO also converts the PyTorch model itself")[1].split("```python\n")[1].split("```")[0]
     example = example.replace('timm.create_model("vim_tiny_patch16_224")', "tiny(0)").replace("224, 224", "32, 32")
     scope: dict = {"tiny": tiny}
     exec(example, scope)

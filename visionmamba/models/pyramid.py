@@ -1,7 +1,7 @@
 """Vim as a dense-prediction backbone: a ViTDet-style simple feature pyramid over selected blocks.
 
 The plain, single-scale Vim gives (D, H/s, W/s) maps (s = patch stride); like the official segmentation
-backbone (spec §6.2) the pyramid turns four of them into strides 4, 8, 16 and 32 with transposed
+backbone (docs/specification.md §6.2) the pyramid turns four of them into strides 4, 8, 16 and 32 with transposed
 convolutions and max-pooling. The class token never reaches a map (it is removed by
 ``forward_intermediates``), and any input size whose sides fit the patch grid works (the position table is
 resampled). Also usable through timm: ``timm.create_model(name, features_only=True,

@@ -13,7 +13,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from visionmamba.models.vim import VisionMamba, checkpoint_filter_fn
 
-# name -> constructor arguments (the official registrations, spec §1.2).
+# name -> constructor arguments (the official registrations, docs/specification.md §1).
 VARIANTS: Dict[str, Dict[str, Any]] = {
     "vim_tiny_patch16_224": dict(embed_dim=192, stride=16),
     "vim_tiny_patch16_stride8_224": dict(embed_dim=192, stride=8),

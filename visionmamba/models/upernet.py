@@ -1,7 +1,7 @@
 """Semantic segmentation with a Vim backbone: UperNet on the feature pyramid, and its inference.
 
 The decoder is segmentation-models-pytorch's UPerNet (pyramid pooling + FPN fusion); only the glue, the
-classifier and the auxiliary FCN head of the official config (spec §6.2) are written here.
+classifier and the auxiliary FCN head of the official config (docs/specification.md §6.2) are written here.
 """
 from typing import Dict, Optional, Sequence, Tuple
 

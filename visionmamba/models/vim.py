@@ -409,7 +409,7 @@ class VisionMamba(nn.Module):
 
 @torch.no_grad()
 def official_init(model: VisionMamba) -> None:
-    """The official initialisation (spec §4), in the official order of random draws.
+    """The official initialisation (docs/specification.md §4), in the official order of random draws.
 
     Patch conv: LeCun normal, bias 0. Head: truncated normal std 0.02, bias 0. ``pos_embed`` and
     ``cls_token``: truncated normal std 0.02. Then the Mamba "GPT-2" pass: every Linear bias is zeroed

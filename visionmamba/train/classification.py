@@ -1,4 +1,4 @@
-"""``visionmamba train`` and ``eval``: the official ImageNet recipe (spec §5) on timm's building blocks.
+"""``visionmamba train`` and ``eval``: the official ImageNet recipe (docs/specification.md §5) on timm's building blocks.
 
 Transforms, Mixup/CutMix, AdamW, the cosine schedule, EMA and repeated augmentation are timm's; the run
 (DDP, atomic checkpoints that resume exactly, records) is :class:`~visionmamba.train.trainer.Trainer`'s.

@@ -1,12 +1,11 @@
 """Typed configurations of every run, with the official recipes as defaults; the CLI turns each field into a flag.
 
-:class:`TrainConfig` (classification, spec §5), :class:`SegConfig` and :class:`DetConfig` (dense prediction,
-spec §6.2 / §6.3) share :class:`RunConfig`'s fields; :class:`EvalConfig` describes an evaluation.
+:class:`TrainConfig` (classification, docs/specification.md §5), :class:`SegConfig` and :class:`DetConfig`
+(dense prediction, §6.2 / §6.3) share :class:`RunConfig`'s fields; :class:`EvalConfig` describes an evaluation.
 :func:`resolve` builds and validates one from defaults, the model's preset and the given overrides.
 """
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple, Type, TypeVar
-
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # VisionMamba arguments every run sets itself: from the data, --img-size / --crop-size and --drop-path.
@@ -62,7 +61,7 @@ class RunConfig:
 
 @dataclass
 class TrainConfig(RunConfig):
-    """Classification. Defaults are hustvl/Vim main.py's (spec §5.1); presets adjust per model.
+    """Classification. Defaults are hustvl/Vim main.py's (docs/specification.md §5); presets adjust per model.
 
     ``data`` holds train/ and val/ class sub-folders (the ImageNet layout); ``batch_size`` is per process,
     the global batch is batch_size x processes x accum_steps; ``lr`` is scaled by global batch / 512 unless
@@ -133,7 +132,7 @@ class DenseConfig(RunConfig):
 
 @dataclass
 class SegConfig(DenseConfig):
-    """UperNet on ADE20K-layout data; defaults from the official Vim-Ti config and script (spec §6.2)."""
+    """UperNet on ADE20K-layout data; defaults from the official Vim-Ti config and script (docs/specification.md §6.2)."""
 
     output: str = "runs/seg"
     train_split: str = "training"
@@ -153,7 +152,7 @@ class SegConfig(DenseConfig):
 
 @dataclass
 class DetConfig(DenseConfig):
-    """Mask R-CNN on COCO-layout data; defaults from the official ViTDet-style config (spec §6.3)."""
+    """Mask R-CNN on COCO-layout data; defaults from the official ViTDet-style config (docs/specification.md §6.3)."""
 
     output: str = "runs/det"
     train_split: str = "train2017"

@@ -1,5 +1,5 @@
 """``seg-train`` / ``seg-eval`` and ``det-train`` / ``det-eval``: iteration-based training of the dense heads
-with the official recipes as defaults (spec §6.2, §6.3).
+with the official recipes as defaults (docs/specification.md §6.2, §6.3).
 
 Both tasks share one loop (:class:`DenseTrainer`): AdamW with layer-wise lr decay (timm), warm-up then a
 poly (segmentation) or step (detection) schedule (timm), per-sample seeded augmentation, checkpoints every N
