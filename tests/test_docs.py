@@ -50,6 +50,23 @@ def test_the_readmes_quick_start_runs():
     assert [m.shape for m in scope["maps"]] == [(1, 192, 14, 14)] * 4 and scope["big"].shape == (1, 1000)
 
 
+def docs_blocks() -> list:
+    """(page, index, code) of every Python block in docs/ not marked ``<!-- not run: reason -->``."""
+    found = []
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        text = page.read_text()
+        for i, match in enumerate(re.finditer(r"(<!-- not run: [^>]+-->\n)?```python\n(.*?)```", text, flags=re.S)):
+            if match.group(1) is None:
+                found.append(pytest.param(match.group(2), id=f"{page.stem}-{i}"))
+    return found
+
+
+@pytest.mark.parametrize("code", docs_blocks())
+def test_every_python_block_of_the_docs_runs(code):
+    with torch.no_grad():
+        exec(code, {})
+
+
 def test_the_docs_cite_the_specification_that_is_in_the_repository():
     for path in [*ROOT.joinpath("visionmamba").rglob("*.py"), *ROOT.joinpath("docs").glob("*.md")]:
         text = path.read_text()

@@ -112,6 +112,43 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
     assert [r["train_loss"] for r in s_log] == pytest.approx([r["train_loss"] for r in d_log], rel=1e-4)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_run_resumes(tmp_path):
+    """The documented fault-tolerant command (c10d rendezvous, --max-restarts, --resume in the command) on two
+    local processes: one worker is killed mid-run; torchrun restarts both, which continue from last.pth."""
+    data = make_folder(tmp_path / "data", per_class=4, splits=("train",))
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--max-restarts", "1",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}", "--rdzv-id", "test", "-m",
+         "visionmamba", "train", "--data", str(data), "--output", str(run), *map(str, TINY), *map(str, PLAIN),
+         "--epochs", "6", "--batch-size", "2", "--checkpoint-every", "1", "--no-repeated-aug",
+         "--resume"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+    )
+    deadline = time.time() + 300
+    while not (run / "last.pth").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    at_kill = read_file(run / "last.pth")["global_step"]
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "failed (exitcode: -9)" in err and at_kill < 6 * 3  # killed mid-run; the agent restarted the group
+    epochs = [r["epoch"] for r in log_of(run)]
+    assert epochs == sorted(set(epochs)) and epochs[-1] == 5  # every epoch once, the last one reached
+    assert read_file(run / "last.pth")["global_step"] == 6 * 3  # 12 images, 2 per process and step: 3 steps an epoch
+
+
 def test_eval_matches_a_hand_computed_accuracy(tmp_path):
     data = make_folder(tmp_path / "data", per_class=3, splits=("val",), classes=("x", "y"))
     torch.manual_seed(0)
