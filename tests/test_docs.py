@@ -67,6 +67,15 @@ def test_every_python_block_of_the_docs_runs(code):
         exec(code, {})
 
 
+def test_every_shell_block_says_why_it_is_not_run():
+    """Shell blocks need data, weights, several machines or a GPU; each says so (and stays unchanged by accident)."""
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text()
+        blocks = len(re.findall(r"^```bash$", text, flags=re.M))
+        marked = len(re.findall(r"^<!-- not run: [^>]+ -->\n```bash$", text, flags=re.M))
+        assert blocks == marked, path
+
+
 def test_the_docs_cite_the_specification_that_is_in_the_repository():
     for path in [*ROOT.joinpath("visionmamba").rglob("*.py"), *ROOT.joinpath("docs").glob("*.md")]:
         text = path.read_text()

@@ -18,3 +18,11 @@ def test_dense_demo_runs_end_to_end_on_a_small_budget(tmp_path, monkeypatch, cap
     assert "segmentation demo: mIoU" in text and "detection demo: box mAP@0.5" in text
     ckpt = torch.load(tmp_path / "demo" / "seg" / "last.pth", weights_only=False)
     assert ckpt["config"]["finetune"] == str(tmp_path / "demo" / "pretrain" / "last.pth")
+
+
+def test_the_classification_demo_trains_and_evaluates_in_one_epoch(tmp_path, capsys):
+    """``make demo``'s code for one epoch: the bundled digits written, a run trained and tested."""
+    accuracy = demo.run_demo(str(tmp_path / "demo"), epochs=1)
+    out = capsys.readouterr().out
+    assert 0.0 <= accuracy <= 1.0 and f"demo test accuracy: {accuracy:.3f}" in out
+    assert "1437 train / 360 test" in out and (tmp_path / "demo" / "run" / "curves.png").is_file()

@@ -17,7 +17,7 @@ from timm.models._features import feature_take_indices
 
 from visionmamba.files import PathLike
 from visionmamba.models.mixer import BiMambaMixer
-from visionmamba.models.pos_embed import grid_from_pos_embed, pos_embed_resample
+from visionmamba.models.pos_embed import grid_from_pos_embed, pos_embed_resample, split_class_token, with_class_token
 from visionmamba.models.weights import StateDict, load_weights
 from visionmamba.ops import norm, scan
 from visionmamba.ops.scan import BACKENDS
@@ -101,9 +101,7 @@ def insert_cls_token(tokens: torch.Tensor, cls_token: torch.Tensor, pos_embed: t
     """Patch tokens (batch, M, dim) -> (batch, M + 1, dim): the class token inserted at M // 2 and the position
     table (1, M0 + 1, dim) of ``table_grid`` added, resampled to ``grid`` when they differ. (A leaf for
     torch.fx: the resampling depends on the input size.)"""
-    mid = tokens.shape[1] // 2
-    tokens = torch.cat([tokens[:, :mid], cls_token.expand(tokens.shape[0], -1, -1), tokens[:, mid:]], dim=1)
-    return tokens + pos_embed_resample(pos_embed, table_grid, grid)
+    return with_class_token(tokens, cls_token) + pos_embed_resample(pos_embed, table_grid, grid)
 
 
 class Block(nn.Module):
@@ -136,34 +134,34 @@ class Block(nn.Module):
         """hidden (batch, L, dim), residual (batch, L, dim) float32 (float64 for float64 models) or None -> (new
         hidden, new residual). ``own_residual``: the caller hands the residual over (the model's block loop),
         so inference on the Triton path may update it in place instead of allocating the new one."""
-        if self.fused(hidden):
-            normed, residual = self.fused_add_norm(hidden if residual is None else self.drop_path(hidden), residual,
-                                                   own_residual)
+        added = hidden if residual is None else self.drop_path(hidden)
+        fused = self.fused_add_norm(added, residual, own_residual)
+        if fused is not None:
+            normed, residual = fused
         else:
-            if residual is None:
-                residual = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
-            else:
-                residual = residual + self.drop_path(hidden)
+            wide = torch.promote_types(hidden.dtype, torch.float32)
+            residual = added.to(wide) if residual is None else residual + added
             normed = self.norm(residual).to(hidden.dtype)
         return self.mixer(normed), residual
 
     @torch.jit.ignore
-    def fused(self, hidden: torch.Tensor) -> bool:
-        """On the Triton path the residual add and RMSNorm run as one kernel (float32 residual)."""
-        return fused_norm(self.mixer.scan_backend, self.norm.weight, hidden)
-
-    @torch.jit.ignore
     def fused_add_norm(self, hidden: torch.Tensor, residual: Optional[torch.Tensor],
-                       inplace: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        return norm.fused(hidden, residual, self.norm.weight, self.norm.eps, inplace)
+                       inplace: bool) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        return fused_add_norm(self.mixer.scan_backend, self.norm, hidden, residual, inplace)
 
 
-def fused_norm(scan_backend: str, weight: torch.Tensor, hidden: torch.Tensor) -> bool:
-    """Whether the residual add and RMSNorm of ``hidden`` run as the fused Triton kernel: on the Triton scan
-    path, below float64 (its residual is float32), not under torch.fx's symbolic tracing (parameters are
-    proxies there: its graph keeps the plain operators)."""
-    return (not isinstance(weight, torch.fx.Proxy) and hidden.dtype != torch.float64
-            and scan.resolve_backend(scan_backend, weight.device) == "triton")
+def fused_add_norm(scan_backend: str, norm_module: nn.Module, hidden: torch.Tensor, residual: Optional[torch.Tensor],
+                   inplace: bool = False) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The residual add and RMSNorm as one Triton kernel ((normed, new residual), :func:`norm.fused`) where
+    it applies, else None (the caller runs them as plain operators): an RMSNorm, on the Triton scan path,
+    below float64 (its residual is float32), not under torch.fx's symbolic tracing (parameters are proxies
+    there: its graph keeps the plain operators). The one place this is decided, for the blocks and the final
+    norm."""
+    weight = getattr(norm_module, "weight", None)
+    if (not isinstance(norm_module, RmsNorm) or isinstance(weight, torch.fx.Proxy) or hidden.dtype == torch.float64
+            or scan.resolve_backend(scan_backend, weight.device) != "triton"):
+        return None
+    return norm.fused(hidden, residual, weight, norm_module.eps, inplace)
 
 
 def drop_path_rates(rate: float, depth: int) -> List[float]:
@@ -316,17 +314,17 @@ class VisionMamba(nn.Module):
 
     def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """norm_f(residual + drop_path(hidden)) in hidden's dtype (one Triton kernel on the Triton path)."""
-        if self._fused_final_norm(hidden):
-            return self._fused_add_norm_f(self.drop_path(hidden), residual)
-        return self.norm_f(residual + self.drop_path(hidden)).to(hidden.dtype)
+        added = self.drop_path(hidden)
+        fused = self._fused_final_norm(added, residual)
+        if fused is not None:
+            return fused[0]
+        return self.norm_f(residual + added).to(hidden.dtype)
 
     @torch.jit.ignore
-    def _fused_final_norm(self, hidden: torch.Tensor) -> bool:
-        return isinstance(self.norm_f, RmsNorm) and fused_norm(self.layers[0].mixer.scan_backend, self.norm_f.weight, hidden)
-
-    @torch.jit.ignore
-    def _fused_add_norm_f(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return norm.fused(hidden, residual, self.norm_f.weight, self.norm_f.eps)[0]
+    def _fused_final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        if not isinstance(self.norm_f, RmsNorm):  # e.g. a scripted model's: its blocks cannot be indexed here
+            return None
+        return fused_add_norm(self.layers[0].mixer.scan_backend, self.norm_f, hidden, residual)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image (batch, C, H, W) -> all tokens after the final norm (batch, M + 1, dim), class token at M // 2."""
@@ -343,11 +341,10 @@ class VisionMamba(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens (batch, L, dim) -> logits (batch, classes), or the pooled feature (batch, dim): the middle
         class token, or with ``global_pool="avg"`` the mean of the patch tokens."""
-        mid = self.cls_index(x.shape[1] - 1)
         if self.global_pool == "avg":
-            x = torch.cat([x[:, :mid], x[:, mid + 1 :]], dim=1).mean(dim=1)
+            x = split_class_token(x)[1].mean(dim=1)
         else:
-            x = x[:, mid]
+            x = x[:, self.cls_index(x.shape[1] - 1)]
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -374,7 +371,6 @@ class VisionMamba(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         hidden, grid = self._embed(x)
-        mid = self.cls_index(grid[0] * grid[1])
         blocks = self.layers if torch.jit.is_scripting() or not stop_early else self.layers[: max_index + 1]
         residual = None
         intermediates = []
@@ -382,8 +378,7 @@ class VisionMamba(nn.Module):
             hidden, residual = self._run_block(block, hidden, residual)
             if i in take_indices:
                 out = self._final_norm(hidden, residual) if norm else (residual + hidden).to(hidden.dtype)
-                cls_tok = out[:, mid : mid + 1]
-                tokens = torch.cat([out[:, :mid], out[:, mid + 1 :]], dim=1)
+                cls_tok, tokens = split_class_token(out)
                 if output_fmt == "NCHW":
                     tokens = tokens.reshape(tokens.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
                 intermediates.append((tokens, cls_tok) if return_prefix_tokens else tokens)

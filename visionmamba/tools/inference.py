@@ -12,6 +12,7 @@ from tqdm import tqdm
 from visionmamba.data.folders import CorruptImageError, eval_transform, load_rgb
 from visionmamba.files import atomic_write, prepare_output_dir
 from visionmamba.models.factory import InferenceModel
+from visionmamba.models.pos_embed import split_class_token
 from visionmamba.models.vim import VisionMamba
 from visionmamba.ops.memory import peak_rss_mb
 
@@ -106,8 +107,7 @@ def extract_features(
     if kind == "pooled":
         return {"pooled": model.forward_head(tokens, pre_logits=True)}
     grid = model.patch_embed.grid_for(images.shape[-2], images.shape[-1])
-    mid = model.cls_index(grid[0] * grid[1])
-    patches = torch.cat([tokens[:, :mid], tokens[:, mid + 1 :]], dim=1)
+    patches = split_class_token(tokens)[1]
     return {"map": patches.reshape(patches.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()}
 
 

@@ -30,7 +30,7 @@ from visionmamba.ops.memory import peak_memory_mb
 from visionmamba.train.config import EvalConfig, TrainConfig
 from visionmamba.train.distributed import all_reduce_sum, broadcast_buffers, cleanup, init_distributed
 from visionmamba.train.records import Record
-from visionmamba.train.trainer import Trainer, autocast_for, run_training
+from visionmamba.train.trainer import RunPolicy, Trainer, autocast_for, run_training
 
 
 def data_config(cfg: TrainConfig) -> Dict[str, Any]:
@@ -66,12 +66,14 @@ def reduce_stats(stats: EpochStats) -> EpochStats:
 class ClassificationTrainer(Trainer):
     """Epochs over a class-folder data set; mid-epoch checkpoints every ``checkpoint_every`` optimizer steps."""
 
-    kind, step_key, metric = "train", "epoch", "top1"
-    panels = (("loss", ("train_loss", "val_loss")), ("accuracy (%)", ("top1", "top5", "ema_top1")))
-    resume_keys = ("epoch", "step_in_epoch")
-    same_run_keys = ("model", "model_args", "batch_size", "accum_steps", "img_size")
-    nonfinite_hint = ("Lower the learning rate, use --precision fp32, enable --clip-grad, or pass --skip-nonfinite "
-                      "to skip such steps.")
+    policy = RunPolicy(
+        command="train", step_key="epoch", metric="top1",
+        panels=(("loss", ("train_loss", "val_loss")), ("accuracy (%)", ("top1", "top5", "ema_top1"))),
+        resume_keys=("epoch", "step_in_epoch"),
+        same_run_keys=("model", "model_args", "batch_size", "accum_steps", "img_size"),
+        nonfinite_hint=("Lower the learning rate, use --precision fp32, enable --clip-grad, or pass --skip-nonfinite "
+                        "to skip such steps."),
+    )
 
     def __init__(self, cfg: TrainConfig, dist) -> None:
         super().__init__(cfg, dist)
@@ -159,7 +161,7 @@ class ClassificationTrainer(Trainer):
             self.partial = EpochStats()
             record = self.epoch_record(epoch, stats)
             self.epoch, self.step_in_epoch = epoch + 1, 0
-            self.finish_record(record)
+            self.write_record(record)
         return record
 
     def train_epoch(self, epoch: int) -> EpochStats:
@@ -168,7 +170,7 @@ class ClassificationTrainer(Trainer):
         Gradients of ``accum_steps`` batches add up to one optimizer step; an accumulation with a
         non-finite loss is dropped as a whole (with ``skip_nonfinite``).
         """
-        cfg, stats, step, poisoned = self.cfg, self.partial, self.step_in_epoch, False
+        cfg, stats, step, finite = self.cfg, self.partial, self.step_in_epoch, True
         start = time.perf_counter() - stats.seconds
         loader = self.loader(self.train_set, self.sampler, seed=cfg.seed + epoch, collate=collate_skipping, drop_last=True)
         self.ddp.train()
@@ -179,25 +181,20 @@ class ClassificationTrainer(Trainer):
                 bar.update(1)
                 stats.skipped_images += skipped
                 batch = self.prepare_batch(images, targets)
-                if batch is None:
+                if batch is None:  # every image of the batch was unreadable
                     continue
-                boundary = step % cfg.accum_steps == 0
-                loss = self.accumulate(*batch, sync=boundary, where=f"epoch {epoch}, step {step} of the epoch")
-                if loss is None:
-                    poisoned = True
-                else:
-                    stats.loss_sum, stats.images = stats.loss_sum + loss * len(batch[0]), stats.images + len(batch[0])
-                if not boundary:
+                where = f"epoch {epoch}, step {step} of the epoch"
+                loss = self.accumulate(*batch, stats, sync=step % cfg.accum_steps == 0, where=where)
+                finite = finite and loss is not None
+                if step % cfg.accum_steps:  # more batches to add up before the optimizer step
                     continue
-                if poisoned:  # the whole accumulation is dropped, on every rank alike
-                    self.optimizer.zero_grad(set_to_none=True)
-                    stats.skipped_steps, poisoned = stats.skipped_steps + 1, False
-                    self.skipped_total += 1
+                if not finite:
+                    self.drop_accumulation(stats)
+                    finite = True
                     continue
                 self.optimizer_step(clip=cfg.clip_grad)
-                stats.steps += 1
+                stats.steps, stats.seconds = stats.steps + 1, time.perf_counter() - start
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
-                stats.seconds = time.perf_counter() - start
                 self.after_step(step, stats)
         self.optimizer.zero_grad(set_to_none=True)  # an incomplete accumulation at the end of the epoch is dropped
         stats.seconds = time.perf_counter() - start
@@ -213,9 +210,10 @@ class ClassificationTrainer(Trainer):
             return None
         return self.mixup(images, targets) if self.mixup is not None else (images, targets)
 
-    def accumulate(self, images: torch.Tensor, targets: torch.Tensor, *, sync: bool, where: str) -> Optional[float]:
-        """Forward and backward of one batch (DDP averages gradients over ranks only when ``sync``); the
-        loss, or None when it is not finite (and skipped)."""
+    def accumulate(self, images: torch.Tensor, targets: torch.Tensor, stats: EpochStats, *, sync: bool,
+                   where: str) -> Optional[float]:
+        """Forward and backward of one batch (DDP averages gradients over ranks only when ``sync``), counted in
+        ``stats``; the loss, or None when it is not finite (and skipped)."""
         sync = sync or not hasattr(self.ddp, "no_sync")
         with contextlib.nullcontext() if sync else self.ddp.no_sync():
             with self.autocast():
@@ -223,7 +221,14 @@ class ClassificationTrainer(Trainer):
             if not self.loss_is_usable(loss, where):
                 return None
             self.backward(loss / self.cfg.accum_steps)
+        stats.loss_sum, stats.images = stats.loss_sum + loss.item() * len(images), stats.images + len(images)
         return loss.item()
+
+    def drop_accumulation(self, stats: EpochStats) -> None:
+        """Drop the gradients of an accumulation that met a non-finite loss (every rank alike) and count it."""
+        self.optimizer.zero_grad(set_to_none=True)
+        stats.skipped_steps += 1
+        self.skipped_total += 1
 
     def after_step(self, step: int, stats: EpochStats) -> None:
         """Count the optimizer step; checkpoint mid-epoch every ``checkpoint_every`` steps."""

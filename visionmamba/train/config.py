@@ -5,7 +5,7 @@
 :func:`resolve` builds and validates one from defaults, the model's preset and the given overrides.
 """
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional, Tuple, Type, TypeVar
+from typing import Any, ClassVar, Dict, Optional, Tuple, Type, TypeVar
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # VisionMamba arguments every run sets itself: from the data, --img-size / --crop-size and --drop-path.
@@ -134,6 +134,7 @@ class DenseConfig(RunConfig):
 class SegConfig(DenseConfig):
     """UperNet on ADE20K-layout data; defaults from the official Vim-Ti config and script (docs/specification.md §6.2)."""
 
+    task: ClassVar[str] = "seg"  # the task of train/dense.py that runs it
     output: str = "runs/seg"
     train_split: str = "training"
     val_split: str = "validation"
@@ -154,6 +155,7 @@ class SegConfig(DenseConfig):
 class DetConfig(DenseConfig):
     """Mask R-CNN on COCO-layout data; defaults from the official ViTDet-style config (docs/specification.md §6.3)."""
 
+    task: ClassVar[str] = "det"
     output: str = "runs/det"
     train_split: str = "train2017"
     val_split: str = "val2017"

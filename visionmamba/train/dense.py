@@ -41,7 +41,7 @@ from visionmamba.train.distributed import (
 )
 from visionmamba.train.metrics import coco_scores, segmentation_scores, to_coco_results
 from visionmamba.train.records import Record
-from visionmamba.train.trainer import Trainer, run_training
+from visionmamba.train.trainer import RunPolicy, Trainer, run_training
 
 
 def build_dense_model(cfg: DenseConfig, num_classes: int, *, pretrained: bool = True) -> nn.Module:
@@ -52,26 +52,31 @@ def build_dense_model(cfg: DenseConfig, num_classes: int, *, pretrained: bool = 
     if cfg.finetune and pretrained:
         load_checkpoint(backbone, cfg.finetune, drop_head=True)
     out_indices = cfg.out_indices or default_out_indices(len(backbone.layers))
-    if isinstance(cfg, SegConfig):
-        return VimUperNet(
-            backbone, num_classes, out_indices=out_indices,
-            channels=cfg.decoder_channels or backbone.embed_dim, aux_weight=cfg.aux_weight,
-        )
-    return VimMaskRCNN(
-        backbone, num_classes, out_indices=out_indices, min_size=cfg.crop_size, max_size=cfg.crop_size,
-        fpn_channels=cfg.fpn_channels, anchor_sizes=cfg.anchor_sizes, detector_args=cfg.detector_args,
-    )
+    return TASKS[cfg.task].build_model(cfg, backbone, num_classes, out_indices)
 
 
 # ------------------------------------------------------------------------------------------------ tasks
 class DenseTask(Protocol):
-    """Data, batches and metric of one dense task."""
+    """What one dense task brings to the shared loop: its model, data, batches, schedule and metric, and the
+    settings a resumed run of it must share."""
 
+    name: str  # "seg" or "det": the config's ``task``, recorded in checkpoints
     metric: str
+    same_run_keys: Tuple[str, ...]  # besides the model, its arguments, the batch and crop size
+    find_unused_parameters: bool  # for DDP
     num_classes: int
     classes: List[str]
     train_set: Any
     val_set: Any
+
+    @staticmethod
+    def build_model(cfg: Any, backbone: VisionMamba, num_classes: int, out_indices: Tuple[int, ...]) -> nn.Module: ...
+
+    def check_batch(self, images_per_norm: int) -> None: ...
+
+    def scheduler(self, optimizer: torch.optim.Optimizer) -> Any: ...
+
+    def check_checkpoint(self, ckpt: Dict[str, Any]) -> None: ...
 
     def collate(self, batch: List[Any]) -> Any: ...
 
@@ -86,9 +91,11 @@ def _shard(dataset: Any, dist: DistInfo) -> List[int]:
 
 
 class SegTask:
-    """Semantic segmentation on the ADE20K layout; metric mIoU."""
+    """Semantic segmentation on the ADE20K layout (UperNet, poly schedule); metric mIoU."""
 
-    metric = "mIoU"
+    name, metric = "seg", "mIoU"
+    same_run_keys = ("num_classes", "reduce_zero_label")
+    find_unused_parameters = False
 
     def __init__(self, cfg: SegConfig, *, train: bool = True) -> None:
         self.cfg = cfg
@@ -103,6 +110,27 @@ class SegTask:
             cfg.data, cfg.val_split, seg_eval_transform(cfg.crop_size), reduce_zero_label=cfg.reduce_zero_label, train=False,
         )
         self.val_set = val_set_or_none(make_val) if train else make_val()
+
+    @staticmethod
+    def build_model(cfg: SegConfig, backbone: VisionMamba, num_classes: int, out_indices) -> nn.Module:
+        return VimUperNet(backbone, num_classes, out_indices=out_indices,
+                          channels=cfg.decoder_channels or backbone.embed_dim, aux_weight=cfg.aux_weight)
+
+    @staticmethod
+    def check_batch(images_per_norm: int) -> None:
+        if images_per_norm < 2:
+            raise ValueError(
+                "UperNet's pyramid pooling normalises a 1x1 map with BatchNorm, which needs at least 2 images per "
+                "batch (per process on CPU; over all GPUs with SyncBatchNorm): raise --batch-size"
+            )
+
+    def scheduler(self, optimizer: torch.optim.Optimizer) -> PolyLRScheduler:
+        cfg = self.cfg
+        return PolyLRScheduler(optimizer, t_initial=cfg.iters, power=1.0, lr_min=0.0, warmup_t=cfg.warmup_iters,
+                               warmup_lr_init=cfg.lr * 1e-6, t_in_epochs=False)
+
+    def check_checkpoint(self, ckpt: Dict[str, Any]) -> None:
+        pass  # the class count is the config's, recorded with it
 
     collate = staticmethod(collate_pairs)
 
@@ -128,9 +156,11 @@ class SegTask:
 
 
 class DetTask:
-    """Detection and instance segmentation on the COCO layout; metric box AP."""
+    """Detection and instance segmentation on the COCO layout (Mask R-CNN, step schedule); metric box AP."""
 
-    metric = "bbox_AP"
+    name, metric = "det", "bbox_AP"
+    same_run_keys: Tuple[str, ...] = ()
+    find_unused_parameters = True  # a batch without positives leaves the mask head unused
 
     def __init__(self, cfg: DetConfig, *, train: bool = True) -> None:
         self.cfg = cfg
@@ -150,6 +180,30 @@ class DetTask:
             self.val_set = make_val()
             self.classes = self.val_set.classes
         self.num_classes = len(self.classes)
+
+    @staticmethod
+    def build_model(cfg: DetConfig, backbone: VisionMamba, num_classes: int, out_indices) -> nn.Module:
+        return VimMaskRCNN(
+            backbone, num_classes, out_indices=out_indices, min_size=cfg.crop_size, max_size=cfg.crop_size,
+            fpn_channels=cfg.fpn_channels, anchor_sizes=cfg.anchor_sizes, detector_args=cfg.detector_args,
+        )
+
+    @staticmethod
+    def check_batch(images_per_norm: int) -> None:
+        pass  # Mask R-CNN trains on batches of any size
+
+    def scheduler(self, optimizer: torch.optim.Optimizer) -> MultiStepLRScheduler:
+        cfg = self.cfg  # x0.1 at the same fractions of the run as the official 163,889 / 177,546 of 184,375
+        milestones = [round(cfg.iters * 163889 / 184375), round(cfg.iters * 177546 / 184375)]
+        return MultiStepLRScheduler(
+            optimizer, decay_t=milestones, decay_rate=0.1, warmup_t=cfg.warmup_iters,
+            warmup_lr_init=cfg.lr * 1e-3, warmup_prefix=False, t_in_epochs=False,  # absolute milestones
+        )
+
+    def check_checkpoint(self, ckpt: Dict[str, Any]) -> None:
+        if self.num_classes != ckpt["num_classes"]:
+            raise ValueError(f"the checkpoint detects {ckpt['num_classes']} classes but the annotations list "
+                             f"{self.num_classes}")
 
     collate = staticmethod(collate_lists)
 
@@ -180,22 +234,26 @@ def val_set_or_none(make):
         return None
 
 
+TASKS: Dict[str, Any] = {"seg": SegTask, "det": DetTask}  # a config's ``task`` -> the task that runs it
+CONFIGS: Dict[str, type] = {"seg": SegConfig, "det": DetConfig}
+
+
 def make_task(cfg: DenseConfig, *, train: bool = True) -> DenseTask:
-    return SegTask(cfg, train=train) if isinstance(cfg, SegConfig) else DetTask(cfg, train=train)
+    return TASKS[cfg.task](cfg, train=train)
 
 
 # ------------------------------------------------------------------------------------------------- loop
 class DenseTrainer(Trainer):
     """Iterations of either task; a record (evaluation, log, checkpoints) every ``eval_every`` and at the end."""
 
-    step_key = "iter"
-    resume_keys = ("iteration",)
-
     def __init__(self, cfg: DenseConfig, dist: DistInfo) -> None:
-        self.kind = "seg-train" if isinstance(cfg, SegConfig) else "det-train"
-        self.same_run_keys = ("model", "model_args", "batch_size", "crop_size") + (
-            ("num_classes", "reduce_zero_label") if isinstance(cfg, SegConfig) else ())
-        self.find_unused_parameters = isinstance(cfg, DetConfig)  # a batch without positives leaves the mask head unused
+        task = TASKS[cfg.task]
+        self.policy = RunPolicy(
+            command=f"{task.name}-train", step_key="iter", metric=task.metric,
+            panels=(("train loss", ("train_loss",)), (task.metric, (task.metric,))), resume_keys=("iteration",),
+            same_run_keys=("model", "model_args", "batch_size", "crop_size", *task.same_run_keys),
+            find_unused_parameters=task.find_unused_parameters,
+        )
         super().__init__(cfg, dist)
         self.iteration = 0
         self.loss_sum, self.loss_count = 0.0, 0  # since the last record
@@ -204,8 +262,6 @@ class DenseTrainer(Trainer):
     def build_data(self) -> None:
         self.task = make_task(self.cfg)
         self.train_set = self.task.train_set
-        self.metric = self.task.metric
-        self.panels = (("train loss", ("train_loss",)), (self.metric, (self.metric,)))
 
     def build_model(self) -> nn.Module:
         cfg, dist = self.cfg, self.dist
@@ -213,11 +269,7 @@ class DenseTrainer(Trainer):
         sync_bn = dist.distributed and dist.device.type == "cuda"  # BN statistics over the global batch (GPU only)
         if sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if isinstance(cfg, SegConfig) and cfg.batch_size * (dist.world_size if sync_bn else 1) < 2:
-            raise ValueError(
-                "UperNet's pyramid pooling normalises a 1x1 map with BatchNorm, which needs at least 2 images per "
-                "batch (per process on CPU; over all GPUs with SyncBatchNorm): raise --batch-size"
-            )
+        self.task.check_batch(cfg.batch_size * (dist.world_size if sync_bn else 1))
         return model
 
     def memory_needed_mb(self, model: nn.Module) -> float:
@@ -236,18 +288,7 @@ class DenseTrainer(Trainer):
     def build_optimization(self):
         cfg = self.cfg
         optimizer = create_optimizer_v2(self.model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
-        if isinstance(cfg, SegConfig):
-            scheduler = PolyLRScheduler(
-                optimizer, t_initial=cfg.iters, power=1.0, lr_min=0.0, warmup_t=cfg.warmup_iters,
-                warmup_lr_init=cfg.lr * 1e-6, t_in_epochs=False,
-            )
-        else:  # x0.1 at the same fractions of the run as the official 163,889 / 177,546 of 184,375
-            milestones = [round(cfg.iters * 163889 / 184375), round(cfg.iters * 177546 / 184375)]
-            scheduler = MultiStepLRScheduler(
-                optimizer, decay_t=milestones, decay_rate=0.1, warmup_t=cfg.warmup_iters,
-                warmup_lr_init=cfg.lr * 1e-3, warmup_prefix=False, t_in_epochs=False,  # absolute milestones
-            )
-        return optimizer, scheduler
+        return optimizer, self.task.scheduler(optimizer)
 
     def run(self) -> Record:
         cfg, record = self.cfg, {}
@@ -264,7 +305,7 @@ class DenseTrainer(Trainer):
                     it = self.iteration
                     if it == cfg.iters or (cfg.eval_every and it % cfg.eval_every == 0):
                         record = self.evaluation_record()
-                        self.finish_record(record)
+                        self.write_record(record)
                     elif cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
                         self.save()
                     if it == cfg.iters:
@@ -305,7 +346,7 @@ class DenseTrainer(Trainer):
     def extra_state(self) -> Dict[str, Any]:
         return {
             "iteration": self.iteration, "best": self.best, "running": [self.loss_sum, self.loss_count, self.skipped],
-            "task": "seg" if isinstance(self.cfg, SegConfig) else "det", "num_classes": self.task.num_classes,
+            "task": self.task.name, "num_classes": self.task.num_classes,
             "classes": list(self.task.classes),
         }
 
@@ -322,9 +363,9 @@ def train_dense(cfg: DenseConfig) -> Record:
 def load_dense(path: str, device: torch.device) -> Tuple[nn.Module, DenseConfig, Dict[str, Any]]:
     """A seg-train / det-train checkpoint's model (eval mode), config and raw contents."""
     ckpt = read_file(path)
-    if ckpt.get("task") not in ("seg", "det"):
+    if ckpt.get("task") not in CONFIGS:
         raise ValueError(f"{path!r} is not a seg-train / det-train checkpoint (no task recorded)")
-    cls = SegConfig if ckpt["task"] == "seg" else DetConfig
+    cls = CONFIGS[ckpt["task"]]
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()}
     cfg = cls(**values)
     model = build_dense_model(cfg, ckpt["num_classes"], pretrained=False)
@@ -343,12 +384,11 @@ def evaluate_dense(checkpoint: str, data: Optional[str] = None, split: Optional[
         if split:
             cfg.val_split = split
         if eval_mode:
-            if not isinstance(cfg, SegConfig):
+            if not hasattr(cfg, "eval_mode"):
                 raise ValueError("--mode applies to segmentation checkpoints only")
             cfg.eval_mode = eval_mode
         task = make_task(cfg, train=False)
-        if isinstance(cfg, DetConfig) and task.num_classes != ckpt["num_classes"]:
-            raise ValueError(f"the checkpoint detects {ckpt['num_classes']} classes but the annotations list {task.num_classes}")
+        task.check_checkpoint(ckpt)
         start = time.perf_counter()
         metrics = task.evaluate(model, task.val_set, dist, progress=progress and dist.is_main)
         metrics["seconds"] = time.perf_counter() - start

@@ -10,7 +10,7 @@ import json
 import os
 import platform
 import random
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Type
 
@@ -68,19 +68,27 @@ def versions() -> Dict[str, str]:
     return {"visionmamba": __version__, "torch": str(torch.__version__), "timm": timm.__version__, "python": platform.python_version()}
 
 
-class Trainer:
-    """One training run (one instance per process). Subclasses build the data, model and optimization and
-    write the loop with :meth:`loss_is_usable`, :meth:`backward`, :meth:`optimizer_step` and
-    :meth:`finish_record`; checkpoints, resume, DDP, precision and records are here."""
+@dataclass(frozen=True)
+class RunPolicy:
+    """What one training command decides that the shared run does not: how records are keyed and plotted,
+    which entry picks best.pth, what a checkpoint must hold, what a resumed run must share."""
 
-    kind = "train"  # the command, for messages
-    step_key = "epoch"  # what records are keyed by
-    metric = ""  # the record entry best.pth is chosen by
-    panels: Sequence[Tuple[str, Sequence[str]]] = ()  # curves.png: (y label, record keys) per panel
-    resume_keys: Sequence[str] = ()  # besides model, optimizer, scheduler, rng
-    same_run_keys: Sequence[str] = ("model", "model_args", "batch_size")  # config a resumed run must share
-    find_unused_parameters = False
-    nonfinite_hint = "Lower the learning rate, use --precision fp32, or pass --skip-nonfinite to skip such steps."
+    command: str  # for messages: "train", "seg-train", ...
+    step_key: str  # what records are keyed by ("epoch", "iter")
+    metric: str  # the record entry best.pth is chosen by
+    panels: Sequence[Tuple[str, Sequence[str]]]  # curves.png: (y label, record keys) per panel
+    resume_keys: Sequence[str]  # what a checkpoint holds besides model, optimizer, scheduler, rng
+    same_run_keys: Sequence[str]  # config entries a resumed run must share
+    find_unused_parameters: bool = False  # for DDP: parameters some batches leave without a gradient
+    nonfinite_hint: str = "Lower the learning rate, use --precision fp32, or pass --skip-nonfinite to skip such steps."
+
+
+class Trainer:
+    """One training run (one instance per process). Subclasses set :attr:`policy`, build the data, model and
+    optimization and write the loop with :meth:`loss_is_usable`, :meth:`backward`, :meth:`optimizer_step` and
+    :meth:`write_record`; checkpoints, resume, DDP, precision and records are here."""
+
+    policy: RunPolicy
 
     def __init__(self, cfg: RunConfig, dist: DistInfo) -> None:
         self.cfg, self.dist, self.out = cfg, dist, Path(cfg.output)
@@ -93,7 +101,7 @@ class Trainer:
         self.ddp = self.model
         if dist.distributed:
             device_ids = [dist.local_rank] if dist.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=self.find_unused_parameters)
+            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=self.policy.find_unused_parameters)
         self.ema: Optional[nn.Module] = None
         self.optimizer, self.scheduler = self.build_optimization()
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
@@ -166,7 +174,7 @@ class Trainer:
         applied, skipped = self.steps_applied_and_skipped()
         if applied == 0 and skipped > 0:
             raise NonFiniteLossError(f"every one of the run's {skipped} step(s) had a non-finite loss and was skipped; "
-                                     f"the weights never changed. {self.nonfinite_hint}")
+                                     f"the weights never changed. {self.policy.nonfinite_hint}")
         return record
 
     def loader(self, dataset: Dataset, sampler: Iterable[int], *, seed: int, collate: Callable, drop_last: bool) -> DataLoader:
@@ -188,7 +196,7 @@ class Trainer:
             return True
         if self.cfg.skip_nonfinite:
             return False
-        raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at {where}; the step was not applied. {self.nonfinite_hint}")
+        raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at {where}; the step was not applied. {self.policy.nonfinite_hint}")
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
@@ -204,15 +212,16 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
 
-    def finish_record(self, record: Record) -> None:
+    def write_record(self, record: Record) -> None:
         """Log the record (log.jsonl, curves.png, one printed line), save last.pth, and best.pth if it is the best."""
         if self.dist.is_main:
-            records = append_record(self.out / "log.jsonl", record, self.step_key)
-            plot_records(records, self.out / "curves.png", self.step_key, self.panels)
-            print(summary(record, self.step_key), flush=True)
+            policy = self.policy
+            records = append_record(self.out / "log.jsonl", record, policy.step_key)
+            plot_records(records, self.out / "curves.png", policy.step_key, policy.panels)
+            print(summary(record, policy.step_key), flush=True)
         self.save()
-        if record.get(self.metric, -1.0) > self.best:
-            self.best = record[self.metric]
+        if record.get(self.policy.metric, -1.0) > self.best:
+            self.best = record[self.policy.metric]
             self.save("best.pth")
         barrier()
 
@@ -231,10 +240,10 @@ class Trainer:
 
     def resume(self, path: str) -> None:
         ckpt = read_file(path)
-        missing = [k for k in ("model", "optimizer", "scheduler", "rng", *self.resume_keys) if k not in ckpt]
+        missing = [k for k in ("model", "optimizer", "scheduler", "rng", *self.policy.resume_keys) if k not in ckpt]
         if missing:
             raise ValueError(
-                f"{path!r} is not a {self.kind} checkpoint of visionmamba (no {missing[0]!r}); "
+                f"{path!r} is not a {self.policy.command} checkpoint of visionmamba (no {missing[0]!r}); "
                 "use --finetune to start from its weights"
             )
         self.check_same_run(ckpt, path)
@@ -253,7 +262,7 @@ class Trainer:
         recorded = ckpt.get("config") or {}
         differences = [
             f"{key} {recorded[key]!r} in the checkpoint, {getattr(self.cfg, key)!r} now"
-            for key in self.same_run_keys if key in recorded and _plain(recorded[key]) != _plain(getattr(self.cfg, key))
+            for key in self.policy.same_run_keys if key in recorded and _plain(recorded[key]) != _plain(getattr(self.cfg, key))
         ]
         if "world_size" in ckpt and ckpt["world_size"] != self.dist.world_size:
             differences.append(f"{ckpt['world_size']} process(es) in the checkpoint, {self.dist.world_size} now")

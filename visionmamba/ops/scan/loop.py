@@ -30,7 +30,7 @@ STEPS_PER_ITERATION = 8  # measured best in ONNX Runtime at Vim-Ti shapes among 
 
 def softplus(x: torch.Tensor) -> torch.Tensor:
     """softplus(x) = log(1 + exp(x)) from operators every runtime vectorises (ONNX Runtime's own Softplus is
-    scalar code: 7 ms of Vim-Ti's 1,2M deltas per layer). Equal to F.softplus to rounding: above its
+    scalar code; benchmarks/RESULTS.md). Equal to F.softplus to rounding: above its
     threshold of 20 the log term is below half an ulp of x."""
     return x.clamp_min(0) + torch.log(1 + torch.exp(-x.abs()))
 

@@ -200,9 +200,9 @@ def _exchange(cur, lane, w: tl.constexpr):
 
 
 @triton.jit
-def _delta_in(ptr, stride, mask, DT_RANK: tl.constexpr, DT_PAIRS: tl.constexpr):
+def _load_delta_input(ptr, stride, mask, DT_RANK: tl.constexpr, DT_PAIRS: tl.constexpr):
     """What a forward step loads for delta: its row over the program's channels, or with DT_RANK the
-    DT_RANK scalars of the low-rank dt that ``_delta_of`` turns into it."""
+    DT_RANK scalars of the low-rank dt that ``_delta_from_input`` turns into it."""
     if DT_RANK == 0:
         loaded = tl.load(ptr, mask=mask, other=0.0)
     else:
@@ -211,7 +211,7 @@ def _delta_in(ptr, stride, mask, DT_RANK: tl.constexpr, DT_PAIRS: tl.constexpr):
 
 
 @triton.jit
-def _delta_of(loaded, W, DT_RANK: tl.constexpr):
+def _delta_from_input(loaded, W, DT_RANK: tl.constexpr):
     """delta as float32 over the program's channels: the loaded row, or dt W (dt_proj: DT_RANK FMAs)."""
     if DT_RANK == 0:
         delta = loaded.to(tl.float32)
@@ -301,7 +301,7 @@ def _scan_fwd_kernel(
     # step 0's inputs; every step then loads the next one's before its own arithmetic
     t = _time(0, L, i_d)
     n_u = tl.load(p_u + t * s_u_t, mask=m_e, other=0.0)
-    n_dt = _delta_in(p_dt + t * s_dt_t, s_dt_e, m_e, DT_RANK, DT_PAIRS)
+    n_dt = _load_delta_input(p_dt + t * s_dt_t, s_dt_e, m_e, DT_RANK, DT_PAIRS)
     n_z = tl.load(p_z + t * s_z_t, mask=m_e, other=0.0)
     n_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N, BC_PAIRS)
     n_C = _scalar_tuple(p_C + t * s_C_t, s_C_n, N, BC_PAIRS)
@@ -309,10 +309,10 @@ def _scan_fwd_kernel(
         if SAVE_STATES:
             _store_tuple(p_h + c * s_h_c, E, o_e, h, m_e, N)
         for j in range(0, tl.minimum(CHUNK, L - c * CHUNK)):
-            b_u, b_dt, b_z, b_B, b_C, cur = n_u.to(tl.float32), _delta_of(n_dt, W_dt, DT_RANK), n_z.to(tl.float32), n_B, n_C, t
+            b_u, b_dt, b_z, b_B, b_C, cur = n_u.to(tl.float32), _delta_from_input(n_dt, W_dt, DT_RANK), n_z.to(tl.float32), n_B, n_C, t
             t = _time(tl.minimum(c * CHUNK + j + 1, L - 1), L, i_d)  # the last step reloads itself
             n_u = tl.load(p_u + t * s_u_t, mask=m_e, other=0.0)
-            n_dt = _delta_in(p_dt + t * s_dt_t, s_dt_e, m_e, DT_RANK, DT_PAIRS)
+            n_dt = _load_delta_input(p_dt + t * s_dt_t, s_dt_e, m_e, DT_RANK, DT_PAIRS)
             n_z = tl.load(p_z + t * s_z_t, mask=m_e, other=0.0)
             n_B = _scalar_tuple(p_B + t * s_B_t, s_B_n, N, BC_PAIRS)
             n_C = _scalar_tuple(p_C + t * s_C_t, s_C_n, N, BC_PAIRS)

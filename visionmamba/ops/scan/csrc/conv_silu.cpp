@@ -70,8 +70,17 @@ template <typename T>
 ConvParams<T> conv_params(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
   TORCH_CHECK(x.stride(2) == 1, "conv: x must have contiguous channels");
   TORCH_CHECK(w.is_contiguous() && bias.is_contiguous(), "conv: w and bias must be contiguous");
-  return ConvParams<T>{x.data_ptr<T>(), x.stride(0), x.stride(1), w.data_ptr<T>(), bias.data_ptr<T>(),
-                       x.size(0),       x.size(1),   w.size(2),   w.size(1)};
+  ConvParams<T> p;
+  p.x = x.data_ptr<T>();
+  p.sx_b = x.stride(0);
+  p.sx_t = x.stride(1);
+  p.w = w.data_ptr<T>();
+  p.bias = bias.data_ptr<T>();
+  p.batch = x.size(0);
+  p.L = x.size(1);
+  p.E = w.size(2);
+  p.K = w.size(1);
+  return p;
 }
 
 }  // namespace

@@ -148,23 +148,25 @@ Row<T> single_row(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
   const int64_t E = u.size(1), L = u.size(2), N = A.size(1), b = be / E, e = be % E;
   const T *pD = optional_ptr<T>(D), *pz = optional_ptr<T>(z);
   const T* bc = BC.data_ptr<T>() + b * L * 2 * N;
-  return Row<T>{u.data_ptr<T>() + be * L,
-                1,
-                delta.data_ptr<T>() + be * L,
-                1,
-                bc,
-                bc + N,
-                2 * N,
-                pz ? pz + be * L : nullptr,
-                1,
-                A.data_ptr<T>() + e * N,
-                pD ? pD[e] : T(0),
-                T(0),
-                L,
-                N,
-                softplus,
-                false,
-                T(1)};
+  Row<T> r;
+  r.u = u.data_ptr<T>() + be * L;
+  r.su = 1;
+  r.delta = delta.data_ptr<T>() + be * L;
+  r.sd = 1;
+  r.B = bc;
+  r.C = bc + N;
+  r.sbc = 2 * N;
+  r.z = pz ? pz + be * L : nullptr;
+  r.sz = 1;
+  r.A = A.data_ptr<T>() + e * N;
+  r.D = pD ? pD[e] : T(0);
+  r.bias = T(0);
+  r.L = L;
+  r.N = N;
+  r.softplus = softplus;
+  r.reverse = false;
+  r.scale = T(1);
+  return r;
 }
 
 // Row (dir, b, e) of the bidirectional backward (see selective_scan.h).
@@ -174,23 +176,25 @@ Row<T> bi_row(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
   const int64_t batch = u.size(1), E = u.size(2), L = u.size(3), N = A.size(2), R = x_proj_out.size(3) - 2 * N;
   const int64_t dir = dir_b_e / (batch * E), b = (dir_b_e / E) % batch, e = dir_b_e % E;
   const T* row = x_proj_out.data_ptr<T>() + dir * x_proj_out.stride(0) + b * x_proj_out.stride(1) + R;
-  return Row<T>{u.data_ptr<T>() + dir_b_e * L,
-                1,
-                delta.data_ptr<T>() + dir_b_e * L,
-                1,
-                row,
-                row + N,
-                x_proj_out.stride(2),
-                z.data_ptr<T>() + b * z.stride(0) + e,
-                z.stride(1),
-                A.data_ptr<T>() + (dir * E + e) * N,
-                D.data_ptr<T>()[dir * E + e],
-                bias.data_ptr<T>()[dir * E + e],
-                L,
-                N,
-                true,
-                dir == 1,
-                T(0.5)};
+  Row<T> r;
+  r.u = u.data_ptr<T>() + dir_b_e * L;
+  r.su = 1;
+  r.delta = delta.data_ptr<T>() + dir_b_e * L;
+  r.sd = 1;
+  r.B = row;
+  r.C = row + N;
+  r.sbc = x_proj_out.stride(2);
+  r.z = z.data_ptr<T>() + b * z.stride(0) + e;
+  r.sz = z.stride(1);
+  r.A = A.data_ptr<T>() + (dir * E + e) * N;
+  r.D = D.data_ptr<T>()[dir * E + e];
+  r.bias = bias.data_ptr<T>()[dir * E + e];
+  r.L = L;
+  r.N = N;
+  r.softplus = true;
+  r.reverse = dir == 1;
+  r.scale = T(0.5);  // the two directions are averaged
+  return r;
 }
 
 }  // namespace
@@ -231,21 +235,22 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
         T* dbc = dBC_part.data_ptr<T>() + task * L * 2 * N;
         for (int64_t e = k * kBackwardChannels; e < std::min(E, (k + 1) * kBackwardChannels); ++e) {
           const int64_t be = b * E + e;
-          const RowGrads<T> grads{dout.data_ptr<T>() + be * L,
-                                  1,
-                                  du.data_ptr<T>() + be * L,
-                                  1,
-                                  ddelta.data_ptr<T>() + be * L,
-                                  1,
-                                  z.numel() ? dz.data_ptr<T>() + be * L : nullptr,
-                                  1,
-                                  false,
-                                  dbc,
-                                  dbc + N,
-                                  2 * N,
-                                  dA_part.data_ptr<T>() + be * N,
-                                  dD_part.data_ptr<T>() + be,
-                                  dbias_part.data_ptr<T>() + be};
+          RowGrads<T> grads;
+          grads.dout = dout.data_ptr<T>() + be * L;
+          grads.so = 1;
+          grads.du = du.data_ptr<T>() + be * L;
+          grads.sdu = 1;
+          grads.ddelta = ddelta.data_ptr<T>() + be * L;
+          grads.sdd = 1;
+          grads.dz = z.numel() ? dz.data_ptr<T>() + be * L : nullptr;
+          grads.sdz = 1;
+          grads.accumulate_dz = false;
+          grads.dB = dbc;
+          grads.dC = dbc + N;
+          grads.sdbc = 2 * N;
+          grads.dA = dA_part.data_ptr<T>() + be * N;
+          grads.dD = dD_part.data_ptr<T>() + be;
+          grads.dbias = dbias_part.data_ptr<T>() + be;
           row_backward(single_row<T>(u, delta, A, BC, D, z, softplus, be), grads, scratch);
         }
       }
@@ -276,21 +281,22 @@ std::vector<at::Tensor> bi_backward(const at::Tensor& u, const at::Tensor& delta
           for (int64_t dir = 0; dir < 2; ++dir) {
             const int64_t row = (dir * batch + b) * E + e, part = (b * 2 + dir) * E + e;
             T* dbc = dBC_part.data_ptr<T>() + ((k * 2 + dir) * batch + b) * L * 2 * N;
-            const RowGrads<T> grads{dout.data_ptr<T>() + (b * E + e) * L,
-                                    1,
-                                    du.data_ptr<T>() + row * L,
-                                    1,
-                                    ddelta.data_ptr<T>() + row * L,
-                                    1,
-                                    dz.data_ptr<T>() + (b * E + e) * L,
-                                    1,
-                                    dir == 1,
-                                    dbc,
-                                    dbc + N,
-                                    2 * N,
-                                    dA_part.data_ptr<T>() + part * N,
-                                    dD_part.data_ptr<T>() + part,
-                                    dbias_part.data_ptr<T>() + part};
+            RowGrads<T> grads;
+            grads.dout = dout.data_ptr<T>() + (b * E + e) * L;
+            grads.so = 1;
+            grads.du = du.data_ptr<T>() + row * L;
+            grads.sdu = 1;
+            grads.ddelta = ddelta.data_ptr<T>() + row * L;
+            grads.sdd = 1;
+            grads.dz = dz.data_ptr<T>() + (b * E + e) * L;
+            grads.sdz = 1;
+            grads.accumulate_dz = dir == 1;  // the second direction adds to the first one's dz
+            grads.dB = dbc;
+            grads.dC = dbc + N;
+            grads.sdbc = 2 * N;
+            grads.dA = dA_part.data_ptr<T>() + part * N;
+            grads.dD = dD_part.data_ptr<T>() + part;
+            grads.dbias = dbias_part.data_ptr<T>() + part;
             row_backward(bi_row<T>(u, delta, A, x_proj_out, D, z, bias, row), grads, scratch);
           }
         }
