@@ -57,7 +57,7 @@ def available_backends() -> list:
 
 @torch.compiler.assume_constant_result
 def cpu_available() -> bool:
-    """True when the C++ CPU kernels build here (the first call compiles them, about a minute)."""
+    """True when the C++ CPU kernels build here (the first call compiles them, once per machine and version)."""
     return cpu.available()
 
 

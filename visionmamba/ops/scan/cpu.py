@@ -84,7 +84,7 @@ def _build() -> Tuple[Optional[ModuleType], Optional[str]]:
 
         name = extension_name()
         if not os.path.exists(os.path.join(_get_build_directory(name, False), f"{name}.so")):
-            print("visionmamba: compiling the C++ CPU scan once (about a minute; cached afterwards)", file=sys.stderr)
+            print("visionmamba: compiling the C++ CPU scan (once; cached afterwards)", file=sys.stderr)
         module = load(
             name=name,
             sources=[str(CSRC / s) for s in SOURCES],
@@ -110,7 +110,7 @@ def load() -> ModuleType:
 
 
 def available() -> bool:
-    """True when the kernels build here (the first call compiles them, about a minute)."""
+    """True when the kernels build here (the first call compiles them, once per machine and version)."""
     return _build()[0] is not None
 
 
