@@ -97,7 +97,9 @@ def test_openvino_converts_the_pytorch_model_itself():
     assert {"BiSelectiveScan", "ConvSiLU", "Interpolate"} <= {op.get_type_name() for op in converted.get_ops()}
     compiled = openvino.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     assert np.abs(compiled(x.numpy())[0] - expected).max() < 1e-4
-    compiled = openvino_from_torch(model)
+    compiled = openvino_from_torch(model.train())
+    assert model.training  # left as it was
+    model.eval()
     for shape in [(3, 3, 32, 56), (1, 3, 64, 40), (2, 3, 32, 32)]:
         x = torch.randn(*shape)
         with torch.no_grad():

@@ -210,11 +210,15 @@ def openvino_from_torch(model: nn.Module, size: Optional[int] = None, threads: i
     import openvino
 
     extension = openvino_extension()
-    model = model.eval()
     size = size or model.patch_embed.img_size[0]
-    with torch.no_grad():
-        program = torch.export.export(model, (example_input(model, size),), dynamic_shapes=dynamic_shapes(model))
-        converted = openvino.convert_model(program, extension=extension)
+    training = model.training
+    try:
+        with torch.no_grad():
+            program = torch.export.export(model.eval(), (example_input(model, size),),
+                                          dynamic_shapes=dynamic_shapes(model))
+            converted = openvino.convert_model(program, extension=extension)
+    finally:
+        model.train(training)  # the caller's model is left as it was
     config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
     return openvino.Core().compile_model(converted, "CPU", config)
 
