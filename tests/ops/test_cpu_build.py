@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from visionmamba.ops.scan import cpu
+from visionmamba.ops.scan import cpu, toolchain
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 instruction-set levels")
@@ -15,8 +15,8 @@ def test_the_build_is_named_and_compiled_for_the_cpu_level(monkeypatch):
     names = {}
     for capability, level in (("AVX512", "x86-64-v4"), ("AVX2", "x86-64-v3"), ("DEFAULT", "x86-64")):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda capability=capability: capability)
-        found, flags = cpu.instruction_set()
-        assert found == level and f"-march={level}" in flags and "-march=native" not in flags
+        flags = toolchain.toolchain().flags
+        assert flags.level == level and f"-march={level}" in flags.cflags and "-march=native" not in flags.cflags
         names[level] = cpu.extension_name()
         assert level.replace("-", "_") in names[level]
     assert len(set(names.values())) == 3  # three cache entries: no machine loads another's binary
@@ -25,8 +25,8 @@ def test_the_build_is_named_and_compiled_for_the_cpu_level(monkeypatch):
 CHECK = """
 import torch
 from visionmamba.ops import scan
-from visionmamba.ops.scan import cpu
-assert cpu.instruction_set()[0] == "x86-64-v3", cpu.instruction_set()
+from visionmamba.ops.scan import toolchain
+assert toolchain.toolchain().flags.level == "x86-64-v3", toolchain.toolchain()
 g = torch.Generator().manual_seed(0)
 x, z = torch.randn(2, 21, 2 * 37, generator=g).chunk(2, -1)
 p = [torch.randn(2, 37, 4, generator=g) * .3, torch.randn(2, 37, generator=g) * .1, torch.randn(2, 3 + 32, 37, generator=g) / 6,

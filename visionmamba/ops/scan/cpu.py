@@ -20,7 +20,6 @@ import functools
 import hashlib
 import logging
 import os
-import platform
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -30,44 +29,27 @@ import torch
 
 from visionmamba.ops.library import gradients_like, in_layout_of
 from visionmamba.ops.memory import keep_freed_memory
+from visionmamba.ops.scan import toolchain
 from visionmamba.ops.scan.reference import compute_dtype
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("scan_rows.cpp", "scan_lanes.cpp", "conv_silu.cpp", "bindings.cpp")
 HEADERS = ("selective_scan.h", "scan_math.h", "scan_lanes.h", "conv_silu.h")
-CFLAGS = ("-O3", "-ffast-math", "-fopenmp")
 CHECKPOINT_STEPS = 0  # the backward recomputes the states per row: none are kept
 FLOAT32_ACTIVATIONS = True  # the mixer hands these kernels float32 activations (it casts first, autocast off)
 
 
-def instruction_set() -> Tuple[str, Tuple[str, ...]]:
-    """(name, compiler flags) of the instruction-set level the kernels are built for on this CPU.
-
-    Never ``-march=native``: a binary built for the build machine dies (SIGILL) on an older CPU that shares
-    the build cache, e.g. through a home folder on a cluster. x86-64 uses the level torch itself dispatches
-    to (``torch.backends.cpu.get_cpu_capability()``, lowered by ``ATEN_CPU_CAPABILITY``): v4 (AVX-512, for
-    the AVX-512 exp path), v3 (AVX2 + FMA) or the x86-64 baseline, tuned for the build machine (tuning only
-    orders legal instructions: the binary runs on any CPU of its level); ARM the ARMv8-A baseline.
-    """
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64"):
-        capability = torch.backends.cpu.get_cpu_capability()
-        level = {"AVX512": "x86-64-v4", "AVX2": "x86-64-v3"}.get(capability, "x86-64")
-        return level, (f"-march={level}", "-mtune=native")  # tuning picks among legal instructions only
-    if machine in ("aarch64", "arm64"):
-        return "armv8-a", ("-march=armv8-a",)
-    return machine or "generic", ()
-
-
-def extension_name() -> str:
-    """The build's name: the instruction-set level, and a hash of the sources, the flags, the torch version and
-    the Python ABI. Builds are cached by name (TORCH_EXTENSIONS_DIR), so machines and environments that share
-    a cache each keep their own binary instead of crashing on, or rebuilding, another's."""
-    level, flags = instruction_set()
-    digest = hashlib.sha1(f"{torch.__version__} {sys.implementation.cache_tag} {' '.join(CFLAGS + flags)}".encode())
+def extension_name(chain: Optional[toolchain.Toolchain] = None) -> str:
+    """The build's name: the instruction-set level, and a hash of the sources, the toolchain (compiler, flags,
+    threading), the torch version and the Python ABI. Builds are cached by name (TORCH_EXTENSIONS_DIR), so
+    machines and environments that share a cache each keep their own binary instead of crashing on, or
+    rebuilding, another's."""
+    chain = chain or toolchain.toolchain()
+    digest = hashlib.sha1(f"{torch.__version__} {sys.implementation.cache_tag} {chain.key()}".encode())
     for name in SOURCES + HEADERS:
         digest.update((CSRC / name).read_bytes())
-    return f"visionmamba_scan_cpu_{level.replace('-', '_')}_{digest.hexdigest()[:10]}"
+    level = chain.flags.level.replace("-", "_").replace("+", "_")
+    return f"visionmamba_scan_cpu_{level}_{digest.hexdigest()[:10]}"
 
 
 @functools.cache
@@ -82,14 +64,17 @@ def _build() -> Tuple[Optional[ModuleType], Optional[str]]:
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
-        name = extension_name()
+        chain = toolchain.toolchain()
+        if chain.kind == "missing":
+            return None, f"no C++ compiler: {chain.version} (install one, or set CXX)"
+        name = extension_name(chain)
         if not os.path.exists(os.path.join(_get_build_directory(name, False), f"{name}.so")):
             print("visionmamba: compiling the C++ CPU scan (once; cached afterwards)", file=sys.stderr)
         module = load(
             name=name,
             sources=[str(CSRC / s) for s in SOURCES],
-            extra_cflags=list(CFLAGS + instruction_set()[1]),
-            extra_ldflags=["-fopenmp"],
+            extra_cflags=list(chain.flags.cflags),
+            extra_ldflags=list(chain.flags.ldflags),
             verbose=bool(os.environ.get("VISIONMAMBA_VERBOSE_BUILD")),
         )
         return module, None

@@ -17,17 +17,15 @@ binary; a cached file that does not load is rebuilt once.
 import functools
 import hashlib
 import os
-import shutil
 import subprocess
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from visionmamba.ops.scan.cpu import CSRC, instruction_set
+from visionmamba.ops.scan import toolchain
+from visionmamba.ops.scan.cpu import CSRC
 
-CFLAGS = ("-O3", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 ONNXRUNTIME_MIN_VERSION = (1, 21)  # ORT_API_VERSION of the kept header
 
 
@@ -40,17 +38,20 @@ class Runtime:
     def version(self) -> str:
         return __import__(self.name).__version__
 
-    def include_and_link(self) -> List[str]:
-        """Compiler arguments for the runtime's own headers and libraries (ONNX Runtime: none)."""
+    def include_and_link(self, system: str) -> Tuple[List[str], List[str]]:
+        """(include folders, linker arguments) for the runtime's own headers and libraries (ONNX Runtime: its
+        header kept in csrc; it hands the library its API table, so nothing is linked)."""
         if self.name != "openvino":
-            return ["-fvisibility=hidden"]
+            return [str(CSRC)], []
         root = Path(__import__("openvino").__file__).parent
         libs = root / "libs"
-        found = [next(iter(sorted(libs.glob(f"{stem}.so*")) or sorted(libs.glob(f"{stem}*.dylib"))), None)
-                 for stem in ("libopenvino", "libtbb")]
+        patterns = {"windows": ("{}.lib",), "darwin": ("lib{}*.dylib",)}.get(system, ("lib{}.so*",))
+        found = [next(iter(sorted(f for p in patterns for f in libs.glob(p.format(stem)))), None)
+                 for stem in ("openvino", "tbb")]
         if None in found:
-            raise RuntimeError(f"OpenVINO's wheel at {root} has no libopenvino / libtbb to link to")
-        return ["-I", str(root / "include"), *(str(f) for f in found), f"-Wl,-rpath,{libs}"]
+            raise RuntimeError(f"OpenVINO's wheel at {root} has no openvino / tbb library to link to")
+        rpath = [] if system == "windows" else [f"-Wl,-rpath,{libs}"]
+        return [str(CSRC), str(root / "include")], [*(str(f) for f in found), *rpath]
 
 
 ONNXRUNTIME = Runtime("onnxruntime", "onnxruntime_op.cpp",
@@ -66,29 +67,33 @@ def cache_dir() -> Path:
 
 
 def library_path(runtime: Runtime) -> Path:
-    """The library's cached file: the runtime, the instruction-set level, a hash of sources, flags and version."""
-    level, flags = instruction_set()
-    digest = hashlib.sha1(f"{runtime.version()} {' '.join(CFLAGS + flags)}".encode())
+    """The library's cached file: the runtime, the instruction-set level, a hash of sources, toolchain and
+    runtime version."""
+    chain = toolchain.toolchain()
+    digest = hashlib.sha1(f"{runtime.version()} {chain.key()}".encode())
     for name in (runtime.source, *runtime.headers):
         digest.update((CSRC / name).read_bytes())
-    suffix = ".dylib" if sys.platform == "darwin" else ".so"
-    return cache_dir() / f"libvisionmamba_{runtime.name}_{level.replace('-', '_')}_{digest.hexdigest()[:10]}{suffix}"
+    level = chain.flags.level.replace("-", "_").replace("+", "_")
+    suffix = toolchain.shared_library_suffix(chain.system)
+    return cache_dir() / f"libvisionmamba_{runtime.name}_{level}_{digest.hexdigest()[:10]}{suffix}"
 
 
 def build(runtime: Runtime, path: Path) -> None:
     """Compile the library to ``path`` (atomically: a concurrent or interrupted build leaves no partial file)."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set CXX)")
+    chain = toolchain.toolchain()
+    if chain.kind == "missing":
+        raise RuntimeError(f"no C++ compiler: {chain.version} (install one, or set CXX)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    command = [compiler, *CFLAGS, *instruction_set()[1], "-I", str(CSRC), str(CSRC / runtime.source), "-o", str(tmp),
-               *runtime.include_and_link()]  # libraries after the source: linkers drop unused ones listed first
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # cl names its outputs by suffix
+    include, link = runtime.include_and_link(chain.system)
+    command = toolchain.shared_library_command(chain, CSRC / runtime.source, tmp, include, link,
+                                               hide_symbols=runtime is ONNXRUNTIME)
     try:
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
-            lines = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()[-1:]
-            raise RuntimeError(f"{compiler} failed: {lines[0] if lines else result.returncode}")
+            output = (result.stderr or result.stdout).splitlines()
+            lines = [line for line in output if "error" in line] or output[-1:]
+            raise RuntimeError(f"{chain.compiler} failed: {lines[0] if lines else result.returncode}")
         os.replace(tmp, path)  # whole or not at all, whoever else builds the same file meanwhile
     finally:
         tmp.unlink(missing_ok=True)

@@ -22,6 +22,18 @@
 #define VM_AVX512 1
 #endif
 
+// A prefetch hint (rw: 1 for a line about to be written) on every compiler; MSVC has no __builtin_prefetch.
+#if defined(_MSC_VER) && !defined(__clang__)
+#if defined(_M_X64)
+#include <xmmintrin.h>
+#define VM_PREFETCH(address, rw) _mm_prefetch(reinterpret_cast<const char*>(address), _MM_HINT_T0)
+#else
+#define VM_PREFETCH(address, rw) ((void)(address))
+#endif
+#else
+#define VM_PREFETCH(address, rw) __builtin_prefetch((address), (rw))
+#endif
+
 namespace visionmamba {
 namespace lanes {
 
@@ -175,10 +187,10 @@ void chunk_inputs(const LaneDirection<T>& p, const LaneTile& tile, ChunkBuffers<
 template <typename T>
 inline void prefetch_next_chunk(const LaneDirection<T>& p, int64_t e0, int64_t t) {
   const int64_t q = p.reverse ? t - kPhaseSteps : t + kPhaseSteps;
-  __builtin_prefetch(p.u + q * p.E + e0);
-  __builtin_prefetch(p.z + q * p.sz_t + e0);
-  __builtin_prefetch(p.out + q * p.E + e0, 1);
-  for (int64_t c = 0; c < p.R + 2 * p.N; c += 64 / sizeof(T)) __builtin_prefetch(p.x_proj_out + q * p.sx_t + c);
+  VM_PREFETCH(p.u + q * p.E + e0, 0);
+  VM_PREFETCH(p.z + q * p.sz_t + e0, 0);
+  VM_PREFETCH(p.out + q * p.E + e0, 1);
+  for (int64_t c = 0; c < p.R + 2 * p.N; c += 64 / sizeof(T)) VM_PREFETCH(p.x_proj_out + q * p.sx_t + c, 0);
 }
 
 // Phase 2: the recurrence over the chunk; h: this block's (N, 16) states.
