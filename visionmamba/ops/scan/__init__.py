@@ -8,7 +8,8 @@ for its device's kernels. ``loop`` is the backend of the exporters (a loop that 
 fast path.
 
 ``"auto"`` picks per device (``cpu`` on the CPU, falling back to ``reference`` with a warning when no
-compiler is available; ``triton`` on CUDA when Triton imports, else ``chunked``); the environment variable
+compiler is available; ``triton`` on CUDA when Triton imports and its kernels pass a first-use check on the
+device (:mod:`visionmamba.ops.scan.probe`), else ``chunked`` with one warning); the environment variable
 ``VISIONMAMBA_SCAN_BACKEND`` overrides "auto", and a model's ``scan_backend=`` overrides both. The first use
 of the ``cpu`` kernels compiles them and applies :func:`visionmamba.ops.memory.keep_freed_memory` (the CPU
 path's large activations would otherwise be page-faulted in anew every layer).
@@ -24,7 +25,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from visionmamba.ops import library
-from visionmamba.ops.scan import chunked, cpu, fused, loop, onnx, reference
+from visionmamba.ops.scan import chunked, cpu, fused, loop, onnx, probe, reference
 
 BACKEND_ENV = "VISIONMAMBA_SCAN_BACKEND"
 
@@ -78,8 +79,10 @@ def _warn_cpu_fallback() -> None:
 
 
 def _auto_backend(device: torch.device) -> str:
-    if device.type == "cuda" or library.routed_to_cuda(device.type):
-        return "triton" if triton_available() else "chunked"
+    if probe.routed(device):
+        if not triton_available():
+            return "chunked"
+        return "triton" if probe.triton_works(device.type, -1 if device.index is None else device.index) else "chunked"
     if device.type == "cpu":
         if cpu_available():
             return "cpu"
