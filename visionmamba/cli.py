@@ -6,6 +6,7 @@ that runs it; the library code it calls is imported when the command runs.
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -448,6 +449,20 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_env(sub) -> None:
+    p = sub.add_parser("env", help="versions, CPU, compiler, GPUs and the backend each device gets: for bug reports")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_env)
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from visionmamba.tools.env_report import format_report, report
+
+    data = report()
+    print(json.dumps(data, indent=2) if args.json else format_report(data))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionmamba", description="Vision Mamba (Vim) in plain PyTorch")
     parser.add_argument("--version", action="version", version=f"visionmamba {__version__}")
@@ -468,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_convert(sub)
     _add_models(sub)
+    _add_env(sub)
     return parser
 
 
@@ -486,3 +502,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"visionmamba {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`visionmamba env | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exiting flushes nowhere
+        return 141
