@@ -63,6 +63,11 @@ def test_apple_clang_threads_with_libomp_and_says_how_to_get_it():
     assert ("-Xclang", "-fopenmp") == found.cflags[found.cflags.index("-Xclang"):][:2]
     assert f"{prefix}/include" in found.cflags and "-lomp" in found.ldflags and prefix in found.threads
     assert found.simd_cflags == without.simd_cflags  # the runtimes' libraries never link an OpenMP runtime
+    # torch's wheel bundles a libomp: link that one (a second copy in the process aborts it), header from the prefix
+    torch_lib = "/site-packages/torch/lib"
+    bundled = toolchain.flags_for("apple-clang", "darwin", "arm64", openmp_prefix=prefix, openmp_lib=torch_lib)
+    assert f"-L{torch_lib}" in bundled.ldflags and f"{prefix}/include" in bundled.cflags
+    assert not any(prefix in flag for flag in bundled.ldflags)
 
 
 @pytest.mark.parametrize("banner, kind", [

@@ -62,13 +62,16 @@ def x86_level(capability: str) -> str:
 
 
 def flags_for(kind: str, system: str, machine: str, capability: str = "DEFAULT",
-              cpu_features: FrozenSet[str] = frozenset(), openmp_prefix: Optional[str] = None) -> Flags:
+              cpu_features: FrozenSet[str] = frozenset(), openmp_prefix: Optional[str] = None,
+              openmp_lib: Optional[str] = None) -> Flags:
     """The flags of a build by ``kind`` of compiler on ``system``/``machine``.
 
     Never ``-march=native``: a binary built for the build machine dies (SIGILL) on an older CPU that shares
     the build cache (a home folder on a cluster); the level is named instead and is part of the cache name.
     ``capability`` is torch's CPU capability (x86), ``cpu_features`` the kernel's CPU flags (aarch64: ``sve``),
-    ``openmp_prefix`` a libomp installation (Apple clang only: Apple ships no OpenMP runtime).
+    ``openmp_prefix`` a libomp installation (Apple clang only: Apple ships no OpenMP runtime) whose header
+    is used, ``openmp_lib`` the folder whose libomp is linked (default: the prefix's; torch's own where its
+    wheel bundles one, since a second libomp in the process aborts it: "OMP: Error #15").
     """
     machine = normal_machine(machine)
     if kind == "msvc":
@@ -93,8 +96,8 @@ def flags_for(kind: str, system: str, machine: str, capability: str = "DEFAULT",
         if openmp_prefix is None:
             return Flags(level, simd, (), simd, f"one thread: Apple clang has no OpenMP runtime ({LIBOMP_HINT})")
         cflags = (*base, "-Xclang", "-fopenmp", "-I", f"{openmp_prefix}/include")
-        return Flags(level, cflags, (f"-L{openmp_prefix}/lib", "-lomp", f"-Wl,-rpath,{openmp_prefix}/lib"), simd,
-                     f"OpenMP (libomp at {openmp_prefix})")
+        lib = openmp_lib or f"{openmp_prefix}/lib"
+        return Flags(level, cflags, (f"-L{lib}", "-lomp", f"-Wl,-rpath,{lib}"), simd, f"OpenMP (libomp in {lib})")
     runtime = "libomp" if kind == "clang" else "libgomp"
     return Flags(level, (*base, "-fopenmp"), ("-fopenmp",), (*base, "-fopenmp-simd"), f"OpenMP ({runtime})")
 
@@ -164,7 +167,9 @@ def toolchain() -> Toolchain:
     kind, version = compiler_identity(command)
     system, machine = system_name(), normal_machine(platform.machine())
     prefix = libomp_prefix() if kind == "apple-clang" else None
-    flags = flags_for(kind, system, machine, torch.backends.cpu.get_cpu_capability(), cpu_features(), prefix)
+    torch_lib = Path(torch.__file__).parent / "lib"
+    bundled = str(torch_lib) if prefix and any(torch_lib.glob("libomp.*")) else None
+    flags = flags_for(kind, system, machine, torch.backends.cpu.get_cpu_capability(), cpu_features(), prefix, bundled)
     return Toolchain(command, kind, version, system, machine, flags)
 
 
