@@ -15,7 +15,7 @@ demo: setup
 	$(VENV)/bin/visionmamba demo
 
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile tests  # two workers, a test file each (pytest-xdist)
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations 15 tests  # two workers, a test file each (pytest-xdist); the slowest listed
 
 clean:
 	rm -rf $(VENV) build *.egg-info
