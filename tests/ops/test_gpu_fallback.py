@@ -25,13 +25,9 @@ def fresh_probe():
     probe.failure.cache_clear()
 
 
-def mixer_args(batch=2, length=9, channels=16, state=4, rank=2):
-    g = torch.Generator().manual_seed(3)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    args = (r(batch, length, channels), r(batch, length, channels), r(2, channels, 4) * .3, r(2, channels) * .1,
-            r(2, rank + 2 * state, channels) / 6, r(2, channels, rank) / 2, r(2, channels) * .1,
-            -torch.exp(r(2, channels, state) * .3), 1 + .1 * r(2, channels))
-    return [t.to(DEVICE) for t in args]
+def mixer_args():
+    """The probe's own small problem (what the interpreter runs), as the mixer core's arguments."""
+    return probe.problem(torch.device(DEVICE), small=True)
 
 
 def out_of_shared_memory(*args, **kwargs):

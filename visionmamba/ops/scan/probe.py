@@ -19,7 +19,7 @@ from visionmamba.ops.scan import fused, reference
 REPORT = "please report it with the output of `visionmamba env`"
 
 
-def _problem(device: torch.device, small: bool):
+def problem(device: torch.device, small: bool):
     """Mixer-core inputs: Vim-Ti's widths (E 384, N 16, dt rank 12) over 197 tokens on a GPU; tiny in the
     interpreter, which runs every program in Python."""
     batch, length, channels, state, rank = (1, 11, 16, 4, 2) if small else (2, 197, 384, 16, 12)
@@ -41,7 +41,7 @@ def _check(name: str, got: torch.Tensor, expected: torch.Tensor) -> None:
 def run_kernels(device: torch.device) -> None:
     """Every Triton kernel on ``device`` once, checked against the reference; raises what goes wrong."""
     small = device.type != "cuda"  # CPU tensors routed to the Triton interpreter (tests)
-    args = _problem(device, small)
+    args = problem(device, small)
     leaves = [t.clone().requires_grad_(True) for t in args]
     out = fused.bidirectional(*leaves)
     grads = torch.autograd.grad(out.square().sum(), leaves)
