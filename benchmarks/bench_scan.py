@@ -4,7 +4,9 @@ Prints three tables (CPU by default; --device cuda for the GPU kernels):
 1. scan: backend, shape, forward ms, forward+backward ms, ratio to the official formulation, and on a
    GPU the achieved GB/s against a copy of the same bytes;
 2. memory: peak RSS of forward+backward at a long sequence, each point in a fresh process (CPU);
-3. model: whole Vim-Ti forward vs timm's DeiT-Ti at 224 and 512 (batch 8).
+3. roofline (CPU): the ``cpu`` kernel's state elements per second as a fraction of this machine's own limit
+   for the same work (``roofline.py``, measured in the same run), forward and backward;
+4. model: whole Vim-Ti forward vs timm's DeiT-Ti at 224 and 512 (batch 8).
 
     python benchmarks/bench_scan.py                 # the full CPU table (a few minutes on 2 cores)
     python benchmarks/bench_scan.py --quick         # tiny shapes, seconds (CI smoke run)
@@ -23,6 +25,9 @@ import torch.nn.functional as F
 
 import visionmamba
 from visionmamba.ops import scan
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+import roofline  # noqa: E402  (benchmarks/roofline.py)
 
 
 def official_formulation(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -161,6 +166,30 @@ def model_table(resolutions, batch, repeats) -> List[Dict]:
     return rows
 
 
+ROOFLINE_TARGETS = {"fwd": 0.60, "bwd": 0.40}  # issue 26: the kernel's share of the machine's limit
+
+
+def roofline_table(scan_rows: List[Dict], threads: int) -> List[Dict]:
+    """The ``cpu`` rows' throughput in state elements per second (B E L N per call) against the roofline; the
+    backward's time is the forward+backward time less the forward's."""
+    limits = {"fwd": roofline.elements_per_second(False, threads), "bwd": roofline.elements_per_second(True, threads)}
+    rows = []
+    for row in scan_rows:
+        if row["backend"] != "cpu":
+            continue
+        sizes = {part[0]: int(part[1:]) for part in row["shape"].split()}
+        elements = sizes["B"] * sizes["E"] * sizes["L"] * sizes["N"]
+        rates = {"fwd": elements / row["fwd_ms"] * 1e3, "bwd": elements / max(row["fwd_bwd_ms"] - row["fwd_ms"], 1e-6) * 1e3}
+        out = dict(shape=row["shape"])
+        for kind in ("fwd", "bwd"):
+            out[f"{kind}_G_per_s"] = rates[kind] / 1e9
+            out[f"{kind}_limit_G_per_s"] = limits[kind] / 1e9
+            out[f"{kind}_fraction"] = rates[kind] / limits[kind]
+            out[f"{kind}_target_met"] = "yes" if rates[kind] / limits[kind] >= ROOFLINE_TARGETS[kind] else "no"
+        rows.append(out)
+    return rows
+
+
 def print_table(title: str, rows: List[Dict]) -> None:
     print(f"\n{title}")
     keys = list(rows[0])
@@ -195,6 +224,14 @@ def main() -> None:
     results = {"scan": scan_table(shapes, backends, args.device, args.repeats, dtype)}
     print_table("scan (ms; speed-up = official formulation time / backend time, same run)", results["scan"])
     if args.device == "cpu":
+        from visionmamba.ops.scan import toolchain
+        from visionmamba.tools.env_report import cpu_model
+
+        results["roofline"] = roofline_table(results["scan"], args.threads)
+        exp = "AVX-512 exp2" if roofline.library().roofline_avx512() else "portable exp"
+        print_table(f"roofline of the cpu kernel: {cpu_model()}, {toolchain.toolchain().flags.level} ({exp}), "
+                    f"{args.threads} threads; fraction = kernel / machine limit for the same work (targets: forward "
+                    f">= {ROOFLINE_TARGETS['fwd']:.0%}, backward >= {ROOFLINE_TARGETS['bwd']:.0%})", results["roofline"])
         mem_shape = (1, 8, 50, 4) if args.quick else (8, 384, 4097, 16)
         mem = [dict(backend=b, shape="B{} E{} L{} N{}".format(*mem_shape), peak_mb=memory_point(b, *mem_shape))
                for b in ("reference", "cpu", "chunked")]  # the official formulation needs the reference's memory and more

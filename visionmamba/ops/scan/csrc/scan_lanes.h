@@ -17,11 +17,6 @@
 
 #include "scan_math.h"
 
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
-#include <immintrin.h>
-#define VM_AVX512 1
-#endif
-
 // A prefetch hint (rw: 1 for a line about to be written) on every compiler; MSVC has no __builtin_prefetch.
 #if defined(_MSC_VER) && !defined(__clang__)
 #if defined(_M_X64)
@@ -104,28 +99,16 @@ struct LaneTile {
 };
 
 #ifdef VM_AVX512
-// One time step of 16 channels x N states in AVX-512 registers: h = exp(d A) h + du B_n; acc += C_n h.
-// exp(d A) = 2^(d A log2 e) with A2 = A log2 e: f = x - floor(x) (vreduceps), a degree-5 polynomial for 2^f
-// on [0, 1) (max relative error 1.6e-7 in float32 evaluation), then vscalefps multiplies by 2^floor(x),
-// underflowing gradually to 0 (no clamp needed): 8 instructions per 16 exps.
+// One time step of 16 channels x N states in AVX-512 registers: h = exp(d A) h + du B_n; acc += C_n h, the
+// exps by exp2_avx512 (scan_math.h) with A2 = A log2 e.
 // A2: this block's first channel of the (N, E) table; j: the step's row of the chunk buffers.
 inline void states_avx512(const LaneDirection<float>& p, const float* A2, const float* Bt, ChunkBuffers<float>& buf,
                           int64_t j, float* __restrict h) {
   const float* Ct = Bt + p.N;
   const __m512 vd = _mm512_loadu_ps(buf.d + j * kLanes), vdu = _mm512_loadu_ps(buf.du + j * kLanes);
   __m512 vacc = _mm512_loadu_ps(buf.acc + j * kLanes), vacc2 = _mm512_setzero_ps();  // two sums: half the chain
-  const __m512 c0 = _mm512_set1_ps(0.99999994039535522f), c1 = _mm512_set1_ps(0.69315308332443237f),
-               c2 = _mm512_set1_ps(0.24015359580516815f), c3 = _mm512_set1_ps(0.055826339870691299f),
-               c4 = _mm512_set1_ps(0.0089893406257033348f), c5 = _mm512_set1_ps(0.0018775670323520899f);
   for (int64_t n = 0; n < p.N; ++n) {
-    const __m512 x = _mm512_mul_ps(vd, _mm512_loadu_ps(A2 + n * p.E));
-    const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 q = _mm512_fmadd_ps(c5, f, c4);
-    q = _mm512_fmadd_ps(q, f, c3);
-    q = _mm512_fmadd_ps(q, f, c2);
-    q = _mm512_fmadd_ps(q, f, c1);
-    q = _mm512_fmadd_ps(q, f, c0);
-    const __m512 a = _mm512_scalef_ps(q, x);
+    const __m512 a = exp2_avx512(_mm512_mul_ps(vd, _mm512_loadu_ps(A2 + n * p.E)));
     const __m512 hv = _mm512_fmadd_ps(a, _mm512_loadu_ps(h + n * 16), _mm512_mul_ps(vdu, _mm512_set1_ps(Bt[n])));
     _mm512_storeu_ps(h + n * 16, hv);
     if (n & 1)
