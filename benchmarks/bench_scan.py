@@ -4,8 +4,9 @@ Prints three tables (CPU by default; --device cuda for the GPU kernels):
 1. scan: backend, shape, forward ms, forward+backward ms, ratio to the official formulation, and on a
    GPU the achieved GB/s against a copy of the same bytes;
 2. memory: peak RSS of forward+backward at a long sequence, each point in a fresh process (CPU);
-3. roofline (CPU): the ``cpu`` kernel's state elements per second as a fraction of this machine's own limit
-   for the same work (``roofline.py``, measured in the same run), forward and backward;
+3. roofline (CPU): the ``cpu`` kernels' state elements per second (the one-direction op, and the models'
+   kernel of both directions) as a fraction of this machine's own limit for the same work (``roofline.py``,
+   measured in the same run), forward and backward;
 4. model: whole Vim-Ti forward vs timm's DeiT-Ti at 224 and 512 (batch 8).
 
     python benchmarks/bench_scan.py                 # the full CPU table (a few minutes on 2 cores)
@@ -169,18 +170,38 @@ def model_table(resolutions, batch, repeats) -> List[Dict]:
 ROOFLINE_TARGETS = {"fwd": 0.60, "bwd": 0.40}  # issue 26: the kernel's share of the machine's limit
 
 
+def mixer_core_rows(shapes, repeats: int, rank: int = 12) -> List[Dict]:
+    """The kernel the models run, both directions with dt_proj fused (op ``bi_scan``; Vim-Ti's dt rank 12):
+    forward (``bi_scan_inference``) and forward+backward ms, in the rows of :func:`scan_table`."""
+    rows = []
+    ops = torch.ops.visionmamba
+    for batch, channels, length, state in shapes:
+        g = torch.Generator().manual_seed(0)
+        r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+        args = [r(2, batch, length, channels), r(2, batch, length, rank + 2 * state) / 4, r(2, channels, rank) / 4,
+                -torch.arange(1.0, state + 1).repeat(2, channels, 1), r(2, channels), r(batch, length, channels),
+                r(2, channels) - 4]
+        with torch.no_grad():
+            fwd = timed(lambda: ops.bi_scan_inference(*args), "cpu", repeats)
+        leaves = [t.clone().requires_grad_(True) for t in args]
+        both = timed(lambda: ops.bi_scan(*leaves, 0)[0].sum().backward(), "cpu", repeats)
+        rows.append(dict(backend="cpu-bi", shape=f"B{batch} E{channels} L{length} N{state}", fwd_ms=fwd, fwd_bwd_ms=both))
+    return rows
+
+
 def roofline_table(scan_rows: List[Dict], threads: int) -> List[Dict]:
-    """The ``cpu`` rows' throughput in state elements per second (B E L N per call) against the roofline; the
-    backward's time is the forward+backward time less the forward's."""
+    """The ``cpu`` rows' throughput in state elements per second (B E L N per call and direction) against the
+    roofline; the backward's time is the forward+backward time less the forward's. ``cpu`` is the
+    one-direction op (one (batch, channel) row per task), ``cpu-bi`` the models' kernel (both directions)."""
     limits = {"fwd": roofline.elements_per_second(False, threads), "bwd": roofline.elements_per_second(True, threads)}
     rows = []
     for row in scan_rows:
-        if row["backend"] != "cpu":
+        if row["backend"] not in ("cpu", "cpu-bi"):
             continue
         sizes = {part[0]: int(part[1:]) for part in row["shape"].split()}
-        elements = sizes["B"] * sizes["E"] * sizes["L"] * sizes["N"]
+        elements = sizes["B"] * sizes["E"] * sizes["L"] * sizes["N"] * (2 if row["backend"] == "cpu-bi" else 1)
         rates = {"fwd": elements / row["fwd_ms"] * 1e3, "bwd": elements / max(row["fwd_bwd_ms"] - row["fwd_ms"], 1e-6) * 1e3}
-        out = dict(shape=row["shape"])
+        out = dict(kernel=row["backend"], shape=row["shape"])
         for kind in ("fwd", "bwd"):
             out[f"{kind}_G_per_s"] = rates[kind] / 1e9
             out[f"{kind}_limit_G_per_s"] = limits[kind] / 1e9
@@ -227,7 +248,7 @@ def main() -> None:
         from visionmamba.ops.scan import toolchain
         from visionmamba.tools.env_report import cpu_model
 
-        results["roofline"] = roofline_table(results["scan"], args.threads)
+        results["roofline"] = roofline_table(results["scan"] + mixer_core_rows(shapes, args.repeats), args.threads)
         exp = "AVX-512 exp2" if roofline.library().roofline_avx512() else "portable exp"
         print_table(f"roofline of the cpu kernel: {cpu_model()}, {toolchain.toolchain().flags.level} ({exp}), "
                     f"{args.threads} threads; fraction = kernel / machine limit for the same work (targets: forward "

@@ -16,7 +16,8 @@ def test_scan_benchmark_smoke_run(tmp_path):
     assert [r["backend"] for r in results["scan"]] == ["official", "reference", "cpu", "chunked"]
     assert all(r["fwd_ms"] > 0 for r in results["scan"]) and len(results["memory"]) == 3
     assert "speed-up = official formulation time / backend time" in proc.stdout
-    (roof,) = results["roofline"]  # the cpu kernel against this machine's limit
+    roof, bi = results["roofline"]  # the cpu kernels against this machine's limit
+    assert (roof["kernel"], bi["kernel"]) == ("cpu", "cpu-bi") and bi["fwd_fraction"] > 0
     assert roof["fwd_limit_G_per_s"] > 0 and roof["bwd_limit_G_per_s"] > 0 and 0 < roof["fwd_fraction"]
     assert "roofline of the cpu kernel" in proc.stdout
 
