@@ -7,6 +7,7 @@ compiler and flags, so that a kernel's time reads as a fraction of what this CPU
 import ctypes
 import functools
 import hashlib
+import os
 import statistics
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def library() -> ctypes.CDLL:
     digest = hashlib.sha1(SOURCE.read_bytes() + (cpu.CSRC / "scan_math.h").read_bytes() + chain.key().encode())
     path = Path(tempfile.gettempdir()) / f"visionmamba_roofline_{digest.hexdigest()[:10]}{toolchain.shared_library_suffix(chain.system)}"
     if not path.exists():
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent builds never share a file
         command = [chain.compiler, *flags.cflags, "-std=c++17", "-shared", "-fPIC", "-I", str(cpu.CSRC), str(SOURCE),
                    "-o", str(tmp), *flags.ldflags]
         proc = subprocess.run(command, capture_output=True, text=True)
