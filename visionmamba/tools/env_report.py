@@ -9,7 +9,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 PACKAGES = ("torch", "torchvision", "timm", "triton", "numpy", "safetensors", "onnx", "onnxruntime", "openvino")
 VARIABLES = ("VISIONMAMBA_SCAN_BACKEND", "CXX", "OMP_PREFIX", "TORCH_EXTENSIONS_DIR", "ATEN_CPU_CAPABILITY",
@@ -45,21 +45,30 @@ def cpu_model() -> str:
     return name
 
 
+def _auto_backend(device) -> Tuple[str, Optional[str]]:
+    """(the backend ``auto`` resolves to on ``device``, None) as the dispatcher decides it, or ("none", why not)."""
+    from visionmamba.ops import scan
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reasons go into the report
+        try:
+            return scan.resolve_backend("auto", device), None
+        except (ValueError, RuntimeError) as err:  # e.g. VISIONMAMBA_SCAN_BACKEND names one that cannot run
+            return "none", str(err)
+
+
 def _cpu_backend() -> Dict[str, str]:
+    import torch
+
     from visionmamba.ops import scan
     from visionmamba.ops.scan import cpu, toolchain
 
-    chain = toolchain.toolchain()
+    backend, error = _auto_backend(torch.device("cpu"))
+    flags = toolchain.toolchain().flags
+    built = (f"C++ kernels built ({flags.level}, {flags.threads})" if cpu.available()
+             else f"C++ kernels unavailable: {cpu.build_error()}")
     forced = os.environ.get(scan.BACKEND_ENV)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the reason goes into the report
-        if cpu.available():
-            why = f"C++ kernels built ({chain.flags.level}, {chain.flags.threads})"
-        else:
-            why = f"C++ kernels unavailable: {cpu.build_error()}"
-    backend = "cpu" if cpu.available() else "reference"
-    if forced:
-        return {"device": "cpu", "backend": forced, "why": f"{scan.BACKEND_ENV}={forced} ({why})"}
+    why = error or (f"{scan.BACKEND_ENV}={forced} ({built})" if forced else built)
     return {"device": "cpu", "backend": backend, "why": why}
 
 
@@ -75,22 +84,20 @@ def _gpu_backends() -> List[Dict[str, Any]]:
     for index in range(torch.cuda.device_count()):
         device = torch.device("cuda", index)
         major, minor = torch.cuda.get_device_capability(device)
-        row: Dict[str, Any] = {"device": str(device), "name": torch.cuda.get_device_name(device),
-                               "capability": f"sm_{major}{minor}",
-                               "memory_gib": round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)}
+        backend, error = _auto_backend(device)
         forced = os.environ.get(scan.BACKEND_ENV)
-        if forced:
-            row.update(backend=forced, why=f"{scan.BACKEND_ENV}={forced}")
+        if error or forced:
+            why = error or f"{scan.BACKEND_ENV}={forced}"
         elif not scan.triton_available():
-            row.update(backend="chunked", why="Triton is not installed (pip install triton)")
+            why = "Triton is not installed (pip install triton)"
         else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the cause goes into the report
-                cause = probe.failure("cuda", index)
-            row.update(backend="chunked" if cause else "triton",
-                       why=f"the Triton kernels failed the first-use check: {cause}" if cause
-                       else f"Triton {package_version('triton')}, the first-use check passed")
-        rows.append(row)
+            cause = probe.failure("cuda", index)  # what auto's decision rested on (tried once, cached)
+            why = (f"the Triton kernels failed the first-use check: {cause}" if cause
+                   else f"Triton {package_version('triton')}, the first-use check passed")
+        rows.append({"device": str(device), "name": torch.cuda.get_device_name(device),
+                     "capability": f"sm_{major}{minor}",
+                     "memory_gib": round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1),
+                     "backend": backend, "why": why})
     return rows
 
 
