@@ -25,13 +25,12 @@ SOURCE = Path(__file__).with_name("csrc") / "roofline.cpp"
 def library() -> ctypes.CDLL:
     """The micro-kernel, compiled once per source and toolchain into the temporary folder."""
     chain = toolchain.toolchain()
-    flags = chain.flags
     digest = hashlib.sha1(SOURCE.read_bytes() + (cpu.CSRC / "scan_math.h").read_bytes() + chain.key().encode())
     path = Path(tempfile.gettempdir()) / f"visionmamba_roofline_{digest.hexdigest()[:10]}{toolchain.shared_library_suffix(chain.system)}"
     if not path.exists():
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent builds never share a file
-        command = [chain.compiler, *flags.cflags, "-std=c++17", "-shared", "-fPIC", "-I", str(cpu.CSRC), str(SOURCE),
-                   "-o", str(tmp), *flags.ldflags]
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # per process; cl names files by suffix
+        command = toolchain.shared_library_command(chain, SOURCE, tmp, [str(cpu.CSRC)], [], hide_symbols=False,
+                                                   threads=True)
         proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"the roofline micro-kernel did not build: {proc.stderr[-1000:]}")

@@ -118,6 +118,8 @@ def test_the_runtime_library_command_per_compiler(tmp_path):
     src, out = tmp_path / "op.cpp", tmp_path / "op.dll"
     command = toolchain.shared_library_command(gnu, src, out, ["inc"], [], hide_symbols=True)
     assert {"-shared", "-fPIC", "-fvisibility=hidden", "-fopenmp-simd"} <= set(command) and "-fopenmp" not in command
+    threaded = toolchain.shared_library_command(gnu, src, out, ["inc"], [], hide_symbols=False, threads=True)
+    assert threaded.count("-fopenmp") == 2 and "-fopenmp-simd" not in threaded  # compile and link
     command = toolchain.shared_library_command(msvc, src, out, ["inc"], ["openvino.lib"], hide_symbols=True)
     assert {"/LD", "/Iinc", f"/Fe:{out}"} <= set(command) and command.index("/link") < command.index("openvino.lib")
     assert toolchain.shared_library_suffix("windows") == ".dll" and toolchain.shared_library_suffix("darwin") == ".dylib"

@@ -174,11 +174,14 @@ def toolchain() -> Toolchain:
 
 
 def shared_library_command(chain: Toolchain, source: Path, output: Path, include: Sequence[str],
-                           link: Sequence[str], hide_symbols: bool) -> list:
-    """The command that builds ``source`` into the shared library ``output`` (the runtimes' kernels, which link
-    to nothing of torch's): ``include`` folders, ``link`` libraries or linker arguments; ``hide_symbols``:
-    export only what the source marks (MSVC exports only marked symbols anyway)."""
-    flags = chain.flags.simd_cflags
+                           link: Sequence[str], hide_symbols: bool, threads: bool = False) -> list:
+    """The command that builds ``source`` into the shared library ``output`` (code that links to nothing of
+    torch's: the runtimes' kernels, the benchmarks' micro-kernel): ``include`` folders, ``link`` libraries or
+    linker arguments; ``hide_symbols``: export only what the source marks (MSVC exports only marked symbols
+    anyway); ``threads``: OpenMP threads as the PyTorch kernels have them (else only its simd pragmas: the
+    runtimes run their own threads)."""
+    flags = chain.flags.cflags if threads else chain.flags.simd_cflags
+    link = [*link, *(chain.flags.ldflags if threads else ())]
     if chain.kind == "msvc":
         return [chain.compiler, "/nologo", "/LD", "/EHsc", "/std:c++17", *flags, *(f"/I{i}" for i in include),
                 str(source), f"/Fe:{output}", "/link", *link]
