@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 import visionmamba
 from golden import load_case
 from helpers import assert_close
+from visionmamba.tools.precision import bf16_supported
 
 SHARED_GOLDEN = Path(__file__).resolve().parents[3] / "shared" / "golden"
 
@@ -80,3 +81,18 @@ def test_official_init_and_debug_fixture_bitwise_init():
     model.eval()
     with torch.no_grad():
         assert_close(model(io["input"]), io["logits"], atol=1e-4, name="logits")
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no bf16 arithmetic")
+def test_golden_model_under_bf16_autocast_stays_within_bf16_error():
+    """CPU bf16 inference (bf16 conv and scan kernels, oneDNN bf16 linears) against float32."""
+    model, x, _ = load_case("dev_ti224")
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert out.dtype == torch.bfloat16
+    # 24 blocks of bf16 activations: a few percent of the largest logit (measured: ~0.5%)
+    assert_close(out.float(), ref, rtol_max=3e-2, name="bf16 logits")
+    assert torch.equal(out.float().argmax(-1), ref.argmax(-1))

@@ -79,9 +79,17 @@ def test_cpu_inference_in_place_equals_the_functional_op(dtype):
     assert torch.equal(u, _bi_inputs(dtype)[0])
 
 
-def test_cpu_kernels_keep_no_checkpoints():
-    with pytest.raises(ValueError, match="keep no checkpoints"):
-        torch.ops.visionmamba.bi_scan(*_bi_inputs(torch.float32), 64)
+def test_cpu_kernels_keep_a_checkpoint_every_32_steps():
+    inputs = _bi_inputs(torch.float64, length=70)
+    out, states = torch.ops.visionmamba.bi_scan(*inputs, 32)
+    assert states.shape == (2, 2, 3, 4, 20) and states.dtype == torch.float64  # 70 steps: chunks at 0, 32, 64
+    assert torch.equal(states[:, :, 0], torch.zeros_like(states[:, :, 0]))  # before the first step
+    assert states[:, :, 1:].abs().min() > 0
+    assert torch.equal(out, torch.ops.visionmamba.bi_scan(*inputs, 0)[0])
+    with pytest.raises(ValueError, match="a checkpoint every 32 steps or none"):
+        torch.ops.visionmamba.bi_scan(*inputs, 64)
+    with pytest.raises(ValueError, match="restarts from the states bi_scan saved every 32 steps"):
+        torch.ops.visionmamba.bi_scan_backward(torch.ones_like(out), *inputs, 32, states[:, :, :2].contiguous())
 
 
 def test_cpu_and_cuda_kernels_compute_the_same_op():

@@ -8,7 +8,8 @@ The ops, and why each exists (shapes in the kernels' docstrings; the math in ``s
 * ``conv_silu`` / ``conv_silu_backward``: the depthwise causal conv + SiLU of both directions.
 * ``bi_scan`` / ``bi_scan_backward``: the scan of both directions, dt_proj, D skip and gate included, on
   x_proj's output. It also returns the states the backward restarts from every ``checkpoint_steps`` steps
-  (the CUDA kernels' way; with 0 none are kept and the backward recomputes them, the CPU kernels' way).
+  (the kernel module's CHECKPOINT_STEPS; with 0 none are kept, for a forward without a backward), in the
+  dtype of the module's ``checkpoint_dtype``.
 * ``bi_scan_``: inference's ``bi_scan``, in place: the result is written over ``u[0]`` (``u[1]`` is left
   undefined), so a block's scan allocates nothing; no gradient.
 * ``bi_scan_inference``: inference's ``bi_scan`` as a function of one result, what traced and exported graphs
@@ -174,7 +175,9 @@ _BI_ARGS = "Tensor u, Tensor x_proj_out, Tensor dt_weight, Tensor A, Tensor D, T
 
 def _bi_scan_fake(u, x_proj_out, dt_weight, A, D, z, bias, checkpoint_steps):
     chunks = -(-u.shape[2] // checkpoint_steps) if checkpoint_steps else 0
-    states = u.new_empty((2, u.shape[1], chunks, A.shape[-1], u.shape[3]), dtype=torch.float32)
+    module = _SCAN_KERNELS.get(_route.get(u.device.type, u.device.type))  # none for meta tensors
+    dtype = importlib.import_module(module).checkpoint_dtype(u.dtype) if module else torch.float32
+    states = u.new_empty((2, u.shape[1], chunks, A.shape[-1], u.shape[3]), dtype=dtype)
     return z.new_empty(z.shape), states
 
 

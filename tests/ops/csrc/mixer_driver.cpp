@@ -56,7 +56,7 @@ int main(int argc, char** argv) {
 #pragma omp parallel for
   for (int64_t row = 0; row < 2 * batch * L; ++row) {
     const int64_t dir = row / (batch * L), b = (row / L) % batch, t = row % L;
-    visionmamba::conv::conv_silu_row(p, dir, b, t, u.data() + row * E);
+    visionmamba::conv::conv_silu_row(p, dir, b, t, u.data() + row * E, u.data() + row * E);
   }
 
   std::vector<float> xproj(static_cast<size_t>(2 * batch * L * C));

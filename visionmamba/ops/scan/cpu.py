@@ -6,8 +6,9 @@ The whole contract is fused, forward and backward: delta bias, softplus, the D s
 * :func:`conv_silu`, :func:`bi_scan`, :func:`bi_scan_`: the mixer core (``ops/scan/fused.py``): the depthwise
   conv + SiLU of both directions, then (after x_proj) the scan of both directions in one kernel that
   vectorises over channels, applies dt_proj inside (delta is never stored) and walks the backward direction
-  in reverse (no flips, no layout copies). Its backward recomputes the states per (direction, channel) row
-  from channel-major copies, so no (batch, E, L, N) tensor is ever stored (``checkpoint_steps`` 0).
+  in reverse (no flips, no layout copies). Its backward has the same layout and tasks: from the states the
+  forward saved every ``CHECKPOINT_STEPS`` steps it recomputes one chunk of states at a time into a buffer
+  that stays in cache, so no (batch, E, L, N) tensor is ever stored.
 * :func:`selective_scan` and its backward, the one-direction scan, one (batch, channel) row per task.
 
 The kernels compute in float32 (float64 stays float64) and return their inputs' dtypes.
@@ -34,9 +35,10 @@ from visionmamba.ops.scan.reference import compute_dtype
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("scan_rows.cpp", "scan_lanes.cpp", "conv_silu.cpp", "bindings.cpp")
-HEADERS = ("selective_scan.h", "scan_math.h", "scan_lanes.h", "conv_silu.h")
-CHECKPOINT_STEPS = 0  # the backward recomputes the states per row: none are kept
+HEADERS = ("selective_scan.h", "scan_math.h", "scan_lanes.h", "scan_lanes_backward.h", "conv_silu.h")
+CHECKPOINT_STEPS = 32  # steps between the saved states: the lanes kernels' chunk (kPhaseSteps in scan_lanes.h)
 FLOAT32_ACTIVATIONS = True  # the mixer hands these kernels float32 activations (it casts first, autocast off)
+BF16_INFERENCE = True  # ... except in inference, where conv_silu and bi_scan_ also read and write bfloat16
 
 
 def extension_name(chain: Optional[toolchain.Toolchain] = None) -> str:
@@ -141,11 +143,18 @@ def _lanes(t: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _activations(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels read activations of ``dtype`` in: bfloat16 as it is, the others in the compute dtype."""
+    return dtype if dtype == torch.bfloat16 else compute_dtype(dtype)
+
+
 def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Depthwise conv + SiLU of both directions: x (b, L, E) token-major (a strided view of contiguous
-    channels is fine); weight (2, E, K); bias (2, E) -> u (2, b, L, E) in x's dtype."""
+    channels is fine); weight (2, E, K); bias (2, E) -> u (2, b, L, E) in x's dtype (bfloat16 read and
+    written as it is, computed in float32)."""
     ct = compute_dtype(x.dtype)
-    u = load().conv_forward(_lanes(x, ct), weight.to(ct).transpose(1, 2).contiguous(), bias.to(ct).contiguous())
+    u = load().conv_forward(_lanes(x, _activations(x.dtype)), weight.to(ct).transpose(1, 2).contiguous(),
+                            bias.to(ct).contiguous())
     return u.to(x.dtype)
 
 
@@ -157,32 +166,45 @@ def conv_silu_backward(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     return [dx.to(x.dtype), dw_part.sum(0).transpose(1, 2).contiguous().to(weight.dtype), db_part.sum(0).to(bias.dtype)]
 
 
-def _bi_forward(u, x_proj_out, dt_weight, A, D, z, bias, out) -> None:
-    """Both directions into ``out`` (b, L, E) contiguous in the compute dtype (may be ``u[0]``)."""
-    ct = out.dtype
+def checkpoint_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the saved states for activations of ``dtype``: the compute dtype."""
+    return compute_dtype(dtype)
+
+
+def _bi_forward(u, x_proj_out, dt_weight, A, D, z, bias, out, checkpoints) -> None:
+    """Both directions into ``out`` (b, L, E) contiguous, of the activations' dtype (may be ``u[0]``), the
+    states before every chunk into ``checkpoints`` (2, b, chunks, N, E) unless it is empty."""
+    act, ct = out.dtype, compute_dtype(out.dtype)
     A_t = A.to(ct).transpose(1, 2).contiguous()  # (2, N, E): channels contiguous, the lanes
     W_t = dt_weight.to(ct).transpose(1, 2).contiguous()  # (2, R, E)
-    load().bi_forward(u.to(ct).contiguous(), W_t, A_t, x_proj_out.to(ct).contiguous(), D.to(ct).contiguous(),
-                      _lanes(z, ct), bias.to(ct).contiguous(), out)
+    weights = [W_t, A_t, D.to(ct).contiguous(), bias.to(ct).contiguous()]
+    load().bi_forward(u.to(act).contiguous(), x_proj_out.to(act).contiguous(), _lanes(z, act), weights, out, checkpoints)
 
 
 def bi_scan(u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
             z: torch.Tensor, bias: torch.Tensor, checkpoint_steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Both directions, dt_proj included: u (2, b, L, E); x_proj_out, x_proj's output (2, b, L, R + 2N) (dt_t,
     B_t, C_t per row); dt_weight (2, E, R); A (2, E, N); D, bias (2, E); z (b, L, E) -> ((y_fwd + y_bwd) / 2
-    as (b, L, E) in z's dtype, no checkpoints: (2, b, 0, N, E)). delta = dt_weight dt_t is computed inside."""
-    _check_no_checkpoints(checkpoint_steps)
-    out = torch.empty(u.shape[1:], dtype=compute_dtype(u.dtype))
-    _bi_forward(u, x_proj_out, dt_weight, A, D, z, bias, out)
-    return out.to(z.dtype), u.new_empty((2, u.shape[1], 0, A.shape[-1], u.shape[3]), dtype=torch.float32)
+    as (b, L, E) in z's dtype, the states before every chunk of ``checkpoint_steps`` (CHECKPOINT_STEPS, or 0
+    for none) steps (2, b, chunks, N, E)). delta = dt_weight dt_t is computed inside."""
+    if checkpoint_steps not in (0, CHECKPOINT_STEPS):
+        raise ValueError(f"the CPU kernels keep a checkpoint every {CHECKPOINT_STEPS} steps or none, "
+                         f"got checkpoint_steps {checkpoint_steps}")
+    ct = compute_dtype(u.dtype)
+    chunks = -(-u.shape[2] // checkpoint_steps) if checkpoint_steps else 0
+    checkpoints = u.new_empty((2, u.shape[1], chunks, A.shape[-1], u.shape[3]), dtype=ct)
+    out = torch.empty(u.shape[1:], dtype=ct)
+    _bi_forward(u, x_proj_out, dt_weight, A, D, z, bias, out, checkpoints)
+    return out.to(z.dtype), checkpoints
 
 
 def bi_scan_(u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
              z: torch.Tensor, bias: torch.Tensor) -> None:
     """:func:`bi_scan` in place, for inference: the result is written over u[0] (the kernel reads the rows it
-    owns before it writes them); no buffer the size of the output is allocated."""
-    if u.is_contiguous() and u.dtype == compute_dtype(u.dtype):
-        _bi_forward(u, x_proj_out, dt_weight, A, D, z, bias, u[0])
+    owns before it writes them); no buffer the size of the output is allocated. bfloat16 activations are read
+    and written as they are (the states and sums in float32)."""
+    if u.is_contiguous() and u.dtype == _activations(u.dtype):
+        _bi_forward(u, x_proj_out, dt_weight, A, D, z, bias, u[0], u.new_empty(0))
     else:
         u[0].copy_(bi_scan(u, x_proj_out, dt_weight, A, D, z, bias, 0)[0])
 
@@ -190,31 +212,28 @@ def bi_scan_(u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor,
 def bi_scan_inference(u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor, A: torch.Tensor,
                       D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """:func:`bi_scan`'s result alone, without a backward (the op of traced and exported graphs)."""
-    return bi_scan(u, x_proj_out, dt_weight, A, D, z, bias, CHECKPOINT_STEPS)[0]
+    return bi_scan(u, x_proj_out, dt_weight, A, D, z, bias, 0)[0]
 
 
 def bi_scan_backward(dout: torch.Tensor, u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor,
                      A: torch.Tensor, D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor, checkpoint_steps: int,
                      checkpoints: torch.Tensor) -> List[torch.Tensor]:
-    """The gradients of :func:`bi_scan` for its seven tensors (contiguous, in their dtypes); it recomputes
-    delta and the states per (direction, channel) row from channel-major copies."""
-    _check_no_checkpoints(checkpoint_steps)
+    """The gradients of :func:`bi_scan` for its seven tensors (contiguous, in their dtypes), from the states it
+    saved; token-major like the forward. dt_proj's part is two matrix products on the kernel's ddelta."""
+    if checkpoint_steps != CHECKPOINT_STEPS or checkpoints.shape[2] != -(-u.shape[2] // CHECKPOINT_STEPS):
+        raise ValueError(f"the CPU backward restarts from the states bi_scan saved every {CHECKPOINT_STEPS} steps; "
+                         f"got checkpoint_steps {checkpoint_steps} and {checkpoints.shape[2]} checkpoints")
     ct = compute_dtype(u.dtype)
     inputs = (u, x_proj_out, dt_weight, A, D, z, bias)
     xdbl, W = x_proj_out.to(ct).contiguous(), dt_weight.to(ct)
-    dt = xdbl[..., : W.shape[-1]]
-    u_c = u.to(ct).transpose(2, 3).contiguous()  # (2, b, E, L)
-    delta_c = W.unsqueeze(1) @ dt.transpose(2, 3)  # (2, b, E, L), as the forward computed it
+    A_t = A.to(ct).transpose(1, 2).contiguous()
+    W_t = W.transpose(1, 2).contiguous()
+    weights = [W_t, A_t, D.to(ct).contiguous(), bias.to(ct).contiguous()]
     du, ddelta, dz, dA_part, dBC_part, dD_part, dbias_part = load().bi_backward(
-        u_c, delta_c, A.to(ct).contiguous(), xdbl, D.to(ct).contiguous(), _lanes(z, ct), bias.to(ct).contiguous(),
-        dout.to(ct).transpose(1, 2).contiguous()
-    )
-    ddt = ddelta.transpose(2, 3) @ W.unsqueeze(1)  # (2, b, L, R)
-    grads = (du.transpose(2, 3), torch.cat([ddt, dBC_part.sum(0)], dim=-1), torch.einsum("dbel,dblr->der", ddelta, dt),
-             dA_part.sum(0), dD_part.sum(0), dz.transpose(1, 2), dbias_part.sum(0))
+        dout.to(ct).contiguous(), u.to(ct).contiguous(), xdbl, _lanes(z, ct), weights, checkpoints.to(ct).contiguous())
+    rows = ddelta.view(2, -1, ddelta.shape[-1])  # (2, b L, E)
+    dt = xdbl[..., : W.shape[-1]].reshape(2, -1, W.shape[-1])  # (2, b L, R)
+    ddt = torch.bmm(rows, W).view(*u.shape[:3], W.shape[-1])
+    grads = (du, torch.cat([ddt, dBC_part.sum(0)], dim=-1), torch.bmm(rows.transpose(1, 2), dt),
+             dA_part.sum(0).transpose(1, 2), dD_part.sum(0), dz, dbias_part.sum(0))
     return [g.to(t.dtype).contiguous() for t, g in zip(inputs, grads)]
-
-
-def _check_no_checkpoints(checkpoint_steps: int) -> None:
-    if checkpoint_steps != CHECKPOINT_STEPS:
-        raise ValueError(f"the CPU kernels keep no checkpoints (checkpoint_steps {CHECKPOINT_STEPS}), got {checkpoint_steps}")

@@ -1,7 +1,8 @@
 """The ``cpu`` and ``triton`` backends: the scan and the mixer core on the fused ops of
 :mod:`visionmamba.ops.library`. One code path for every device; the dispatcher runs the device's kernels
-(C++ on the CPU, Triton on CUDA), and two constants of the kernel module say how to call them: whether the
-activations must be float32 and how often the forward keeps states for the backward.
+(C++ on the CPU, Triton on CUDA), and three constants of the kernel module say how to call them: whether the
+activations must be float32, how often the forward keeps states for the backward, and whether inference may
+hand them bfloat16 instead.
 """
 import importlib
 from typing import Tuple
@@ -29,11 +30,41 @@ def bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, d
     flip or copy of an activation.
     """
     params = (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
-    float32, checkpoint_steps = kernel_constants(x.device.type)
+    float32, checkpoint_steps, bf16_inference = kernel_constants(x.device.type)
+    if float32 and bf16_inference and _bf16_inference(params):
+        with torch.autocast("cpu", enabled=False):
+            return _core_bf16(*params)
     if float32 and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):  # the kernels compute in float32 whatever autocast says
             return _core(float32, checkpoint_steps, *params)
     return _core(float32, checkpoint_steps, *params)
+
+
+def _bf16_inference(params) -> bool:
+    """True for an eager forward without gradients in bfloat16: under CPU bf16 autocast or on bf16 tensors."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+        return False
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():  # exported graphs keep the float32 form
+        return False
+    return params[0].dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu") and _cpu_autocast_dtype() == torch.bfloat16)
+
+
+def _cpu_autocast_dtype() -> torch.dtype:
+    try:
+        return torch.get_autocast_dtype("cpu")
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_cpu_dtype()
+
+
+def _core_bf16(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D) -> torch.Tensor:
+    """Inference with bfloat16 activations: conv + SiLU and the scan read and write bf16 (weights, states and
+    sums float32), x_proj is a bf16 matrix product (oneDNN). Returns bf16."""
+    bf16, f32 = torch.bfloat16, torch.float32
+    ops = torch.ops.visionmamba
+    u = ops.conv_silu(x.to(bf16), conv_weight.to(f32), conv_bias.to(f32))  # (2, b, L, E) bf16
+    x_proj_out = torch.matmul(u, x_proj_weight.to(bf16).transpose(1, 2)[:, None])  # (2, b, L, R + 2N)
+    ops.bi_scan_(u, x_proj_out, dt_proj_weight.to(f32), A.to(f32), D.to(f32), z.to(bf16), dt_proj_bias.to(f32))
+    return u[0]
 
 
 def _core(float32: bool, checkpoint_steps: int, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
@@ -68,8 +99,9 @@ def _x_proj(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.compiler.assume_constant_result
-def kernel_constants(device_type: str) -> Tuple[bool, int]:
-    """(FLOAT32_ACTIVATIONS, CHECKPOINT_STEPS) of the kernels that run tensors of ``device_type``: whether
-    they read float32 activations only, and every how many steps their forward keeps states (0: none)."""
+def kernel_constants(device_type: str) -> Tuple[bool, int, bool]:
+    """(FLOAT32_ACTIVATIONS, CHECKPOINT_STEPS, BF16_INFERENCE) of the kernels that run tensors of
+    ``device_type``: whether they read float32 activations only, every how many steps their forward keeps
+    states (0: none), and whether their inference ops also read bfloat16."""
     module = importlib.import_module(library.kernel_module(device_type))
-    return module.FLOAT32_ACTIVATIONS, module.CHECKPOINT_STEPS
+    return module.FLOAT32_ACTIVATIONS, module.CHECKPOINT_STEPS, module.BF16_INFERENCE

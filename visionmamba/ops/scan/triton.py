@@ -49,7 +49,13 @@ from visionmamba.ops.devices import current_device_of
 from visionmamba.ops.library import gradients_like
 
 CHECKPOINT_STEPS = 64  # steps between the saved states the backward restarts from
+
+
+def checkpoint_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the saved states for activations of ``dtype``: the kernels compute in float32."""
+    return torch.float32
 FLOAT32_ACTIVATIONS = False  # the kernels read the activations in their own dtype (bf16 under autocast)
+BF16_INFERENCE = False  # (it reads every activation dtype: the float32 rule does not apply)
 # Inference computes delta = dt dt_proj in the scan when dt_proj's rank is at most this: at Vim-Ti's 12 the
 # forward stays under its MUFU bound (9.8 instructions per state-element-step against 10.0 on sm_90), at
 # Vim-S's 24 and Vim-B's 48 it would not (11.5, 13.1), so there delta is written out (benchmarks/gpu_static.py).

@@ -14,13 +14,14 @@ using conv::conv_silu_row;
 using conv::ConvParams;
 using conv::tap_source;
 
-// u (2, b, L, E) = silu(pre-activation).
-template <typename T>
-void conv_forward_rows(const ConvParams<T>& p, T* pu) {
+// u (2, b, L, E) = silu(pre-activation), stored as S.
+template <typename T, typename S>
+void conv_forward_rows(const ConvParams<T, S>& p, S* pu) {
   at::parallel_for(0, 2 * p.batch * p.L, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> pre(p.E);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t dir = row / (p.batch * p.L), b = (row / p.L) % p.batch, t = row % p.L;
-      conv_silu_row(p, dir, b, t, pu + row * p.E);
+      conv_silu_row(p, dir, b, t, pre.data(), pu + row * p.E);
     }
   });
 }
@@ -66,12 +67,17 @@ void conv_backward_direction(const ConvParams<T>& p, const ConvGrads<T>& o, int6
   }
 }
 
-template <typename T>
-ConvParams<T> conv_params(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+template <typename T, typename S = T>
+ConvParams<T, S> conv_params(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
   TORCH_CHECK(x.stride(2) == 1, "conv: x must have contiguous channels");
   TORCH_CHECK(w.is_contiguous() && bias.is_contiguous(), "conv: w and bias must be contiguous");
-  ConvParams<T> p;
-  p.x = x.data_ptr<T>();
+  TORCH_CHECK(w.scalar_type() == bias.scalar_type() && w.scalar_type() == c10::CppTypeToScalarType<T>::value,
+              "conv: w and bias must be of the compute dtype");
+  ConvParams<T, S> p;
+  if constexpr (std::is_same<S, bf16>::value)
+    p.x = reinterpret_cast<const bf16*>(x.data_ptr<at::BFloat16>());
+  else
+    p.x = x.data_ptr<T>();
   p.sx_b = x.stride(0);
   p.sx_t = x.stride(1);
   p.w = w.data_ptr<T>();
@@ -86,6 +92,11 @@ ConvParams<T> conv_params(const at::Tensor& x, const at::Tensor& w, const at::Te
 }  // namespace
 
 at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  if (x.scalar_type() == at::kBFloat16) {  // bf16 in and out, float32 weights and arithmetic
+    auto u = at::empty({2, x.size(0), x.size(1), w.size(2)}, x.options());
+    conv_forward_rows(conv_params<float, bf16>(x, w, bias), reinterpret_cast<bf16*>(u.data_ptr<at::BFloat16>()));
+    return u;
+  }
   auto u = at::empty({2, x.size(0), x.size(1), w.size(2)}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "visionmamba_conv_forward",
                              [&] { conv_forward_rows(conv_params<scalar_t>(x, w, bias), u.data_ptr<scalar_t>()); });

@@ -128,7 +128,7 @@ void run_conv_row(void* data, size_t row) {
   const auto& job = *static_cast<const ConvJob*>(data);
   const auto& p = job.p;
   const int64_t r = static_cast<int64_t>(row), dir = r / (p.batch * p.L), b = (r / p.L) % p.batch, t = r % p.L;
-  visionmamba::conv::conv_silu_row(p, dir, b, t, job.u + r * p.E);
+  visionmamba::conv::conv_silu_row(p, dir, b, t, job.u + r * p.E, job.u + r * p.E);
 }
 
 OrtStatusPtr compute_conv(OrtKernelContext* context) {

@@ -123,7 +123,7 @@ class ConvSiLU : public ov::op::Op {
     p.K = K;
     float* u = outputs[0].data<float>();
     tbb::parallel_for(int64_t(0), 2 * batch * L, [&](int64_t r) {
-      conv::conv_silu_row(p, r / (batch * L), (r / L) % batch, r % L, u + r * E);
+      conv::conv_silu_row(p, r / (batch * L), (r / L) % batch, r % L, u + r * E, u + r * E);
     });
     return true;
   }

@@ -32,20 +32,22 @@
 namespace visionmamba {
 namespace lanes {
 
-// One direction of the bidirectional forward for one batch row, channels as the SIMD lanes.
-template <typename T>
+// One direction of the bidirectional forward for one batch row, channels as the SIMD lanes. T: the compute
+// type; S: the activations' storage (T, or bf16 for CPU bf16 inference; the weights are T).
+template <typename T, typename S = T>
 struct LaneDirection {
-  const T* u;           // (L, E)
+  const S* u;           // (L, E)
   const T* Wt;          // dt_proj's weight, transposed (R, E): delta = softplus(W dt_t + bias) inside the kernel
   const T* A;           // (N, E)
   const T* A2;          // A log2(e) (N, E), for the base-2 exps of the AVX-512 path
-  const T* x_proj_out;  // x_proj's output at t = 0: dt_t in columns [0, R), B_t from R, C_t from R + N
+  const S* x_proj_out;  // x_proj's output at t = 0: dt_t in columns [0, R), B_t from R, C_t from R + N
   int64_t sx_t;
   const T* D;     // (E,)
   const T* bias;  // (E,)
-  const T* z;     // z_t: E contiguous channels at z + t * sz_t
+  const S* z;     // z_t: E contiguous channels at z + t * sz_t
   int64_t sz_t;
-  T* out;  // (L, E): y / 2 is written (forward direction) or added (backward direction)
+  S* out;  // (L, E): y / 2 is written (forward direction) or added (backward direction)
+  T* checkpoints = nullptr;  // (chunks, N, E): the states before each chunk of kPhaseSteps steps, or none
   int64_t L;
   int64_t E;
   int64_t N;
@@ -55,22 +57,23 @@ struct LaneDirection {
 
 // Both directions of the mixer over a batch: the layouts of bi_forward in selective_scan.h, by pointer and
 // stride. u, W_t, A_t, A2 and out are contiguous; x_proj_out and z have contiguous last axes.
-template <typename T>
+template <typename T, typename S = T>
 struct BiForwardArgs {
-  const T* u;           // (2, b, L, E)
+  const S* u;           // (2, b, L, E)
   const T* W_t;         // (2, R, E)
   const T* A_t;         // (2, N, E)
   const T* A2;          // A_t log2(e) (2, N, E)
-  const T* x_proj_out;  // (2, b, L, R + 2N) at strides sx_dir, sx_b, sx_t, 1
+  const S* x_proj_out;  // (2, b, L, R + 2N) at strides sx_dir, sx_b, sx_t, 1
   int64_t sx_dir;
   int64_t sx_b;
   int64_t sx_t;
   const T* D;     // (2, E)
   const T* bias;  // (2, E)
-  const T* z;     // (b, L, E) at strides sz_b, sz_t, 1
+  const S* z;     // (b, L, E) at strides sz_b, sz_t, 1
   int64_t sz_b;
   int64_t sz_t;
-  T* out;  // (b, L, E); may be u's first direction (each task reads its rows before it writes them)
+  S* out;  // (b, L, E); may be u's first direction (each task reads its rows before it writes them)
+  T* checkpoints = nullptr;  // (2, b, chunks, N, E): the states the backward restarts from, or none
   int64_t batch;
   int64_t L;
   int64_t E;
@@ -81,6 +84,8 @@ struct BiForwardArgs {
 constexpr int64_t kLanes = 16;       // channels per block: the SIMD lanes
 constexpr int64_t kPhaseSteps = 32;  // steps per three-phase chunk
 constexpr int64_t kGroup = 4;        // blocks of 16 channels per task
+
+inline int64_t chunk_count(int64_t L) { return (L + kPhaseSteps - 1) / kPhaseSteps; }
 
 // The per-step values of one chunk of one block: delta, delta u, and the accumulated output.
 template <typename T>
@@ -102,89 +107,99 @@ struct LaneTile {
 // One time step of 16 channels x N states in AVX-512 registers: h = exp(d A) h + du B_n; acc += C_n h, the
 // exps by exp2_avx512 (scan_math.h) with A2 = A log2 e.
 // A2: this block's first channel of the (N, E) table; j: the step's row of the chunk buffers.
-inline void states_avx512(const LaneDirection<float>& p, const float* A2, const float* Bt, ChunkBuffers<float>& buf,
+template <typename S>
+inline void states_avx512(const LaneDirection<float, S>& p, const float* A2, const S* Bt, ChunkBuffers<float>& buf,
                           int64_t j, float* __restrict h) {
-  const float* Ct = Bt + p.N;
+  const S* Ct = Bt + p.N;
   const __m512 vd = _mm512_loadu_ps(buf.d + j * kLanes), vdu = _mm512_loadu_ps(buf.du + j * kLanes);
   __m512 vacc = _mm512_loadu_ps(buf.acc + j * kLanes), vacc2 = _mm512_setzero_ps();  // two sums: half the chain
   for (int64_t n = 0; n < p.N; ++n) {
     const __m512 a = exp2_avx512(_mm512_mul_ps(vd, _mm512_loadu_ps(A2 + n * p.E)));
-    const __m512 hv = _mm512_fmadd_ps(a, _mm512_loadu_ps(h + n * 16), _mm512_mul_ps(vdu, _mm512_set1_ps(Bt[n])));
+    const __m512 hv = _mm512_fmadd_ps(a, _mm512_loadu_ps(h + n * 16), _mm512_mul_ps(vdu, _mm512_set1_ps(widen(Bt[n]))));
     _mm512_storeu_ps(h + n * 16, hv);
     if (n & 1)
-      vacc2 = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), hv, vacc2);
+      vacc2 = _mm512_fmadd_ps(_mm512_set1_ps(widen(Ct[n])), hv, vacc2);
     else
-      vacc = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), hv, vacc);
+      vacc = _mm512_fmadd_ps(_mm512_set1_ps(widen(Ct[n])), hv, vacc);
   }
   _mm512_storeu_ps(buf.acc + j * kLanes, _mm512_add_ps(vacc, vacc2));
 }
 #endif
 
-template <typename T>
-inline int64_t step_time(const LaneDirection<T>& p, int64_t i) {
+template <typename T, typename S>
+inline int64_t step_time(const LaneDirection<T, S>& p, int64_t i) {
   return p.reverse ? p.L - 1 - i : i;
 }
 
-// Phase 1: delta = softplus(W dt_t + bias) (two partial sums over the rank: half the dependent-FMA chain),
-// delta u and the D skip, for every step of the chunk.
-template <typename T, bool FULL>
-void chunk_inputs(const LaneDirection<T>& p, const LaneTile& tile, ChunkBuffers<T>& buf) {
+// x = W dt_t + bias, delta before its softplus, for the channels [e0, e0 + cnt) of step t (two partial sums over
+// the rank: half the dependent-FMA chain).
+template <typename T, typename S>
+inline void raw_deltas(const LaneDirection<T, S>& p, int64_t t, int64_t e0, int64_t cnt, T* __restrict x) {
+  const S* __restrict dtr = p.x_proj_out + t * p.sx_t;
+  T x0[kLanes], x1[kLanes];
+#pragma omp simd
+  for (int64_t e = 0; e < cnt; ++e) x0[e] = x1[e] = T(0);
+  int64_t r = 0;
+  for (; r + 1 < p.R; r += 2) {
+    const T a = widen(dtr[r]), b = widen(dtr[r + 1]);
+    const T* __restrict W0 = p.Wt + r * p.E + e0;
+    const T* __restrict W1 = W0 + p.E;
+#pragma omp simd
+    for (int64_t e = 0; e < cnt; ++e) {
+      x0[e] += a * W0[e];
+      x1[e] += b * W1[e];
+    }
+  }
+  if (r < p.R) {
+    const T a = widen(dtr[r]);
+    const T* __restrict W0 = p.Wt + r * p.E + e0;
+#pragma omp simd
+    for (int64_t e = 0; e < cnt; ++e) x0[e] += a * W0[e];
+  }
+#pragma omp simd
+  for (int64_t e = 0; e < cnt; ++e) x[e] = x0[e] + x1[e] + p.bias[e0 + e];
+}
+
+// Phase 1: delta = softplus(W dt_t + bias), delta u and the D skip, for every step of the chunk.
+template <typename T, typename S, bool FULL>
+void chunk_inputs(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffers<T>& buf) {
   const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0;
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);
-    const T* __restrict ut = p.u + t * p.E + e0;
-    const T* __restrict dtr = p.x_proj_out + t * p.sx_t;
-    T x0[kLanes], x1[kLanes];
-#pragma omp simd
-    for (int64_t e = 0; e < cnt; ++e) x0[e] = x1[e] = T(0);
-    int64_t r = 0;
-    for (; r + 1 < p.R; r += 2) {
-      const T a = dtr[r], b = dtr[r + 1];
-      const T* __restrict W0 = p.Wt + r * p.E + e0;
-      const T* __restrict W1 = W0 + p.E;
-#pragma omp simd
-      for (int64_t e = 0; e < cnt; ++e) {
-        x0[e] += a * W0[e];
-        x1[e] += b * W1[e];
-      }
-    }
-    if (r < p.R) {
-      const T a = dtr[r];
-      const T* __restrict W0 = p.Wt + r * p.E + e0;
-#pragma omp simd
-      for (int64_t e = 0; e < cnt; ++e) x0[e] += a * W0[e];
-    }
+    const S* __restrict ut = p.u + t * p.E + e0;
+    T x[kLanes];
+    raw_deltas(p, t, e0, cnt, x);
     T* __restrict dj = buf.d + j * kLanes;
     T* __restrict duj = buf.du + j * kLanes;
     T* __restrict aj = buf.acc + j * kLanes;
 #pragma omp simd
     for (int64_t e = 0; e < cnt; ++e) {
-      dj[e] = softplus20(x0[e] + x1[e] + p.bias[e0 + e]);
-      duj[e] = dj[e] * ut[e];
-      aj[e] = p.D[e0 + e] * ut[e];
+      dj[e] = softplus20(x[e]);
+      duj[e] = dj[e] * widen(ut[e]);
+      aj[e] = p.D[e0 + e] * widen(ut[e]);
     }
   }
 }
 
 // The next chunk's rows, whose strided addresses the hardware prefetcher would not guess.
-template <typename T>
-inline void prefetch_next_chunk(const LaneDirection<T>& p, int64_t e0, int64_t t) {
+template <typename T, typename S>
+inline void prefetch_next_chunk(const LaneDirection<T, S>& p, int64_t e0, int64_t t) {
   const int64_t q = p.reverse ? t - kPhaseSteps : t + kPhaseSteps;
   VM_PREFETCH(p.u + q * p.E + e0, 0);
   VM_PREFETCH(p.z + q * p.sz_t + e0, 0);
   VM_PREFETCH(p.out + q * p.E + e0, 1);
-  for (int64_t c = 0; c < p.R + 2 * p.N; c += 64 / sizeof(T)) VM_PREFETCH(p.x_proj_out + q * p.sx_t + c, 0);
+  for (int64_t c = 0; c < p.R + 2 * p.N; c += 64 / sizeof(S)) VM_PREFETCH(p.x_proj_out + q * p.sx_t + c, 0);
 }
 
 // Phase 2: the recurrence over the chunk; h: this block's (N, 16) states.
-template <typename T, bool FULL>
-void chunk_recurrence(const LaneDirection<T>& p, const LaneTile& tile, ChunkBuffers<T>& buf, T* __restrict h) {
+template <typename T, typename S, bool FULL>
+void chunk_recurrence(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffers<T>& buf, T* __restrict h) {
   const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0;
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);
     if (tile.i0 + kPhaseSteps + j < p.L) prefetch_next_chunk(p, e0, t);
-    const T* __restrict Bt = p.x_proj_out + t * p.sx_t + p.R;
-    const T* __restrict Ct = Bt + p.N;
+    const S* __restrict Bt = p.x_proj_out + t * p.sx_t + p.R;
+    const S* __restrict Ct = Bt + p.N;
 #ifdef VM_AVX512
     if constexpr (FULL && std::is_same<T, float>::value) {
       states_avx512(p, p.A2 + e0, Bt, buf, j, h);
@@ -195,7 +210,7 @@ void chunk_recurrence(const LaneDirection<T>& p, const LaneTile& tile, ChunkBuff
     T* __restrict duj = buf.du + j * kLanes;
     T* __restrict aj = buf.acc + j * kLanes;
     for (int64_t n = 0; n < p.N; ++n) {
-      const T bn = Bt[n], cn = Ct[n];
+      const T bn = widen(Bt[n]), cn = widen(Ct[n]);
       const T* __restrict An = p.A + n * p.E + e0;
       T* __restrict hn = h + n * kLanes;
 #pragma omp simd
@@ -209,32 +224,48 @@ void chunk_recurrence(const LaneDirection<T>& p, const LaneTile& tile, ChunkBuff
 }
 
 // Phase 3: the SiLU(z) gate and the average of the two directions.
-template <typename T, bool FULL>
-void chunk_output(const LaneDirection<T>& p, const LaneTile& tile, const ChunkBuffers<T>& buf) {
+template <typename T, typename S, bool FULL>
+void chunk_output(const LaneDirection<T, S>& p, const LaneTile& tile, const ChunkBuffers<T>& buf) {
   const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0;
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);
     const T* __restrict aj = buf.acc + j * kLanes;
-    const T* __restrict zt = p.z + t * p.sz_t + e0;
-    T* __restrict o = p.out + t * p.E + e0;
+    const S* __restrict zt = p.z + t * p.sz_t + e0;
+    S* __restrict o = p.out + t * p.E + e0;
+    T y[kLanes];
 #pragma omp simd
     for (int64_t e = 0; e < cnt; ++e) {
-      const T y = T(0.5) * aj[e] * zt[e] * sigmoid(zt[e]);
-      o[e] = p.reverse ? o[e] + y : y;
+      const T zv = widen(zt[e]);
+      y[e] = T(0.5) * aj[e] * zv * sigmoid(zv);
+    }
+    if (p.reverse) {
+#pragma omp simd
+      for (int64_t e = 0; e < cnt; ++e) o[e] = narrow<S>(widen(o[e]) + y[e]);
+    } else {
+#pragma omp simd
+      for (int64_t e = 0; e < cnt; ++e) o[e] = narrow<S>(y[e]);
     }
   }
 }
 
-template <typename T, bool FULL>
-void block_chunk(const LaneDirection<T>& p, const LaneTile& tile, ChunkBuffers<T>& buf, T* __restrict h) {
-  chunk_inputs<T, FULL>(p, tile, buf);
-  chunk_recurrence<T, FULL>(p, tile, buf, h);
-  chunk_output<T, FULL>(p, tile, buf);
+template <typename T, typename S, bool FULL>
+void block_chunk(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffers<T>& buf, T* __restrict h) {
+  chunk_inputs<T, S, FULL>(p, tile, buf);
+  chunk_recurrence<T, S, FULL>(p, tile, buf, h);
+  chunk_output<T, S, FULL>(p, tile, buf);
+}
+
+// The states of a block before the chunk that starts at step tile.i0, for the backward to restart from.
+template <typename T, typename S>
+void save_states(const LaneDirection<T, S>& p, const LaneTile& tile, const T* h) {
+  T* dst = p.checkpoints + tile.i0 / kPhaseSteps * p.N * p.E + tile.e0;
+  for (int64_t n = 0; n < p.N; ++n)
+    for (int64_t e = 0; e < tile.width; ++e) dst[n * p.E + e] = h[n * kLanes + e];
 }
 
 // One direction over the channels [e0, e1); h: (blocks, N, 16) states.
-template <typename T>
-void lanes_direction(const LaneDirection<T>& p, int64_t e0, int64_t e1, T* __restrict h) {
+template <typename T, typename S>
+void lanes_direction(const LaneDirection<T, S>& p, int64_t e0, int64_t e1, T* __restrict h) {
   const int64_t blocks = (e1 - e0 + kLanes - 1) / kLanes;
   std::fill(h, h + blocks * p.N * kLanes, T(0));
   ChunkBuffers<T> buf;
@@ -244,10 +275,11 @@ void lanes_direction(const LaneDirection<T>& p, int64_t e0, int64_t e1, T* __res
       const int64_t eb = e0 + k * kLanes;
       const LaneTile tile{eb, std::min(kLanes, e1 - eb), i0, steps};
       T* hk = h + k * p.N * kLanes;
+      if (p.checkpoints) save_states(p, tile, hk);
       if (tile.width == kLanes)
-        block_chunk<T, true>(p, tile, buf, hk);
+        block_chunk<T, S, true>(p, tile, buf, hk);
       else
-        block_chunk<T, false>(p, tile, buf, hk);
+        block_chunk<T, S, false>(p, tile, buf, hk);
     }
   }
 }
@@ -260,43 +292,48 @@ void log2e_table(const T* A, T* A2, int64_t count) {
 }
 
 // Tasks of bi_forward: (batch row, group of kGroup x 16 channels) pairs, independent of each other.
-template <typename T>
-int64_t bi_forward_tasks(const BiForwardArgs<T>& a) {
+template <typename T, typename S>
+int64_t bi_forward_tasks(const BiForwardArgs<T, S>& a) {
   const int64_t span = kGroup * kLanes;
   return a.batch * ((a.E + span - 1) / span);
 }
 
 // Values of the state scratch one task needs (reused across the tasks one thread runs).
-template <typename T>
-int64_t bi_forward_scratch(const BiForwardArgs<T>& a) {
+template <typename T, typename S>
+int64_t bi_forward_scratch(const BiForwardArgs<T, S>& a) {
   return kGroup * a.N * kLanes;
 }
 
+// Direction dir of batch row b of the mixer's layouts (the forward's and the backward's view of one walk).
+template <typename T, typename S>
+LaneDirection<T, S> direction_of(const BiForwardArgs<T, S>& a, int64_t dir, int64_t b) {
+  LaneDirection<T, S> p;
+  p.u = a.u + (dir * a.batch + b) * a.L * a.E;
+  p.Wt = a.W_t + dir * a.R * a.E;
+  p.A = a.A_t + dir * a.N * a.E;
+  p.A2 = a.A2 + dir * a.N * a.E;
+  p.x_proj_out = a.x_proj_out + dir * a.sx_dir + b * a.sx_b;
+  p.sx_t = a.sx_t;
+  p.D = a.D + dir * a.E;
+  p.bias = a.bias + dir * a.E;
+  p.z = a.z + b * a.sz_b;
+  p.sz_t = a.sz_t;
+  p.out = a.out + b * a.L * a.E;
+  p.checkpoints = a.checkpoints ? a.checkpoints + (dir * a.batch + b) * chunk_count(a.L) * a.N * a.E : nullptr;
+  p.L = a.L;
+  p.E = a.E;
+  p.N = a.N;
+  p.R = a.R;
+  p.reverse = dir == 1;
+  return p;
+}
+
 // One task of bi_forward: both directions of its channels; h holds bi_forward_scratch values.
-template <typename T>
-void bi_forward_task(const BiForwardArgs<T>& a, int64_t task, T* h) {
+template <typename T, typename S>
+void bi_forward_task(const BiForwardArgs<T, S>& a, int64_t task, T* h) {
   const int64_t span = kGroup * kLanes, groups = (a.E + span - 1) / span;
   const int64_t b = task / groups, e0 = (task % groups) * span, e1 = std::min(a.E, e0 + span);
-  for (int64_t dir = 0; dir < 2; ++dir) {
-    LaneDirection<T> p;
-    p.u = a.u + (dir * a.batch + b) * a.L * a.E;
-    p.Wt = a.W_t + dir * a.R * a.E;
-    p.A = a.A_t + dir * a.N * a.E;
-    p.A2 = a.A2 + dir * a.N * a.E;
-    p.x_proj_out = a.x_proj_out + dir * a.sx_dir + b * a.sx_b;
-    p.sx_t = a.sx_t;
-    p.D = a.D + dir * a.E;
-    p.bias = a.bias + dir * a.E;
-    p.z = a.z + b * a.sz_b;
-    p.sz_t = a.sz_t;
-    p.out = a.out + b * a.L * a.E;
-    p.L = a.L;
-    p.E = a.E;
-    p.N = a.N;
-    p.R = a.R;
-    p.reverse = dir == 1;
-    lanes_direction<T>(p, e0, e1, h);
-  }
+  for (int64_t dir = 0; dir < 2; ++dir) lanes_direction(direction_of(a, dir, b), e0, e1, h);
 }
 
 // The inputs of the ONNX node BiSelectiveScan (the op bi_scan's layouts), contiguous, for the runtimes' kernels.

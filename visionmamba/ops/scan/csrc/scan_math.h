@@ -50,6 +50,42 @@ static inline T softplus20(T x) {
   return x > T(20) ? x : std::log(T(1) + vexp(x < T(20) ? x : T(20)));
 }
 
+// bfloat16 storage: the upper half of a float32's bits (c10::BFloat16's layout). CPU bf16 inference keeps its
+// activations so and computes in float32; widen and narrow are plain bit operations, so the loops around
+// them still vectorise.
+struct bf16 {
+  uint16_t bits;
+};
+
+static inline float widen(float v) { return v; }
+static inline double widen(double v) { return v; }
+static inline float widen(bf16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// v in the storage type S: itself, or bf16 rounded to nearest even (NaN stays a quiet NaN).
+template <typename S>
+static inline S narrow(float v);
+template <>
+inline float narrow<float>(float v) {
+  return v;
+}
+template <>
+inline bf16 narrow<bf16>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  const uint32_t rounded = bits + 0x7FFFu + ((bits >> 16) & 1u);
+  return bf16{static_cast<uint16_t>(nan ? 0x7FC0u : rounded >> 16)};
+}
+template <typename S>
+static inline S narrow(double v) {
+  return v;
+}
+
 #ifdef VM_AVX512
 // 2^x for 16 floats: f = x - floor(x) (vreduceps), a degree-5 polynomial for 2^f on [0, 1) (max relative
 // error 1.6e-7 in float32 evaluation), then vscalefps multiplies by 2^floor(x), underflowing gradually to 0

@@ -1,5 +1,4 @@
-// The scan one (batch, channel) row at a time: the one-direction forward and backward of the custom op,
-// and the backward of both directions of the mixer.
+// The scan one (batch, channel) row at a time: the one-direction forward and backward of the custom op.
 //
 // Forward: one task per (batch, channel), a sequential walk over the sequence with the N states in a
 // SIMD-friendly inner loop. Backward: one task per (batch, block of channels); it recomputes the states of
@@ -169,34 +168,6 @@ Row<T> single_row(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
   return r;
 }
 
-// Row (dir, b, e) of the bidirectional backward (see selective_scan.h).
-template <typename T>
-Row<T> bi_row(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& x_proj_out,
-              const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias, int64_t dir_b_e) {
-  const int64_t batch = u.size(1), E = u.size(2), L = u.size(3), N = A.size(2), R = x_proj_out.size(3) - 2 * N;
-  const int64_t dir = dir_b_e / (batch * E), b = (dir_b_e / E) % batch, e = dir_b_e % E;
-  const T* row = x_proj_out.data_ptr<T>() + dir * x_proj_out.stride(0) + b * x_proj_out.stride(1) + R;
-  Row<T> r;
-  r.u = u.data_ptr<T>() + dir_b_e * L;
-  r.su = 1;
-  r.delta = delta.data_ptr<T>() + dir_b_e * L;
-  r.sd = 1;
-  r.B = row;
-  r.C = row + N;
-  r.sbc = x_proj_out.stride(2);
-  r.z = z.data_ptr<T>() + b * z.stride(0) + e;
-  r.sz = z.stride(1);
-  r.A = A.data_ptr<T>() + (dir * E + e) * N;
-  r.D = D.data_ptr<T>()[dir * E + e];
-  r.bias = bias.data_ptr<T>()[dir * E + e];
-  r.L = L;
-  r.N = N;
-  r.softplus = true;
-  r.reverse = dir == 1;
-  r.scale = T(0.5);  // the two directions are averaged
-  return r;
-}
-
 }  // namespace
 
 at::Tensor scan_forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& BC,
@@ -252,53 +223,6 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
           grads.dD = dD_part.data_ptr<T>() + be;
           grads.dbias = dbias_part.data_ptr<T>() + be;
           row_backward(single_row<T>(u, delta, A, BC, D, z, softplus, be), grads, scratch);
-        }
-      }
-    });
-  });
-  return {du, ddelta, dz, dA_part, dBC_part, dD_part, dbias_part};
-}
-
-std::vector<at::Tensor> bi_backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                                    const at::Tensor& x_proj_out, const at::Tensor& D, const at::Tensor& z,
-                                    const at::Tensor& bias, const at::Tensor& dout) {
-  const int64_t batch = u.size(1), E = u.size(2), L = u.size(3), N = A.size(2);
-  const int64_t blocks = (E + kBackwardChannels - 1) / kBackwardChannels;
-  TORCH_CHECK(z.stride(2) == 1 && x_proj_out.stride(3) == 1,
-              "bi_backward: z and x_proj_out need contiguous last dimensions");
-  auto du = at::empty_like(u), ddelta = at::empty_like(u);
-  auto dz = at::empty({batch, E, L}, u.options());
-  auto dA_part = at::empty({batch, 2, E, N}, u.options());
-  auto dD_part = at::empty({batch, 2, E}, u.options()), dbias_part = at::empty({batch, 2, E}, u.options());
-  auto dBC_part = at::zeros({blocks, 2, batch, L, 2 * N}, u.options());
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "visionmamba_bi_backward", [&] {
-    using T = scalar_t;
-    at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-      RowScratch<T> scratch(L, N);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / blocks, k = task % blocks;
-        for (int64_t e = k * kBackwardChannels; e < std::min(E, (k + 1) * kBackwardChannels); ++e) {
-          for (int64_t dir = 0; dir < 2; ++dir) {
-            const int64_t row = (dir * batch + b) * E + e, part = (b * 2 + dir) * E + e;
-            T* dbc = dBC_part.data_ptr<T>() + ((k * 2 + dir) * batch + b) * L * 2 * N;
-            RowGrads<T> grads;
-            grads.dout = dout.data_ptr<T>() + (b * E + e) * L;
-            grads.so = 1;
-            grads.du = du.data_ptr<T>() + row * L;
-            grads.sdu = 1;
-            grads.ddelta = ddelta.data_ptr<T>() + row * L;
-            grads.sdd = 1;
-            grads.dz = dz.data_ptr<T>() + (b * E + e) * L;
-            grads.sdz = 1;
-            grads.accumulate_dz = dir == 1;  // the second direction adds to the first one's dz
-            grads.dB = dbc;
-            grads.dC = dbc + N;
-            grads.sdbc = 2 * N;
-            grads.dA = dA_part.data_ptr<T>() + part * N;
-            grads.dD = dD_part.data_ptr<T>() + part;
-            grads.dbias = dbias_part.data_ptr<T>() + part;
-            row_backward(bi_row<T>(u, delta, A, x_proj_out, D, z, bias, row), grads, scratch);
-          }
         }
       }
     });

@@ -7,11 +7,11 @@
 //   bidirectional forward (scan_lanes.h): u (2, b, L, E) token-major; W_t (2, R, E); A_t (2, N, E);
 //     x_proj_out: x_proj's output (2, b, L, R + 2N) (dt_t, B_t, C_t per row); z (b, L, E) with contiguous
 //     channels; D, bias (2, E).
-//   bidirectional backward (scan_rows.cpp): u, delta (2, b, E, L) channel-major copies; A (2, E, N);
-//     x_proj_out, z, D, bias as in the forward; dout (b, E, L).
+//   bidirectional backward (scan_lanes.cpp): the forward's layouts, dout (b, L, E), and the states the
+//     forward saved every 32 steps, checkpoints (2, b, chunks, N, E).
 //   conv (conv_silu.cpp): x (b, L, E) with contiguous channels (a strided view is fine); w (2, K, E)
 //     taps-major; bias (2, E).
-// Every kernel computes in the dtype of its inputs (float32 or float64). Reductions over channels or batch
+// Every kernel computes in the dtype of its inputs (float32 or float64; bfloat16 activations in float32). Reductions over channels or batch
 // go to per-task partial buffers that the caller sums in a fixed order: results are deterministic.
 #pragma once
 
@@ -86,14 +86,18 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
                                       const at::Tensor& dout);
 
 // Both directions (scan_lanes.cpp): writes (y_forward + y_backward) / 2 into out (b, L, E), contiguous. out may
-// be u[0]: each task reads the rows of u[0] it owns before it writes them (in-place inference).
-void bi_forward(const at::Tensor& u, const at::Tensor& W_t, const at::Tensor& A_t, const at::Tensor& x_proj_out,
-                const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias, const at::Tensor& out);
-// Gradients of bi_forward (scan_rows.cpp): du, ddelta (2, b, E, L), dz (b, E, L), dA_part (b, 2, E, N),
-// dBC_part (blocks, 2, b, L, 2N) in x_proj's column order, dD_part, dbias_part (b, 2, E).
-std::vector<at::Tensor> bi_backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                                    const at::Tensor& x_proj_out, const at::Tensor& D, const at::Tensor& z,
-                                    const at::Tensor& bias, const at::Tensor& dout);
+// be u[0]: each task reads the rows of u[0] it owns before it writes them (in-place inference). checkpoints:
+// (2, b, chunks, N, E) to receive the states before every chunk of kPhaseSteps steps, or an empty tensor.
+// weights: the scan's (W_t, A_t, D, bias). Activations (u, x_proj_out, z, out) may be bfloat16 with float32
+// weights (inference: read and written as bf16, computed in float32).
+void bi_forward(const at::Tensor& u, const at::Tensor& x_proj_out, const at::Tensor& z,
+                const std::vector<at::Tensor>& weights, const at::Tensor& out, const at::Tensor& checkpoints);
+// Gradients of bi_forward from its checkpoints (scan_lanes.cpp), token-major: du, ddelta (2, b, L, E) (ddelta:
+// of W dt + bias, before the softplus), dz (b, L, E), dA_part (b, 2, N, E), dBC_part (groups, 2, b, L, 2N) in
+// x_proj's column order, dD_part, dbias_part (b, 2, E).
+std::vector<at::Tensor> bi_backward(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& x_proj_out,
+                                    const at::Tensor& z, const std::vector<at::Tensor>& weights,
+                                    const at::Tensor& checkpoints);
 
 // Depthwise conv + SiLU of both directions (conv_silu.cpp): returns u (2, b, L, E).
 at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias);

@@ -1,0 +1,420 @@
+// The backward of both directions of the mixer with channels as the SIMD lanes, in the forward's layout and
+// tasks (scan_lanes.h), free of torch.
+//
+// The forward saves each block's states before every chunk of kPhaseSteps steps (the checkpoints). Per block
+// of 16 channels the backward walks the chunks from the last to the first, each in three phases: (1) the
+// chunk's inputs (delta, the softplus derivative, delta u, u); (2) its states, recomputed from the chunk's
+// checkpoint into a buffer that stays in cache, with the pre-gate output <C, h> + D u that the z gradient
+// needs; (3) the adjoint walk back through the chunk, g = dL/dh carried from chunk to chunk. dA, dD and
+// d(bias) are sums over steps, kept per lane; dB_t and dC_t are sums over channels, reduced over the 16
+// lanes at every step and added to the task's (L, 2N) partial rows.
+#pragma once
+
+#include "scan_lanes.h"
+
+namespace visionmamba {
+namespace lanes {
+
+// The gradients of bi_forward (contiguous, token-major like its inputs).
+template <typename T>
+struct BiBackwardArgs {
+  BiForwardArgs<T> f;  // the forward's inputs and its checkpoints (f.out is not used)
+  const T* dout;       // (b, L, E)
+  T* du;               // (2, b, L, E)
+  T* ddelta;           // (2, b, L, E): the gradient of x = W dt_t + bias, delta before its softplus
+  T* dz;               // (b, L, E)
+  T* dA;               // (b, 2, N, E): one row per batch row (summed by the caller)
+  T* dD;               // (b, 2, E)
+  T* dbias;            // (b, 2, E)
+  T* dBC;              // (groups, 2, b, L, 2N), zero on entry: dB_t and dC_t summed over each group's channels
+};
+
+// One direction's gradients for one batch row.
+template <typename T>
+struct LaneGrads {
+  const T* dout;  // (L, E)
+  T* du;          // (L, E)
+  T* ddelta;      // (L, E)
+  T* dz;          // (L, E): written by the forward direction, added to by the backward one
+  T* dA;          // (N, E)
+  T* dD;          // (E,)
+  T* dbias;       // (E,)
+  T* dBC;         // (L, 2N): added to
+};
+
+// The per-step values of one chunk of one block.
+template <typename T>
+struct BackwardBuffers {
+  alignas(64) T d[kPhaseSteps * kLanes];
+  alignas(64) T du[kPhaseSteps * kLanes];
+  alignas(64) T u[kPhaseSteps * kLanes];
+  alignas(64) T dsp[kPhaseSteps * kLanes];  // d delta / dx: sigmoid(x), 1 above the softplus threshold 20
+  alignas(64) T acc[kPhaseSteps * kLanes];  // the pre-gate output <C_t, h_t> + D u_t
+};
+
+// A block's scratch, carved from the thread's: the chunk's states and the carried sums.
+template <typename T>
+struct BlockScratch {
+  T* hs;  // (kPhaseSteps + 1, N, 16): the states before the chunk and after each of its steps
+  T* g;   // (N, 16): the adjoint dL/dh
+  T* dA;  // (N, 16)
+  T* pB;  // (N, 16): this step's dB terms per lane, before the sum over lanes
+  T* pC;  // (N, 16)
+  T dD[kLanes];
+  T dbias[kLanes];
+};
+
+// One step of one block as phases 1 and 2 left it, for the walk back.
+template <typename T>
+struct StepValues {
+  const T* d;     // 16 values each: delta, delta u, u, the softplus derivative, the pre-gate output
+  const T* du;
+  const T* u;
+  const T* dsp;
+  const T* y;
+  const T* prev;  // (N, 16): the states before the step
+  const T* cur;   // (N, 16): after it
+  const T* Bt;    // B_t (N values), then C_t
+};
+
+// Values of the thread scratch one task needs.
+template <typename T>
+int64_t bi_backward_scratch(const BiForwardArgs<T>& a) {
+  return (kPhaseSteps + 5) * a.N * kLanes;
+}
+
+#ifdef VM_AVX512
+// Lane n of the result is the sum of the 16 lanes of v[n]: a transpose-and-add tree (45 instructions for 16
+// sums, against ~8 per sum reduced one by one). The inputs are taken in the order 4 (i % 4) + i / 4, which
+// makes the tree's output come out in order.
+inline __m512 lane_sums16(const __m512* v) {
+  __m512 c[8], e[4], g[2];
+  for (int k = 0; k < 8; ++k) {  // 256-bit halves: c[k] holds 8 partial sums of two vectors
+    const __m512 a = v[4 * ((2 * k) % 4) + (2 * k) / 4], b = v[4 * ((2 * k + 1) % 4) + (2 * k + 1) / 4];
+    c[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int k = 0; k < 4; ++k)  // 128-bit lanes: 4 partial sums of four vectors
+    e[k] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], 0x88),
+                         _mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], 0xDD));
+  for (int k = 0; k < 2; ++k)  // pairs within the 128-bit lanes
+    g[k] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * k], e[2 * k + 1], 0x44), _mm512_shuffle_ps(e[2 * k], e[2 * k + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(g[0], g[1], 0x88), _mm512_shuffle_ps(g[0], g[1], 0xDD));
+}
+
+// Phase 2's step for 16 channels: cur = exp(d A) prev + du B; returns acc + <C, cur>.
+inline void recompute_step_avx512(const LaneDirection<float>& p, const float* A2, const float* Bt, const float* dj,
+                                  const float* duj, const float* prev, float* cur, float* aj) {
+  const float* Ct = Bt + p.N;
+  const __m512 vd = _mm512_load_ps(dj), vdu = _mm512_load_ps(duj);
+  __m512 acc = _mm512_load_ps(aj), acc2 = _mm512_setzero_ps();
+  for (int64_t n = 0; n < p.N; ++n) {
+    const __m512 a = exp2_avx512(_mm512_mul_ps(vd, _mm512_loadu_ps(A2 + n * p.E)));
+    const __m512 hv = _mm512_fmadd_ps(a, _mm512_loadu_ps(prev + n * 16), _mm512_mul_ps(vdu, _mm512_set1_ps(Bt[n])));
+    _mm512_storeu_ps(cur + n * 16, hv);
+    if (n & 1)
+      acc2 = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), hv, acc2);
+    else
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), hv, acc);
+  }
+  _mm512_store_ps(aj, _mm512_add_ps(acc, acc2));
+}
+
+// Phase 3's state loop for 16 channels at one step: the adjoint update, dA, the lane sums of dB_t and dC_t
+// (added to dbc), and the sums over n that delta and u need (added to dd, duu).
+inline void walk_step_avx512(const LaneDirection<float>& p, const StepValues<float>& v, int64_t e0, __m512 dy,
+                             BlockScratch<float>& s, float* dbc, __m512& dd, __m512& duu) {
+  const float *A = p.A + e0, *A2 = p.A2 + e0, *Bt = v.Bt, *Ct = v.Bt + p.N;
+  const __m512 vd = _mm512_load_ps(v.d), vdu = _mm512_load_ps(v.du), vu = _mm512_load_ps(v.u);
+  __m512 dd2 = _mm512_setzero_ps(), duu2 = _mm512_setzero_ps();
+  for (int64_t n0 = 0; n0 < p.N; n0 += 16) {
+    const int64_t count = std::min<int64_t>(16, p.N - n0);
+    __m512 pB[16], pC[16];
+    for (int64_t i = 0; i < 16; ++i) {
+      const int64_t n = n0 + i;
+      if (i >= count) {
+        pB[i] = pC[i] = _mm512_setzero_ps();
+        continue;
+      }
+      const __m512 An = _mm512_loadu_ps(A + n * p.E), bn = _mm512_set1_ps(Bt[n]);
+      const __m512 a = exp2_avx512(_mm512_mul_ps(vd, _mm512_loadu_ps(A2 + n * p.E)));
+      const __m512 ahp = _mm512_mul_ps(a, _mm512_loadu_ps(v.prev + n * 16));
+      const __m512 gn = _mm512_fmadd_ps(dy, _mm512_set1_ps(Ct[n]), _mm512_loadu_ps(s.g + n * 16));
+      pC[i] = _mm512_mul_ps(dy, _mm512_loadu_ps(v.cur + n * 16));
+      pB[i] = _mm512_mul_ps(gn, vdu);
+      const __m512 dterm = _mm512_mul_ps(gn, _mm512_fmadd_ps(An, ahp, _mm512_mul_ps(vu, bn)));
+      if (i & 1) {  // two sums each: half the dependent chain
+        dd2 = _mm512_add_ps(dd2, dterm);
+        duu2 = _mm512_fmadd_ps(gn, bn, duu2);
+      } else {
+        dd = _mm512_add_ps(dd, dterm);
+        duu = _mm512_fmadd_ps(gn, bn, duu);
+      }
+      _mm512_storeu_ps(s.dA + n * 16, _mm512_fmadd_ps(gn, _mm512_mul_ps(vd, ahp), _mm512_loadu_ps(s.dA + n * 16)));
+      _mm512_storeu_ps(s.g + n * 16, _mm512_mul_ps(gn, a));
+    }
+    const __mmask16 m = static_cast<__mmask16>((1u << count) - 1u);
+    _mm512_mask_storeu_ps(dbc + n0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dbc + n0), lane_sums16(pB)));
+    _mm512_mask_storeu_ps(dbc + p.N + n0, m,
+                          _mm512_add_ps(_mm512_maskz_loadu_ps(m, dbc + p.N + n0), lane_sums16(pC)));
+  }
+  dd = _mm512_add_ps(dd, dd2);
+  duu = _mm512_add_ps(duu, duu2);
+}
+
+inline __m512 sigmoid_avx512(__m512 x) {  // sigmoid() of scan_math.h: 1 / (1 + exp(-x)), x clamped at -80
+  const __m512 c = _mm512_max_ps(x, _mm512_set1_ps(-80.0f));
+  const __m512 e = exp2_avx512(_mm512_mul_ps(c, _mm512_set1_ps(-1.4426950408889634f)));
+  return _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+// One step of phase 3 for 16 channels, all in registers: the gate, the state loop, then du, ddelta, dD and
+// d(bias). (Vectors the compiler's 256-bit loops wrote just before would be read back as 512-bit loads, which
+// the core cannot forward from two stores: a stall per step.)
+inline void walk_back_step_avx512(const LaneDirection<float>& p, const LaneGrads<float>& o, int64_t t, int64_t e0,
+                                  const StepValues<float>& v, BlockScratch<float>& s) {
+  const __m512 zv = _mm512_loadu_ps(p.z + t * p.sz_t + e0), sg = sigmoid_avx512(zv), one = _mm512_set1_ps(1.0f);
+  const __m512 dyr = _mm512_mul_ps(_mm512_set1_ps(0.5f), _mm512_loadu_ps(o.dout + t * p.E + e0));
+  const __m512 dzv = _mm512_mul_ps(_mm512_mul_ps(dyr, _mm512_load_ps(v.y)),
+                                   _mm512_mul_ps(sg, _mm512_fmadd_ps(zv, _mm512_sub_ps(one, sg), one)));
+  float* dzt = o.dz + t * p.E + e0;
+  _mm512_storeu_ps(dzt, p.reverse ? _mm512_add_ps(_mm512_loadu_ps(dzt), dzv) : dzv);
+  const __m512 dy = _mm512_mul_ps(dyr, _mm512_mul_ps(zv, sg));
+  __m512 dd = _mm512_setzero_ps(), duu = _mm512_setzero_ps();
+  walk_step_avx512(p, v, e0, dy, s, o.dBC + t * 2 * p.N, dd, duu);
+  const __m512 vd = _mm512_load_ps(v.d), vu = _mm512_load_ps(v.u), ddv = _mm512_mul_ps(dd, _mm512_load_ps(v.dsp));
+  _mm512_storeu_ps(o.ddelta + t * p.E + e0, ddv);
+  _mm512_storeu_ps(o.du + t * p.E + e0, _mm512_fmadd_ps(duu, vd, _mm512_mul_ps(dy, _mm512_loadu_ps(p.D + e0))));
+  _mm512_storeu_ps(s.dD, _mm512_fmadd_ps(dy, vu, _mm512_loadu_ps(s.dD)));
+  _mm512_storeu_ps(s.dbias, _mm512_add_ps(ddv, _mm512_loadu_ps(s.dbias)));
+}
+#endif
+
+// Phase 1.
+template <typename T, bool FULL>
+void backward_inputs(const LaneDirection<T>& p, const LaneTile& tile, BackwardBuffers<T>& buf) {
+  const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0;
+  for (int64_t j = 0; j < tile.steps; ++j) {
+    const int64_t t = step_time(p, tile.i0 + j);
+    const T* __restrict ut = p.u + t * p.E + e0;
+    T x[kLanes];
+    raw_deltas(p, t, e0, cnt, x);
+    T* __restrict dj = buf.d + j * kLanes;
+    T* __restrict duj = buf.du + j * kLanes;
+    T* __restrict uj = buf.u + j * kLanes;
+    T* __restrict sj = buf.dsp + j * kLanes;
+    T* __restrict aj = buf.acc + j * kLanes;
+#pragma omp simd
+    for (int64_t e = 0; e < cnt; ++e) {
+      dj[e] = softplus20(x[e]);
+      sj[e] = x[e] > T(20) ? T(1) : sigmoid(x[e]);
+      uj[e] = ut[e];
+      duj[e] = dj[e] * ut[e];
+      aj[e] = p.D[e0 + e] * ut[e];
+    }
+  }
+}
+
+// Phase 2: the chunk's states from hs[0], the checkpoint; acc gains <C_t, h_t>.
+template <typename T, bool FULL>
+void recompute_chunk(const LaneDirection<T>& p, const LaneTile& tile, BackwardBuffers<T>& buf, T* __restrict hs) {
+  const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0, NL = p.N * kLanes;
+  for (int64_t j = 0; j < tile.steps; ++j) {
+    const int64_t t = step_time(p, tile.i0 + j);
+    const T* __restrict Bt = p.x_proj_out + t * p.sx_t + p.R;
+    const T* __restrict Ct = Bt + p.N;
+    const T* __restrict prev = hs + j * NL;
+    T* __restrict cur = hs + (j + 1) * NL;
+    const T* __restrict dj = buf.d + j * kLanes;
+    const T* __restrict duj = buf.du + j * kLanes;
+    T* __restrict aj = buf.acc + j * kLanes;
+#ifdef VM_AVX512
+    if constexpr (FULL && std::is_same<T, float>::value) {
+      recompute_step_avx512(p, p.A2 + e0, Bt, dj, duj, prev, cur, aj);
+      continue;
+    }
+#endif
+    for (int64_t n = 0; n < p.N; ++n) {
+      const T bn = Bt[n], cn = Ct[n];
+      const T* __restrict An = p.A + n * p.E + e0;
+#pragma omp simd
+      for (int64_t e = 0; e < cnt; ++e) {
+        const T hv = vexp(dj[e] * An[e]) * prev[n * kLanes + e] + duj[e] * bn;
+        cur[n * kLanes + e] = hv;
+        aj[e] += cn * hv;
+      }
+    }
+  }
+}
+
+// The gate's part of step t: dz (written or added) and dy = dL/dy before the gate; y is the pre-gate output.
+template <typename T>
+inline void gate_backward(const LaneDirection<T>& p, const LaneGrads<T>& o, int64_t t, int64_t e0, int64_t cnt,
+                          const T* __restrict y, T* __restrict dy) {
+  const T* __restrict zt = p.z + t * p.sz_t + e0;
+  const T* __restrict dot = o.dout + t * p.E + e0;
+  T* __restrict dzt = o.dz + t * p.E + e0;
+  T dzs[kLanes];
+#pragma omp simd
+  for (int64_t e = 0; e < cnt; ++e) {
+    const T zv = zt[e], sg = sigmoid(zv), dyr = T(0.5) * dot[e];  // the two directions are averaged
+    dzs[e] = dyr * y[e] * sg * (T(1) + zv * (T(1) - sg));
+    dy[e] = dyr * zv * sg;
+  }
+  if (p.reverse) {
+#pragma omp simd
+    for (int64_t e = 0; e < cnt; ++e) dzt[e] += dzs[e];
+  } else {
+#pragma omp simd
+    for (int64_t e = 0; e < cnt; ++e) dzt[e] = dzs[e];
+  }
+}
+
+// The step's dB_t and dC_t terms, summed over the lanes, added to the task's row.
+template <typename T>
+inline void add_lane_sums(const LaneDirection<T>& p, int64_t cnt, const T* __restrict pB, const T* __restrict pC,
+                          T* __restrict dbc) {
+  for (int64_t n = 0; n < p.N; ++n) {
+    T sb = 0, sc = 0;
+#pragma omp simd reduction(+ : sb, sc)
+    for (int64_t e = 0; e < cnt; ++e) {
+      sb += pB[n * kLanes + e];
+      sc += pC[n * kLanes + e];
+    }
+    dbc[n] += sb;
+    dbc[p.N + n] += sc;
+  }
+}
+
+// Phase 3's state loop at one step (the portable form of walk_step_avx512): the adjoint update, dA, the
+// per-lane dB_t and dC_t terms, and the sums over n that delta and u need (added to dd, duu).
+template <typename T>
+inline void walk_states(const LaneDirection<T>& p, const StepValues<T>& v, int64_t e0, int64_t cnt,
+                        const T* __restrict dy, BlockScratch<T>& s, T* __restrict dd, T* __restrict duu) {
+  const T *__restrict Bt = v.Bt, *__restrict Ct = v.Bt + p.N, *__restrict dj = v.d, *__restrict duj = v.du;
+  const T *__restrict uj = v.u, *__restrict prev = v.prev, *__restrict cur = v.cur;
+  T* __restrict g = s.g;
+  T* __restrict dA = s.dA;
+  T* __restrict pB = s.pB;
+  T* __restrict pC = s.pC;
+  for (int64_t n = 0; n < p.N; ++n) {
+    const T bn = Bt[n], cn = Ct[n];
+    const T* __restrict An = p.A + n * p.E + e0;
+    const int64_t k = n * kLanes;
+#pragma omp simd
+    for (int64_t e = 0; e < cnt; ++e) {
+      const T a = vexp(dj[e] * An[e]), ahp = a * prev[k + e];
+      const T gn = g[k + e] + dy[e] * cn;
+      pC[k + e] = dy[e] * cur[k + e];
+      pB[k + e] = gn * duj[e];
+      dd[e] += gn * (An[e] * ahp + uj[e] * bn);
+      duu[e] += gn * bn;
+      dA[k + e] += gn * dj[e] * ahp;
+      g[k + e] = gn * a;
+    }
+  }
+}
+
+// Phase 3: the adjoint walk back through the chunk, through h_t = a_t h_{t-1} + delta_t u_t B_t.
+template <typename T, bool FULL>
+void walk_back_chunk(const LaneDirection<T>& p, const LaneGrads<T>& o, const LaneTile& tile,
+                     const BackwardBuffers<T>& buf, BlockScratch<T>& s) {
+  const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0, NL = p.N * kLanes;
+  for (int64_t j = tile.steps - 1; j >= 0; --j) {
+    const int64_t t = step_time(p, tile.i0 + j);
+    const int64_t k = j * kLanes;
+    const StepValues<T> v{buf.d + k, buf.du + k, buf.u + k, buf.dsp + k, buf.acc + k,
+                          s.hs + j * NL, s.hs + (j + 1) * NL, p.x_proj_out + t * p.sx_t + p.R};
+#ifdef VM_AVX512
+    if constexpr (FULL && std::is_same<T, float>::value) {
+      walk_back_step_avx512(p, o, t, e0, v, s);
+      continue;
+    }
+#endif
+    T dy[kLanes], dd[kLanes], duu[kLanes];
+    gate_backward(p, o, t, e0, cnt, v.y, dy);
+#pragma omp simd
+    for (int64_t e = 0; e < cnt; ++e) dd[e] = duu[e] = T(0);
+    walk_states(p, v, e0, cnt, dy, s, dd, duu);
+    add_lane_sums(p, cnt, s.pB, s.pC, o.dBC + t * 2 * p.N);
+    T* __restrict ddt = o.ddelta + t * p.E + e0;
+    T* __restrict dut = o.du + t * p.E + e0;
+#pragma omp simd
+    for (int64_t e = 0; e < cnt; ++e) {
+      const T ddv = dd[e] * v.dsp[e];
+      ddt[e] = ddv;
+      dut[e] = duu[e] * v.d[e] + dy[e] * p.D[e0 + e];
+      s.dD[e] += dy[e] * v.u[e];
+      s.dbias[e] += ddv;
+    }
+  }
+}
+
+template <typename T, bool FULL>
+void backward_chunk(const LaneDirection<T>& p, const LaneGrads<T>& o, const LaneTile& tile, BackwardBuffers<T>& buf,
+                    BlockScratch<T>& s) {
+  backward_inputs<T, FULL>(p, tile, buf);
+  recompute_chunk<T, FULL>(p, tile, buf, s.hs);
+  walk_back_chunk<T, FULL>(p, o, tile, buf, s);
+}
+
+// One direction's gradients over the channels [e0, e1), block by block, chunks from the last.
+template <typename T>
+void lanes_direction_backward(const LaneDirection<T>& p, const LaneGrads<T>& o, int64_t e0, int64_t e1,
+                              T* scratch) {
+  const int64_t NL = p.N * kLanes;
+  BlockScratch<T> s;
+  s.hs = scratch;
+  s.g = s.hs + (kPhaseSteps + 1) * NL;
+  s.dA = s.g + NL;
+  s.pB = s.dA + NL;
+  s.pC = s.pB + NL;
+  BackwardBuffers<T> buf;
+  for (int64_t eb = e0; eb < e1; eb += kLanes) {
+    const int64_t width = std::min(kLanes, e1 - eb);
+    std::fill(s.g, s.g + NL, T(0));
+    std::fill(s.dA, s.dA + NL, T(0));
+    std::fill(s.dD, s.dD + kLanes, T(0));
+    std::fill(s.dbias, s.dbias + kLanes, T(0));
+    for (int64_t c = chunk_count(p.L) - 1; c >= 0; --c) {
+      const LaneTile tile{eb, width, c * kPhaseSteps, std::min(kPhaseSteps, p.L - c * kPhaseSteps)};
+      const T* saved = p.checkpoints + c * p.N * p.E + eb;
+      for (int64_t n = 0; n < p.N; ++n)
+        for (int64_t e = 0; e < width; ++e) s.hs[n * kLanes + e] = saved[n * p.E + e];
+      if (width == kLanes)
+        backward_chunk<T, true>(p, o, tile, buf, s);
+      else
+        backward_chunk<T, false>(p, o, tile, buf, s);
+    }
+    for (int64_t n = 0; n < p.N; ++n)
+      for (int64_t e = 0; e < width; ++e) o.dA[n * p.E + eb + e] = s.dA[n * kLanes + e];
+    for (int64_t e = 0; e < width; ++e) {
+      o.dD[eb + e] = s.dD[e];
+      o.dbias[eb + e] = s.dbias[e];
+    }
+  }
+}
+
+// One task of the backward, the forward's (batch row, group of channels): both directions of its channels.
+template <typename T>
+void bi_backward_task(const BiBackwardArgs<T>& a, int64_t task, T* scratch) {
+  const BiForwardArgs<T>& f = a.f;
+  const int64_t span = kGroup * kLanes, groups = (f.E + span - 1) / span;
+  const int64_t b = task / groups, group = task % groups, e0 = group * span, e1 = std::min(f.E, e0 + span);
+  for (int64_t dir = 0; dir < 2; ++dir) {
+    const LaneDirection<T> p = direction_of(f, dir, b);
+    const int64_t row = (dir * f.batch + b) * f.L * f.E, part = b * 2 + dir;
+    LaneGrads<T> o;
+    o.dout = a.dout + b * f.L * f.E;
+    o.du = a.du + row;
+    o.ddelta = a.ddelta + row;
+    o.dz = a.dz + b * f.L * f.E;
+    o.dA = a.dA + part * f.N * f.E;
+    o.dD = a.dD + part * f.E;
+    o.dbias = a.dbias + part * f.E;
+    o.dBC = a.dBC + ((group * 2 + dir) * f.batch + b) * f.L * 2 * f.N;
+    lanes_direction_backward(p, o, e0, e1, scratch);
+  }
+}
+
+}  // namespace lanes
+}  // namespace visionmamba
