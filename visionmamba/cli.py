@@ -275,7 +275,13 @@ def _add_predict(sub) -> None:
     p.add_argument("--device", type=device_arg, default="cpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (listed) instead of stopping")
+    _precision_arg(p)
     p.set_defaults(func=_cmd_predict)
+
+
+def _precision_arg(p) -> None:
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: autocast with bfloat16 activations (refused on devices without bf16 arithmetic)")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -285,7 +291,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     loaded = load_for_inference(args.checkpoint, args.model, use_ema=args.ema, device=args.device)
     results = predict(loaded, list_images(args.images), topk=args.topk, batch_size=args.batch_size,
-                      skip_corrupt=args.skip_corrupt, progress=False)
+                      skip_corrupt=args.skip_corrupt, progress=False, precision=args.precision)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -314,6 +320,7 @@ def _add_features(sub) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the stored features")
     p.add_argument("--device", type=device_arg, default="cpu")
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (counted) instead of stopping")
+    _precision_arg(p)
     p.set_defaults(func=_cmd_features)
 
 
@@ -331,7 +338,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
     summary = write_features(
         loaded, list_images(args.images), Path(args.out), size=size, kind=args.kind, layers=args.layers,
         batch_size=args.batch_size, per_batch=args.per_batch, skip_corrupt=args.skip_corrupt,
-        dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype],
+        dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype], precision=args.precision,
     )
     for path, why in summary["skipped"]:
         print(f"skipped: {why}", file=sys.stderr)
@@ -350,7 +357,7 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--res", type=positive_int, nargs="+", default=[224, 512])
     p.add_argument("--batch", type=positive_int, default=8)
     p.add_argument("--device", default="cpu", type=device_arg, choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    _precision_arg(p)
     p.add_argument("--train", action="store_true", help="time training steps instead of inference")
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--threads", type=positive_int, default=2, help="CPU threads per point")
@@ -362,7 +369,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     from visionmamba.tools.benchmark import ratio_table, run_benchmark
 
     points = run_benchmark(
-        args.models, args.res, batch=args.batch, device=args.device, dtype=args.dtype, train=args.train,
+        args.models, args.res, batch=args.batch, device=args.device, precision=args.precision, train=args.train,
         repeats=args.repeats, threads=args.threads, out=Path(args.out),
     )
     print(ratio_table(points))

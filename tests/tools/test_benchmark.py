@@ -22,6 +22,16 @@ def test_scan_benchmark_smoke_run(tmp_path):
     assert "roofline of the cpu kernel" in proc.stdout
 
 
+def test_cpu_targets_smoke_run():
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "cpu_targets.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert lines[0].split(" | ")[:3] == ["| mode", "precision", "res"] and "vim_over_deit" in lines[0]
+    rows = [line.split(" | ") for line in lines[1:]]
+    assert {r[0] for r in rows} == {"| infer", "| train"} and all(float(r[5]) > 0 for r in rows)
+
+
 def test_benchmark_smoke_run_writes_csv_and_plot(tmp_path):
     out = cli("benchmark", "--models", "vim_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_patch16_224:naive",
               "--res", 32, 48, "--batch", 1, "--repeats", 1, "--out", tmp_path).stdout

@@ -148,3 +148,40 @@ def test_eval_and_convert_say_when_a_checkpoint_has_no_ema(trained, tmp_path):
     assert proc.returncode == 2 and "bad.safetensors" in proc.stderr
     proc = cli("eval", "--data", data / "train", "--checkpoint", tmp_path, check=False)
     assert proc.returncode == 2 and "is a folder, not a file" in proc.stderr
+
+
+def test_predict_and_features_in_bf16(trained, tmp_path):
+    from visionmamba.tools.precision import bf16_supported
+
+    if not bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU has no bf16 arithmetic")
+    checkpoint, data = trained
+    args = ("predict", data / "train", "--checkpoint", checkpoint, "--json")
+    fp32, bf16 = (json.loads(cli(*args, *extra).stdout) for extra in ((), ("--precision", "bf16")))
+    for a, b in zip(fp32, bf16):
+        assert a["path"] == b["path"]
+        for pa, pb in zip(sorted(a["predictions"], key=lambda p: p["label"]), sorted(b["predictions"], key=lambda p: p["label"])):
+            assert abs(pa["score"] - pb["score"]) < 0.03
+    for precision in ("fp32", "bf16"):
+        cli("features", data / "train" / "cat", "--checkpoint", checkpoint, "--img-size", 48, "--kind", "pooled",
+            "--out", tmp_path / precision, "--precision", precision)
+    for name in (p.name for p in (tmp_path / "fp32").glob("*.safetensors")):
+        a, b = (load_file(str(tmp_path / precision / name))["pooled"] for precision in ("fp32", "bf16"))
+        assert b.dtype == torch.float32  # stored as --dtype says; computed in bf16
+        assert (a - b).abs().max() <= 0.05 * a.abs().max() and not torch.equal(a, b)
+
+
+def test_bf16_is_refused_in_one_line_where_the_device_has_none(trained, tmp_path, monkeypatch, capsys):
+    import visionmamba.tools.precision as precision
+    from visionmamba.cli import main
+
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: False)
+    checkpoint, data = trained
+    commands = (["predict", str(data / "train"), "--checkpoint", str(checkpoint)],
+                ["features", str(data / "train"), "--checkpoint", str(checkpoint), "--img-size", "48", "--out", str(tmp_path / "f")],
+                ["benchmark", "--models", "vim_tiny_patch16_224", "--res", "32", "--out", str(tmp_path / "b")])
+    for command in commands:
+        assert main([*command, "--precision", "bf16"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "needs a device with bf16 arithmetic; cpu has none" in err, err
+    assert not (tmp_path / "f").exists() and not (tmp_path / "b").exists()

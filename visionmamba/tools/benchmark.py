@@ -26,6 +26,7 @@ import torch
 from visionmamba.files import atomic_write
 from visionmamba.ops.linear import use_onednn_linears
 from visionmamba.ops.memory import keep_freed_memory, peak_memory_mb, reset_peak_memory
+from visionmamba.tools.precision import autocast
 
 
 @dataclass
@@ -123,14 +124,13 @@ def measure_runtime_in_fresh_process(spec: str, runtime: str, path: Path, res: i
     return _point_from(proc, Point(spec, res, batch, "infer"))
 
 
-def measure(spec: str, res: int, batch: int, device: str, dtype: str, train: bool, repeats: int) -> Point:
+def measure(spec: str, res: int, batch: int, device: str, precision: str, train: bool, repeats: int) -> Point:
     """Time ``repeats`` steps after a warm-up step; peak memory of the timed steps (the model and input
     included; the warm-up's one-off allocations, such as Triton's autotuning trials, are not)."""
     point = Point(spec, res, batch, "train" if train else "infer")
     dev = torch.device(device)
     if dev.type == "cpu":
         keep_freed_memory()  # every model under the allocator settings Vim's CPU path uses (visionmamba.ops.memory)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     try:
         model = build(spec, res).to(dev)
         x = torch.randn(batch, 3, res, res, device=dev)
@@ -139,13 +139,13 @@ def measure(spec: str, res: int, batch: int, device: str, dtype: str, train: boo
 
         def step() -> None:
             if train:
-                with autocast:
+                with autocast(precision, dev):
                     loss = model(x).float().mean()
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             else:
-                with torch.no_grad(), autocast:
+                with torch.no_grad(), autocast(precision, dev):
                     model(x)
 
         step()
@@ -174,15 +174,17 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def measure_in_fresh_process(spec: str, res: int, batch: int, dtype: str, train: bool, repeats: int, threads: int) -> Point:
+def measure_in_fresh_process(spec: str, res: int, batch: int, precision: str, train: bool, repeats: int,
+                             threads: int) -> Point:
     """One CPU point in its own process, so its peak memory is its own."""
-    args = json.dumps(dict(spec=spec, res=res, batch=batch, dtype=dtype, train=train, repeats=repeats, threads=threads))
+    args = json.dumps(dict(spec=spec, res=res, batch=batch, precision=precision, train=train, repeats=repeats,
+                           threads=threads))
     code = (
         "import json, sys, torch\n"
         "from visionmamba.tools.benchmark import measure\n"
         f"a = json.loads({args!r})\n"
         "torch.set_num_threads(a['threads'])\n"
-        "p = measure(a['spec'], a['res'], a['batch'], 'cpu', a['dtype'], a['train'], a['repeats'])\n"
+        "p = measure(a['spec'], a['res'], a['batch'], 'cpu', a['precision'], a['train'], a['repeats'])\n"
         "from dataclasses import asdict\n"
         "print('POINT ' + json.dumps(asdict(p)))\n"
     )
@@ -203,30 +205,31 @@ def _point_from(proc: subprocess.CompletedProcess, point: Point) -> Point:
 
 
 def run_benchmark(
-    models: List[str], resolutions: List[int], *, batch: int, device: str = "cpu", dtype: str = "fp32",
+    models: List[str], resolutions: List[int], *, batch: int, device: str = "cpu", precision: str = "fp32",
     train: bool = False, repeats: int = 3, threads: int = 2, out: Optional[Path] = None, progress: bool = True,
 ) -> List[Point]:
     """Every (model, resolution) point; writes ``benchmark.csv`` and ``benchmark.png`` under ``out``."""
     onnx_specs = [spec for spec in models if spec.partition(":")[2] in RUNTIME_VARIANTS]
-    if onnx_specs and (device != "cpu" or train or dtype != "fp32"):
-        raise ValueError(f"{onnx_specs}: ONNX Runtime points are CPU float32 inference (drop --train / --dtype / --device)")
+    if onnx_specs and (device != "cpu" or train or precision != "fp32"):
+        raise ValueError(f"{onnx_specs}: ONNX Runtime points are CPU float32 inference (drop --train / --precision / --device)")
+    autocast(precision, torch.device(device))  # refused before any point is measured
     points = []
     with tempfile.TemporaryDirectory(prefix="visionmamba-onnx-") as scratch:
         onnx_folder = Path(scratch) if out is None else out / "onnx"
         for res in resolutions:
             for spec in models:
-                point = _measure_point(spec, res, batch, device, dtype, train, repeats, threads, onnx_folder)
+                point = _measure_point(spec, res, batch, device, precision, train, repeats, threads, onnx_folder)
                 if progress:
                     print(f"  {spec} @ {res}: {point.status}, {point.img_per_s:.1f} img/s, {point.peak_mem_mb:.0f} MB", flush=True)
                 points.append(point)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_csv(points, out / "benchmark.csv")
-        plot(points, out / "benchmark.png", title=f"{device}, {dtype}, batch {batch}, {'training' if train else 'inference'}")
+        plot(points, out / "benchmark.png", title=f"{device}, {precision}, batch {batch}, {'training' if train else 'inference'}")
     return points
 
 
-def _measure_point(spec: str, res: int, batch: int, device: str, dtype: str, train: bool, repeats: int, threads: int,
+def _measure_point(spec: str, res: int, batch: int, device: str, precision: str, train: bool, repeats: int, threads: int,
                    onnx_folder: Path) -> Point:
     name, _, variant = spec.partition(":")
     if variant in RUNTIME_VARIANTS:
@@ -237,8 +240,8 @@ def _measure_point(spec: str, res: int, batch: int, device: str, dtype: str, tra
         library = runtime_library(runtime) if fused else None
         return measure_runtime_in_fresh_process(spec, runtime, path, res, batch, repeats, threads, library)
     if device == "cpu":
-        return measure_in_fresh_process(spec, res, batch, dtype, train, repeats, threads)
-    point = measure(spec, res, batch, device, dtype, train, repeats)
+        return measure_in_fresh_process(spec, res, batch, precision, train, repeats, threads)
+    point = measure(spec, res, batch, device, precision, train, repeats)
     torch.cuda.empty_cache()
     return point
 

@@ -15,6 +15,7 @@ from visionmamba.models.factory import InferenceModel
 from visionmamba.models.pos_embed import split_class_token
 from visionmamba.models.vim import VisionMamba
 from visionmamba.ops.memory import peak_rss_mb
+from visionmamba.tools.precision import autocast
 
 
 def resize_transform(size: Tuple[int, int], data_config: Dict[str, Any]):
@@ -51,20 +52,23 @@ def read_images(paths: List[Path], transform: Callable, *, skip_corrupt: bool) -
 
 @torch.no_grad()
 def predict(loaded: InferenceModel, paths: List[Path], *, topk: int = 5, batch_size: int = 32, skip_corrupt: bool = False,
-            progress: bool = False) -> List[Dict[str, Any]]:
+            progress: bool = False, precision: str = "fp32") -> List[Dict[str, Any]]:
     """Top-k labels and softmax scores per image: [{"path", "predictions": [{"label", "index", "score"}]}], and
-    with ``skip_corrupt`` [{"path", "error"}] for each unreadable image."""
+    with ``skip_corrupt`` [{"path", "error"}] for each unreadable image. ``precision``: fp32 or bf16 autocast."""
     if topk < 1:
         raise ValueError(f"topk must be at least 1, got {topk}")
     transform = eval_transform(loaded.data_config)
     device = next(loaded.model.parameters()).device
+    autocast(precision, device)  # refused here, before any image is read
     results: List[Dict[str, Any]] = []
     for batch in tqdm(list(_batches(paths, batch_size)), desc="predict", disable=not progress):
         images, kept, skipped = read_images(batch, transform, skip_corrupt=skip_corrupt)
         results += [{"path": str(path), "error": why} for path, why in skipped]
         if images is None:
             continue
-        probs = loaded.model(images.to(device)).float().softmax(-1)
+        with autocast(precision, device):
+            logits = loaded.model(images.to(device))
+        probs = logits.float().softmax(-1)
         scores, indices = probs.topk(min(topk, probs.shape[-1]), dim=-1)
         for path, s, i in zip(kept, scores.tolist(), indices.tolist()):
             results.append({"path": str(path), "predictions": [
@@ -130,9 +134,10 @@ def output_names(paths: List[Path]) -> Dict[Path, Path]:
 def write_features(
     loaded: InferenceModel, paths: List[Path], out: Path, *, size: Tuple[int, int], kind: str, layers: Optional[Sequence[int]] = None,
     batch_size: int = 8, per_batch: bool = False, dtype: torch.dtype = torch.float32, skip_corrupt: bool = False,
-    progress: bool = True,
+    progress: bool = True, precision: str = "fp32",
 ) -> Dict[str, Any]:
-    """Extract features of every image at ``size`` and write safetensors files; returns a summary."""
+    """Extract features of every image at ``size`` and write safetensors files (``dtype``: theirs; ``precision``:
+    the model's, fp32 or bf16 autocast); returns a summary."""
     from safetensors.torch import save_file
 
     loaded.model.patch_embed.check_size(*size)
@@ -140,6 +145,7 @@ def write_features(
     names = {} if per_batch else output_names(paths)
     transform = resize_transform(size, loaded.data_config)
     device = next(loaded.model.parameters()).device
+    autocast(precision, device)  # refused before the output folder is made
     prepare_output_dir(out)
     start, written, skipped, shapes = time.perf_counter(), 0, [], {}
     meta = {"model": loaded.name, "kind": kind, "size": f"{size[0]}x{size[1]}"}
@@ -148,7 +154,9 @@ def write_features(
         skipped += unreadable
         if images is None:
             continue
-        feats = {k: v.to(dtype).cpu() for k, v in extract_features(loaded.model, images.to(device), kind, layers).items()}
+        with autocast(precision, device):
+            computed = extract_features(loaded.model, images.to(device), kind, layers)
+        feats = {k: v.to(dtype).cpu() for k, v in computed.items()}
         shapes = {k: tuple(v.shape[1:]) for k, v in feats.items()}
         if per_batch:
             tensors = {f"{i}.{k}": v[i].contiguous() for i in range(len(kept)) for k, v in feats.items()}
