@@ -33,15 +33,14 @@ inline void sigmoids(const T* x, int64_t sx, T shift, T* out, int64_t L) {
   for (int64_t t = 0; t < L; ++t) out[t] = sigmoid(x[t * sx] + shift);
 }
 
-// y_t = scale * (<h_t, C_t> + D u_t) * silu(z_t), written to y[t * sy]; h, dts, sig: N, L, L values.
+// y_t = (<h_t, C_t> + D u_t) * silu(z_t), written to y[t * sy]; h, dts, sig: N, L, L values.
 template <typename T>
 void row_forward(const Row<T>& r, T* y, int64_t sy, T* __restrict h, T* __restrict dts, T* __restrict sig) {
   deltas(r, dts);
   if (r.z) sigmoids(r.z, r.sz, T(0), sig, r.L);
   std::fill(h, h + r.N, T(0));
   const T* __restrict A = r.A;  // locals: stores to h cannot alias them, so the n-loop vectorises
-  for (int64_t i = 0; i < r.L; ++i) {
-    const int64_t t = r.reverse ? r.L - 1 - i : i;
+  for (int64_t t = 0; t < r.L; ++t) {
     const T d = dts[t], ut = r.u[t * r.su], du = d * ut;
     const T* __restrict Bn = r.B + t * r.sbc;
     const T* __restrict Cn = r.C + t * r.sbc;
@@ -52,25 +51,24 @@ void row_forward(const Row<T>& r, T* y, int64_t sy, T* __restrict h, T* __restri
       h[n] = hn;
       acc += Cn[n] * hn;
     }
-    acc = (acc + r.D * ut) * r.scale;
+    acc += r.D * ut;
     if (r.z) acc *= r.z[t * r.sz] * sig[t];
     y[t * sy] = acc;
   }
 }
 
-// The states, recomputed: H[i] holds h after step i, Ad[i] the decays exp(delta A) of step i (kept, not
-// recomputed in the walk back) and ys[i] the pre-gate output <h, C> + D u that the z gradient needs.
+// The states, recomputed: H[t] holds h after step t, Ad[t] the decays exp(delta A) of step t (kept, not
+// recomputed in the walk back) and ys[t] the pre-gate output <h, C> + D u that the z gradient needs.
 template <typename T>
 void recompute_states(const Row<T>& r, RowScratch<T>& s) {
   const T* __restrict A = r.A;
-  for (int64_t i = 0; i < r.L; ++i) {
-    const int64_t t = r.reverse ? r.L - 1 - i : i;
+  for (int64_t t = 0; t < r.L; ++t) {
     const T d = s.dts[t], ut = r.u[t * r.su], dux = d * ut;
     const T* __restrict Bn = r.B + t * r.sbc;
     const T* __restrict Cn = r.C + t * r.sbc;
-    T* __restrict cur = s.H.data() + i * r.N;
-    T* __restrict a = s.Ad.data() + i * r.N;
-    const T* __restrict prev = i > 0 ? s.H.data() + (i - 1) * r.N : s.zeros.data();
+    T* __restrict cur = s.H.data() + t * r.N;
+    T* __restrict a = s.Ad.data() + t * r.N;
+    const T* __restrict prev = t > 0 ? s.H.data() + (t - 1) * r.N : s.zeros.data();
     T y = 0;
 #pragma omp simd reduction(+ : y)
     for (int64_t n = 0; n < r.N; ++n) {
@@ -78,11 +76,11 @@ void recompute_states(const Row<T>& r, RowScratch<T>& s) {
       cur[n] = a[n] * prev[n] + dux * Bn[n];
       y += Cn[n] * cur[n];
     }
-    s.ys[i] = y + r.D * ut;
+    s.ys[t] = y + r.D * ut;
   }
 }
 
-// Gradients of one row (see RowGrads): the adjoint walk g = dL/dh through h_i = a_i h_{i-1} + delta u B.
+// Gradients of one row (see RowGrads): the adjoint walk g = dL/dh through h_t = a_t h_{t-1} + delta u B.
 template <typename T>
 void row_backward(const Row<T>& r, const RowGrads<T>& o, RowScratch<T>& s) {
   const T* __restrict A = r.A;
@@ -94,25 +92,24 @@ void row_backward(const Row<T>& r, const RowGrads<T>& o, RowScratch<T>& s) {
   std::fill(g, g + r.N, T(0));
   std::fill(o.dA, o.dA + r.N, T(0));
   T accD = 0, accb = 0;
-  for (int64_t i = r.L - 1; i >= 0; --i) {
-    const int64_t t = r.reverse ? r.L - 1 - i : i;
+  for (int64_t t = r.L - 1; t >= 0; --t) {
     const T d = s.dts[t], ut = r.u[t * r.su];
     const T* __restrict Bn = r.B + t * r.sbc;
     const T* __restrict Cn = r.C + t * r.sbc;
-    const T* __restrict cur = s.H.data() + i * r.N;
-    const T* __restrict prev = i > 0 ? s.H.data() + (i - 1) * r.N : s.zeros.data();
-    T dy = o.dout[t * o.so] * r.scale;
+    const T* __restrict cur = s.H.data() + t * r.N;
+    const T* __restrict prev = t > 0 ? s.H.data() + (t - 1) * r.N : s.zeros.data();
+    T dy = o.dout[t * o.so];
     if (r.z) {
-      const T zt = r.z[t * r.sz], sg = s.zsig[t], y = s.ys[i];
+      const T zt = r.z[t * r.sz], sg = s.zsig[t], y = s.ys[t];
       const T dzt = dy * y * sg * (T(1) + zt * (T(1) - sg));
-      o.dz[t * o.sdz] = o.accumulate_dz ? o.dz[t * o.sdz] + dzt : dzt;
+      o.dz[t * o.sdz] = dzt;
       dy *= zt * sg;
     }
     T* __restrict dBn = o.dB + t * o.sdbc;
     T* __restrict dCn = o.dC + t * o.sdbc;
     T* __restrict dA = o.dA;
     T dd = 0, duu = 0;
-    const T* __restrict decay = s.Ad.data() + i * r.N;
+    const T* __restrict decay = s.Ad.data() + t * r.N;
 #pragma omp simd reduction(+ : dd, duu)
     for (int64_t n = 0; n < r.N; ++n) {
       const T a = decay[n];
@@ -163,8 +160,6 @@ Row<T> single_row(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
   r.L = L;
   r.N = N;
   r.softplus = softplus;
-  r.reverse = false;
-  r.scale = T(1);
   return r;
 }
 
@@ -215,7 +210,6 @@ std::vector<at::Tensor> scan_backward(const at::Tensor& u, const at::Tensor& del
           grads.sdd = 1;
           grads.dz = z.numel() ? dz.data_ptr<T>() + be * L : nullptr;
           grads.sdz = 1;
-          grads.accumulate_dz = false;
           grads.dB = dbc;
           grads.dC = dbc + N;
           grads.sdbc = 2 * N;

@@ -42,12 +42,10 @@ struct Row {
   int64_t L;
   int64_t N;
   bool softplus;
-  bool reverse;  // walk t = L-1 .. 0 (the backward direction)
-  T scale;       // 1, or 1/2 when the two directions are averaged
 };
 
-// Where the gradients of one row go: du, ddelta (w.r.t. the raw delta) and dz through time strides (dz
-// added to with accumulate_dz, for the second direction of a pair); dB_t, dC_t added to the N values at
+// Where the gradients of one row go: du, ddelta (w.r.t. the raw delta) and dz through time strides; dB_t,
+// dC_t added to the N values at
 // dB + t * sdbc; dA (N values), dD and dbias written.
 template <typename T>
 struct RowGrads {
@@ -59,7 +57,6 @@ struct RowGrads {
   int64_t sdd;
   T* dz;
   int64_t sdz;
-  bool accumulate_dz;
   T* dB;
   T* dC;
   int64_t sdbc;
