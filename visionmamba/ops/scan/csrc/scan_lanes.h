@@ -160,9 +160,19 @@ inline void raw_deltas(const LaneDirection<T, S>& p, int64_t t, int64_t e0, int6
   for (int64_t e = 0; e < cnt; ++e) x[e] = x0[e] + x1[e] + p.bias[e0 + e];
 }
 
-// Phase 1: delta = softplus(W dt_t + bias), delta u and the D skip, for every step of the chunk.
+// What the backward's phase 1 also keeps per step: u and the softplus derivative d delta / dx (sigmoid(x), 1
+// above the threshold 20).
+template <typename T>
+struct BackwardInputs {
+  alignas(64) T u[kPhaseSteps * kLanes];
+  alignas(64) T dsp[kPhaseSteps * kLanes];
+};
+
+// Phase 1: delta = softplus(W dt_t + bias), delta u and the D skip, for every step of the chunk (and, given
+// extra, the backward's values).
 template <typename T, typename S, bool FULL>
-void chunk_inputs(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffers<T>& buf) {
+void chunk_inputs(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffers<T>& buf,
+                  BackwardInputs<T>* extra = nullptr) {
   const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0;
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);
@@ -177,6 +187,15 @@ void chunk_inputs(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffe
       dj[e] = softplus20(x[e]);
       duj[e] = dj[e] * widen(ut[e]);
       aj[e] = p.D[e0 + e] * widen(ut[e]);
+    }
+    if (extra) {
+      T* __restrict uj = extra->u + j * kLanes;
+      T* __restrict sj = extra->dsp + j * kLanes;
+#pragma omp simd
+      for (int64_t e = 0; e < cnt; ++e) {
+        uj[e] = widen(ut[e]);
+        sj[e] = x[e] > T(20) ? T(1) : sigmoid(x[e]);
+      }
     }
   }
 }

@@ -42,14 +42,12 @@ struct LaneGrads {
   T* dBC;         // (L, 2N): added to
 };
 
-// The per-step values of one chunk of one block.
+// The per-step values of one chunk of one block: the forward's (acc: the pre-gate output <C_t, h_t> + D u_t)
+// and the backward's own.
 template <typename T>
 struct BackwardBuffers {
-  alignas(64) T d[kPhaseSteps * kLanes];
-  alignas(64) T du[kPhaseSteps * kLanes];
-  alignas(64) T u[kPhaseSteps * kLanes];
-  alignas(64) T dsp[kPhaseSteps * kLanes];  // d delta / dx: sigmoid(x), 1 above the softplus threshold 20
-  alignas(64) T acc[kPhaseSteps * kLanes];  // the pre-gate output <C_t, h_t> + D u_t
+  ChunkBuffers<T> c;
+  BackwardInputs<T> b;
 };
 
 // A block's scratch, carved from the thread's: the chunk's states and the carried sums.
@@ -189,31 +187,6 @@ inline void walk_back_step_avx512(const LaneDirection<float>& p, const LaneGrads
 }
 #endif
 
-// Phase 1.
-template <typename T, bool FULL>
-void backward_inputs(const LaneDirection<T>& p, const LaneTile& tile, BackwardBuffers<T>& buf) {
-  const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0;
-  for (int64_t j = 0; j < tile.steps; ++j) {
-    const int64_t t = step_time(p, tile.i0 + j);
-    const T* __restrict ut = p.u + t * p.E + e0;
-    T x[kLanes];
-    raw_deltas(p, t, e0, cnt, x);
-    T* __restrict dj = buf.d + j * kLanes;
-    T* __restrict duj = buf.du + j * kLanes;
-    T* __restrict uj = buf.u + j * kLanes;
-    T* __restrict sj = buf.dsp + j * kLanes;
-    T* __restrict aj = buf.acc + j * kLanes;
-#pragma omp simd
-    for (int64_t e = 0; e < cnt; ++e) {
-      dj[e] = softplus20(x[e]);
-      sj[e] = x[e] > T(20) ? T(1) : sigmoid(x[e]);
-      uj[e] = ut[e];
-      duj[e] = dj[e] * ut[e];
-      aj[e] = p.D[e0 + e] * ut[e];
-    }
-  }
-}
-
 // Phase 2: the chunk's states from hs[0], the checkpoint; acc gains <C_t, h_t>.
 template <typename T, bool FULL>
 void recompute_chunk(const LaneDirection<T>& p, const LaneTile& tile, BackwardBuffers<T>& buf, T* __restrict hs) {
@@ -224,9 +197,9 @@ void recompute_chunk(const LaneDirection<T>& p, const LaneTile& tile, BackwardBu
     const T* __restrict Ct = Bt + p.N;
     const T* __restrict prev = hs + j * NL;
     T* __restrict cur = hs + (j + 1) * NL;
-    const T* __restrict dj = buf.d + j * kLanes;
-    const T* __restrict duj = buf.du + j * kLanes;
-    T* __restrict aj = buf.acc + j * kLanes;
+    const T* __restrict dj = buf.c.d + j * kLanes;
+    const T* __restrict duj = buf.c.du + j * kLanes;
+    T* __restrict aj = buf.c.acc + j * kLanes;
 #ifdef VM_AVX512
     if constexpr (FULL && std::is_same<T, float>::value) {
       recompute_step_avx512(p, p.A2 + e0, Bt, dj, duj, prev, cur, aj);
@@ -322,7 +295,7 @@ void walk_back_chunk(const LaneDirection<T>& p, const LaneGrads<T>& o, const Lan
   for (int64_t j = tile.steps - 1; j >= 0; --j) {
     const int64_t t = step_time(p, tile.i0 + j);
     const int64_t k = j * kLanes;
-    const StepValues<T> v{buf.d + k, buf.du + k, buf.u + k, buf.dsp + k, buf.acc + k,
+    const StepValues<T> v{buf.c.d + k, buf.c.du + k, buf.b.u + k, buf.b.dsp + k, buf.c.acc + k,
                           s.hs + j * NL, s.hs + (j + 1) * NL, p.x_proj_out + t * p.sx_t + p.R};
 #ifdef VM_AVX512
     if constexpr (FULL && std::is_same<T, float>::value) {
@@ -352,7 +325,7 @@ void walk_back_chunk(const LaneDirection<T>& p, const LaneGrads<T>& o, const Lan
 template <typename T, bool FULL>
 void backward_chunk(const LaneDirection<T>& p, const LaneGrads<T>& o, const LaneTile& tile, BackwardBuffers<T>& buf,
                     BlockScratch<T>& s) {
-  backward_inputs<T, FULL>(p, tile, buf);
+  chunk_inputs<T, T, FULL>(p, tile, buf.c, &buf.b);
   recompute_chunk<T, FULL>(p, tile, buf, s.hs);
   walk_back_chunk<T, FULL>(p, o, tile, buf, s);
 }
