@@ -62,7 +62,7 @@ def _core_bf16(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_p
     bf16, f32 = torch.bfloat16, torch.float32
     ops = torch.ops.visionmamba
     u = ops.conv_silu(x.to(bf16), conv_weight.to(f32), conv_bias.to(f32))  # (2, b, L, E) bf16
-    x_proj_out = torch.matmul(u, x_proj_weight.to(bf16).transpose(1, 2)[:, None])  # (2, b, L, R + 2N)
+    x_proj_out = _x_proj(u, x_proj_weight.to(bf16))  # (2, b, L, R + 2N): a bf16 product
     ops.bi_scan_(u, x_proj_out, dt_proj_weight.to(f32), A.to(f32), D.to(f32), z.to(bf16), dt_proj_bias.to(f32))
     return u[0]
 
