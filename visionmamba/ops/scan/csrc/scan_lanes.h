@@ -131,6 +131,51 @@ inline int64_t step_time(const LaneDirection<T, S>& p, int64_t i) {
   return p.reverse ? p.L - 1 - i : i;
 }
 
+// The next chunk's rows, whose strided addresses the hardware prefetcher would not guess.
+template <typename T, typename S>
+inline void prefetch_next_chunk(const LaneDirection<T, S>& p, int64_t e0, int64_t t) {
+  const int64_t q = p.reverse ? t - kPhaseSteps : t + kPhaseSteps;
+  VM_PREFETCH(p.u + q * p.E + e0, 0);
+  VM_PREFETCH(p.z + q * p.sz_t + e0, 0);
+  VM_PREFETCH(p.out + q * p.E + e0, 1);
+  for (int64_t c = 0; c < p.R + 2 * p.N; c += 64 / sizeof(S)) VM_PREFETCH(p.x_proj_out + q * p.sx_t + c, 0);
+}
+
+#ifdef VM_AVX512
+constexpr int64_t kRegisterStates = 16;  // N of every Vim model: the recurrence keeps its states in registers
+
+// Phase 2 for 16 channels and N = kRegisterStates: states_avx512 with the 16 state vectors held in registers
+// for the whole chunk instead of loaded and stored every step.
+template <typename S>
+inline void register_recurrence_avx512(const LaneDirection<float, S>& p, const LaneTile& tile,
+                                       ChunkBuffers<float>& buf, float* __restrict h) {
+  const float* A2 = p.A2 + tile.e0;
+  __m512 hr[kRegisterStates];
+#pragma GCC unroll 16
+  for (int64_t n = 0; n < kRegisterStates; ++n) hr[n] = _mm512_loadu_ps(h + n * kLanes);
+  for (int64_t j = 0; j < tile.steps; ++j) {
+    const int64_t t = step_time(p, tile.i0 + j);
+    if (tile.i0 + kPhaseSteps + j < p.L) prefetch_next_chunk(p, tile.e0, t);
+    const S* __restrict Bt = p.x_proj_out + t * p.sx_t + p.R;
+    const S* __restrict Ct = Bt + kRegisterStates;
+    const __m512 vd = _mm512_load_ps(buf.d + j * kLanes), vdu = _mm512_load_ps(buf.du + j * kLanes);
+    __m512 vacc = _mm512_load_ps(buf.acc + j * kLanes), vacc2 = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int64_t n = 0; n < kRegisterStates; ++n) {
+      const __m512 a = exp2_avx512(_mm512_mul_ps(vd, _mm512_loadu_ps(A2 + n * p.E)));
+      hr[n] = _mm512_fmadd_ps(a, hr[n], _mm512_mul_ps(vdu, _mm512_set1_ps(widen(Bt[n]))));
+      if (n & 1)
+        vacc2 = _mm512_fmadd_ps(_mm512_set1_ps(widen(Ct[n])), hr[n], vacc2);
+      else
+        vacc = _mm512_fmadd_ps(_mm512_set1_ps(widen(Ct[n])), hr[n], vacc);
+    }
+    _mm512_store_ps(buf.acc + j * kLanes, _mm512_add_ps(vacc, vacc2));
+  }
+#pragma GCC unroll 16
+  for (int64_t n = 0; n < kRegisterStates; ++n) _mm512_storeu_ps(h + n * kLanes, hr[n]);
+}
+#endif
+
 // x = W dt_t + bias, delta before its softplus, for the channels [e0, e0 + cnt) of step t (two partial sums over
 // the rank: half the dependent-FMA chain).
 template <typename T, typename S>
@@ -168,11 +213,65 @@ struct BackwardInputs {
   alignas(64) T dsp[kPhaseSteps * kLanes];
 };
 
+#ifdef VM_AVX512
+// Phase 1 for 16 channels (chunk_inputs below): the softplus and the softplus derivative share one exp.
+template <typename S>
+inline void chunk_inputs_avx512(const LaneDirection<float, S>& p, const LaneTile& tile, ChunkBuffers<float>& buf,
+                                BackwardInputs<float>* extra) {
+  const int64_t e0 = tile.e0;
+  const __m512 bias = _mm512_loadu_ps(p.bias + e0), D = _mm512_loadu_ps(p.D + e0);
+  for (int64_t j = 0; j < tile.steps; ++j) {
+    const int64_t t = step_time(p, tile.i0 + j);
+    const S* __restrict dtr = p.x_proj_out + t * p.sx_t;
+    __m512 x0 = bias, x1 = _mm512_setzero_ps();  // two partial sums over the rank: half the dependent chain
+    int64_t r = 0;
+    for (; r + 1 < p.R; r += 2) {
+      x0 = _mm512_fmadd_ps(_mm512_set1_ps(widen(dtr[r])), _mm512_loadu_ps(p.Wt + r * p.E + e0), x0);
+      x1 = _mm512_fmadd_ps(_mm512_set1_ps(widen(dtr[r + 1])), _mm512_loadu_ps(p.Wt + (r + 1) * p.E + e0), x1);
+    }
+    if (r < p.R) x0 = _mm512_fmadd_ps(_mm512_set1_ps(widen(dtr[r])), _mm512_loadu_ps(p.Wt + r * p.E + e0), x0);
+    const __m512 x = _mm512_add_ps(x0, x1), u = load16(p.u + t * p.E + e0);
+    __m512 decay;  // exp(-|x|)
+    const __m512 d = softplus_avx512(x, decay);
+    _mm512_store_ps(buf.d + j * kLanes, d);
+    _mm512_store_ps(buf.du + j * kLanes, _mm512_mul_ps(d, u));
+    _mm512_store_ps(buf.acc + j * kLanes, _mm512_mul_ps(D, u));
+    if (extra) {  // sigmoid(x) = 1 / (1 + exp(-x)) = exp(x) / (1 + exp(x))
+      const __m512 rcp = reciprocal_avx512(_mm512_add_ps(_mm512_set1_ps(1.0f), decay));
+      const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+      _mm512_store_ps(extra->u + j * kLanes, u);
+      _mm512_store_ps(extra->dsp + j * kLanes, _mm512_mask_mul_ps(rcp, negative, rcp, decay));
+    }
+  }
+}
+
+// Phase 3 for 16 channels (chunk_output below).
+template <typename S>
+inline void chunk_output_avx512(const LaneDirection<float, S>& p, const LaneTile& tile, const ChunkBuffers<float>& buf) {
+  const int64_t e0 = tile.e0;
+  for (int64_t j = 0; j < tile.steps; ++j) {
+    const int64_t t = step_time(p, tile.i0 + j);
+    const __m512 z = load16(p.z + t * p.sz_t + e0);
+    S* __restrict o = p.out + t * p.E + e0;
+    __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), _mm512_load_ps(buf.acc + j * kLanes)),
+                             _mm512_mul_ps(z, sigmoid_avx512(z)));
+    if (p.reverse) y = _mm512_add_ps(load16(o), y);
+    store16(o, y);
+  }
+}
+#endif
+
 // Phase 1: delta = softplus(W dt_t + bias), delta u and the D skip, for every step of the chunk (and, given
 // extra, the backward's values).
 template <typename T, typename S, bool FULL>
 void chunk_inputs(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffers<T>& buf,
                   BackwardInputs<T>* extra = nullptr) {
+#ifdef VM_AVX512
+  if constexpr (FULL && std::is_same<T, float>::value) {
+    chunk_inputs_avx512(p, tile, buf, extra);
+    return;
+  }
+#endif
   const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0;
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);
@@ -200,19 +299,17 @@ void chunk_inputs(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffe
   }
 }
 
-// The next chunk's rows, whose strided addresses the hardware prefetcher would not guess.
-template <typename T, typename S>
-inline void prefetch_next_chunk(const LaneDirection<T, S>& p, int64_t e0, int64_t t) {
-  const int64_t q = p.reverse ? t - kPhaseSteps : t + kPhaseSteps;
-  VM_PREFETCH(p.u + q * p.E + e0, 0);
-  VM_PREFETCH(p.z + q * p.sz_t + e0, 0);
-  VM_PREFETCH(p.out + q * p.E + e0, 1);
-  for (int64_t c = 0; c < p.R + 2 * p.N; c += 64 / sizeof(S)) VM_PREFETCH(p.x_proj_out + q * p.sx_t + c, 0);
-}
-
 // Phase 2: the recurrence over the chunk; h: this block's (N, 16) states.
 template <typename T, typename S, bool FULL>
 void chunk_recurrence(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffers<T>& buf, T* __restrict h) {
+#ifdef VM_AVX512
+  if constexpr (FULL && std::is_same<T, float>::value) {
+    if (p.N == kRegisterStates) {
+      register_recurrence_avx512(p, tile, buf, h);
+      return;
+    }
+  }
+#endif
   const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0;
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);
@@ -245,6 +342,12 @@ void chunk_recurrence(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkB
 // Phase 3: the SiLU(z) gate and the average of the two directions.
 template <typename T, typename S, bool FULL>
 void chunk_output(const LaneDirection<T, S>& p, const LaneTile& tile, const ChunkBuffers<T>& buf) {
+#ifdef VM_AVX512
+  if constexpr (FULL && std::is_same<T, float>::value) {
+    chunk_output_avx512(p, tile, buf);
+    return;
+  }
+#endif
   const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0;
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);

@@ -1,13 +1,13 @@
 // The backward of both directions of the mixer with channels as the SIMD lanes, in the forward's layout and
 // tasks (scan_lanes.h), free of torch.
 //
-// The forward saves each block's states before every chunk of kPhaseSteps steps (the checkpoints). Per block
-// of 16 channels the backward walks the chunks from the last to the first, each in three phases: (1) the
-// chunk's inputs (delta, the softplus derivative, delta u, u); (2) its states, recomputed from the chunk's
-// checkpoint into a buffer that stays in cache, with the pre-gate output <C, h> + D u that the z gradient
-// needs; (3) the adjoint walk back through the chunk, g = dL/dh carried from chunk to chunk. dA, dD and
-// d(bias) are sums over steps, kept per lane; dB_t and dC_t are sums over channels, reduced over the 16
-// lanes at every step and added to the task's (L, 2N) partial rows.
+// The forward saves each block's states before every chunk of kPhaseSteps steps (the checkpoints). The backward
+// walks the chunks from the last to the first, and within a chunk the task's blocks of 16 channels in turn,
+// each block-chunk in three phases: (1) the chunk's inputs (delta, the softplus derivative, delta u, u); (2)
+// its states, recomputed from the chunk's checkpoint into a buffer that stays in cache, with the pre-gate
+// output <C, h> + D u that the z gradient needs; (3) the adjoint walk back through the chunk, g = dL/dh carried
+// to the block's previous chunk. dA, dD and d(bias) are sums over steps, kept per lane; dB_t and dC_t are sums
+// over channels, reduced over the 16 lanes at every step and added to the task's (L, 2N) partial rows.
 #pragma once
 
 #include "scan_lanes.h"
@@ -58,8 +58,8 @@ struct BlockScratch {
   T* dA;  // (N, 16)
   T* pB;  // (N, 16): this step's dB terms per lane, before the sum over lanes
   T* pC;  // (N, 16)
-  T dD[kLanes];
-  T dbias[kLanes];
+  alignas(64) T dD[kLanes];  // whole cache lines: the AVX-512 walk reads and writes them every step
+  alignas(64) T dbias[kLanes];
 };
 
 // One step of one block as phases 1 and 2 left it, for the walk back.
@@ -78,7 +78,7 @@ struct StepValues {
 // Values of the thread scratch one task needs.
 template <typename T>
 int64_t bi_backward_scratch(const BiForwardArgs<T>& a) {
-  return (kPhaseSteps + 5) * a.N * kLanes;
+  return (kPhaseSteps + 3 + 2 * kGroup) * a.N * kLanes;  // hs, pB, pC, and each block's g and dA
 }
 
 #ifdef VM_AVX512
@@ -117,6 +117,35 @@ inline void recompute_step_avx512(const LaneDirection<float>& p, const float* A2
   _mm512_store_ps(aj, _mm512_add_ps(acc, acc2));
 }
 
+// Phase 2 for 16 channels and N = kRegisterStates: recompute_step_avx512 over the whole chunk with the states
+// in registers (each step's are still stored: the walk back reads them).
+inline void register_recompute_avx512(const LaneDirection<float>& p, const LaneTile& tile, BackwardBuffers<float>& buf,
+                                      float* __restrict hs) {
+  const float* A2 = p.A2 + tile.e0;
+  constexpr int64_t NL = kRegisterStates * kLanes;
+  __m512 hr[kRegisterStates];
+#pragma GCC unroll 16
+  for (int64_t n = 0; n < kRegisterStates; ++n) hr[n] = _mm512_loadu_ps(hs + n * kLanes);
+  for (int64_t j = 0; j < tile.steps; ++j) {
+    const float* __restrict Bt = p.x_proj_out + step_time(p, tile.i0 + j) * p.sx_t + p.R;
+    const float* __restrict Ct = Bt + kRegisterStates;
+    float* __restrict cur = hs + (j + 1) * NL;
+    const __m512 vd = _mm512_load_ps(buf.c.d + j * kLanes), vdu = _mm512_load_ps(buf.c.du + j * kLanes);
+    __m512 acc = _mm512_load_ps(buf.c.acc + j * kLanes), acc2 = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int64_t n = 0; n < kRegisterStates; ++n) {
+      const __m512 a = exp2_avx512(_mm512_mul_ps(vd, _mm512_loadu_ps(A2 + n * p.E)));
+      hr[n] = _mm512_fmadd_ps(a, hr[n], _mm512_mul_ps(vdu, _mm512_set1_ps(Bt[n])));
+      _mm512_storeu_ps(cur + n * kLanes, hr[n]);
+      if (n & 1)
+        acc2 = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), hr[n], acc2);
+      else
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), hr[n], acc);
+    }
+    _mm512_store_ps(buf.c.acc + j * kLanes, _mm512_add_ps(acc, acc2));
+  }
+}
+
 // Phase 3's state loop for 16 channels at one step: the adjoint update, dA, the lane sums of dB_t and dC_t
 // (added to dbc), and the sums over n that delta and u need (added to dd, duu).
 inline void walk_step_avx512(const LaneDirection<float>& p, const StepValues<float>& v, int64_t e0, __m512 dy,
@@ -127,6 +156,7 @@ inline void walk_step_avx512(const LaneDirection<float>& p, const StepValues<flo
   for (int64_t n0 = 0; n0 < p.N; n0 += 16) {
     const int64_t count = std::min<int64_t>(16, p.N - n0);
     __m512 pB[16], pC[16];
+#pragma GCC unroll 16
     for (int64_t i = 0; i < 16; ++i) {
       const int64_t n = n0 + i;
       if (i >= count) {
@@ -159,12 +189,6 @@ inline void walk_step_avx512(const LaneDirection<float>& p, const StepValues<flo
   duu = _mm512_add_ps(duu, duu2);
 }
 
-inline __m512 sigmoid_avx512(__m512 x) {  // sigmoid() of scan_math.h: 1 / (1 + exp(-x)), x clamped at -80
-  const __m512 c = _mm512_max_ps(x, _mm512_set1_ps(-80.0f));
-  const __m512 e = exp2_avx512(_mm512_mul_ps(c, _mm512_set1_ps(-1.4426950408889634f)));
-  return _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-}
-
 // One step of phase 3 for 16 channels, all in registers: the gate, the state loop, then du, ddelta, dD and
 // d(bias). (Vectors the compiler's 256-bit loops wrote just before would be read back as 512-bit loads, which
 // the core cannot forward from two stores: a stall per step.)
@@ -190,6 +214,14 @@ inline void walk_back_step_avx512(const LaneDirection<float>& p, const LaneGrads
 // Phase 2: the chunk's states from hs[0], the checkpoint; acc gains <C_t, h_t>.
 template <typename T, bool FULL>
 void recompute_chunk(const LaneDirection<T>& p, const LaneTile& tile, BackwardBuffers<T>& buf, T* __restrict hs) {
+#ifdef VM_AVX512
+  if constexpr (FULL && std::is_same<T, float>::value) {
+    if (p.N == kRegisterStates) {
+      register_recompute_avx512(p, tile, buf, hs);
+      return;
+    }
+  }
+#endif
   const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0, NL = p.N * kLanes;
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);
@@ -330,39 +362,46 @@ void backward_chunk(const LaneDirection<T>& p, const LaneGrads<T>& o, const Lane
   walk_back_chunk<T, FULL>(p, o, tile, buf, s);
 }
 
-// One direction's gradients over the channels [e0, e1), block by block, chunks from the last.
+// One direction's gradients over the channels [e0, e1): chunks from the last, and in each chunk the blocks of 16
+// channels in turn (as the forward walks), so that the blocks' reads and writes of a row follow each other
+// while its lines are in cache. Each block carries its own adjoint and sums from chunk to chunk.
 template <typename T>
 void lanes_direction_backward(const LaneDirection<T>& p, const LaneGrads<T>& o, int64_t e0, int64_t e1,
                               T* scratch) {
-  const int64_t NL = p.N * kLanes;
-  BlockScratch<T> s;
-  s.hs = scratch;
-  s.g = s.hs + (kPhaseSteps + 1) * NL;
-  s.dA = s.g + NL;
-  s.pB = s.dA + NL;
-  s.pC = s.pB + NL;
+  const int64_t NL = p.N * kLanes, blocks = (e1 - e0 + kLanes - 1) / kLanes;
+  BlockScratch<T> s[kGroup];
+  T* carried = scratch + (kPhaseSteps + 3) * NL;  // after hs, pB and pC, which the blocks share
+  for (int64_t k = 0; k < blocks; ++k) {
+    s[k].hs = scratch;
+    s[k].pB = scratch + (kPhaseSteps + 1) * NL;
+    s[k].pC = s[k].pB + NL;
+    s[k].g = carried + 2 * k * NL;
+    s[k].dA = s[k].g + NL;
+    std::fill(s[k].g, s[k].g + 2 * NL, T(0));
+    std::fill(s[k].dD, s[k].dD + kLanes, T(0));
+    std::fill(s[k].dbias, s[k].dbias + kLanes, T(0));
+  }
   BackwardBuffers<T> buf;
-  for (int64_t eb = e0; eb < e1; eb += kLanes) {
-    const int64_t width = std::min(kLanes, e1 - eb);
-    std::fill(s.g, s.g + NL, T(0));
-    std::fill(s.dA, s.dA + NL, T(0));
-    std::fill(s.dD, s.dD + kLanes, T(0));
-    std::fill(s.dbias, s.dbias + kLanes, T(0));
-    for (int64_t c = chunk_count(p.L) - 1; c >= 0; --c) {
-      const LaneTile tile{eb, width, c * kPhaseSteps, std::min(kPhaseSteps, p.L - c * kPhaseSteps)};
+  for (int64_t c = chunk_count(p.L) - 1; c >= 0; --c) {
+    for (int64_t k = 0; k < blocks; ++k) {
+      const int64_t eb = e0 + k * kLanes;
+      const LaneTile tile{eb, std::min(kLanes, e1 - eb), c * kPhaseSteps, std::min(kPhaseSteps, p.L - c * kPhaseSteps)};
       const T* saved = p.checkpoints + c * p.N * p.E + eb;
       for (int64_t n = 0; n < p.N; ++n)
-        for (int64_t e = 0; e < width; ++e) s.hs[n * kLanes + e] = saved[n * p.E + e];
-      if (width == kLanes)
-        backward_chunk<T, true>(p, o, tile, buf, s);
+        for (int64_t e = 0; e < tile.width; ++e) scratch[n * kLanes + e] = saved[n * p.E + e];
+      if (tile.width == kLanes)
+        backward_chunk<T, true>(p, o, tile, buf, s[k]);
       else
-        backward_chunk<T, false>(p, o, tile, buf, s);
+        backward_chunk<T, false>(p, o, tile, buf, s[k]);
     }
+  }
+  for (int64_t k = 0; k < blocks; ++k) {
+    const int64_t eb = e0 + k * kLanes, width = std::min(kLanes, e1 - eb);
     for (int64_t n = 0; n < p.N; ++n)
-      for (int64_t e = 0; e < width; ++e) o.dA[n * p.E + eb + e] = s.dA[n * kLanes + e];
+      for (int64_t e = 0; e < width; ++e) o.dA[n * p.E + eb + e] = s[k].dA[n * kLanes + e];
     for (int64_t e = 0; e < width; ++e) {
-      o.dD[eb + e] = s.dD[e];
-      o.dbias[eb + e] = s.dbias[e];
+      o.dD[eb + e] = s[k].dD[e];
+      o.dbias[eb + e] = s[k].dbias[e];
     }
   }
 }
