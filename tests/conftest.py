@@ -6,6 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
+# pytest-xdist's workers share the machine's cores: each takes its share of torch's threads. Oversubscribed,
+# OpenMP's waiting threads spin on the cores the other worker needs (the golden parity tests ran ~9x slower).
+# tests/ops/test_scan.py runs the kernels with several threads on purpose.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 else:  # the references' matrix products and convolutions in full float32, as the kernels compute

@@ -154,6 +154,34 @@ def test_cpu_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+def test_cpu_mixer_core_is_the_same_on_one_and_several_threads():
+    """Tasks (batch row, 64 channels) own their outputs and partial sums: the kernels' output cannot change with
+    the thread count, nor the gradients beyond the matrix products' own rounding (BLAS may split them by thread).
+    The suite's workers run on one thread each (tests/conftest.py), this test on three."""
+    batch, length, channels, state, rank, taps = 3, 70, 140, 16, 5, 4
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x, z = r(batch, length, 2 * channels).chunk(2, dim=-1)
+    params = [r(2, channels, taps) * 0.3, r(2, channels) * 0.1, r(2, rank + 2 * state, channels) / channels**0.5,
+              r(2, channels, rank) / rank**0.5, r(2, channels) * 0.1 - 3, -torch.exp(r(2, channels, state) * 0.3),
+              1 + 0.1 * r(2, channels)]
+
+    def run(threads):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            leaves = [t.detach().clone().requires_grad_(True) for t in [x, z, *params]]
+            out = scan.bidirectional(*leaves, backend="cpu")
+            return [out, *torch.autograd.grad(out.square().sum(), leaves)]
+        finally:
+            torch.set_num_threads(before)
+
+    (out1, *grads1), (out3, *grads3) = run(1), run(3)
+    assert torch.equal(out1, out3)
+    for k, (one, several) in enumerate(zip(grads1, grads3)):
+        assert_close(several, one, rtol_max=1e-6, name=f"gradient {k}")
+
+
 def test_auto_picks_the_compiled_cpu_kernel_and_falls_back_with_a_warning(monkeypatch):
     from visionmamba.ops.scan import cpu
 
