@@ -155,9 +155,10 @@ def test_cpu_backward_is_deterministic():
 
 
 def test_cpu_mixer_core_is_the_same_on_one_and_several_threads():
-    """Tasks (batch row, 64 channels) own their outputs and partial sums: the kernels' output cannot change with
-    the thread count, nor the gradients beyond the matrix products' own rounding (BLAS may split them by thread).
-    The suite's workers run on one thread each (tests/conftest.py), this test on three."""
+    """Tasks (batch row, 64 or 128 channels) own their outputs and partial sums: the kernels' results cannot
+    change with the thread count, nor the gradients beyond the matrix products' own rounding (BLAS may split
+    them by thread). Here one thread runs tasks of 128 channels, four threads tasks of 64 (lanes::task_blocks).
+    The suite's workers run on one thread each (tests/conftest.py), this test on one and four."""
     batch, length, channels, state, rank, taps = 3, 70, 140, 16, 5, 4
     g = torch.Generator().manual_seed(3)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -176,9 +177,9 @@ def test_cpu_mixer_core_is_the_same_on_one_and_several_threads():
         finally:
             torch.set_num_threads(before)
 
-    (out1, *grads1), (out3, *grads3) = run(1), run(3)
-    assert torch.equal(out1, out3)
-    for k, (one, several) in enumerate(zip(grads1, grads3)):
+    (out1, *grads1), (out4, *grads4) = run(1), run(4)
+    assert torch.equal(out1, out4)
+    for k, (one, several) in enumerate(zip(grads1, grads4)):
         assert_close(several, one, rtol_max=1e-6, name=f"gradient {k}")
 
 

@@ -5,9 +5,11 @@
 //     = (y_forward + y_backward) / 2.
 //   ConvSiLU (the op conv_silu; conv_silu.h): x (b, L, E), weight (2, E, K), bias (2, E) -> u (2, b, L, E).
 // ONNX Runtime loads the library with SessionOptions.register_custom_ops_library, which calls RegisterCustomOps.
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <cstdio>
+#include <thread>
 #include <vector>
 
 #include "conv_silu.h"
@@ -114,6 +116,8 @@ OrtStatusPtr compute_scan(OrtKernelContext* context) {
   inputs.R = R;
   const auto weights = visionmamba::lanes::lane_weights(inputs);
   BiForwardArgs<float> args = visionmamba::lanes::contiguous_args(inputs, weights, static_cast<float*>(out));
+  // the session's thread count is not in the C API: the machine's is an upper bound (the choice only sizes tasks)
+  args.task_blocks = visionmamba::lanes::task_blocks(batch, E, std::max(1u, std::thread::hardware_concurrency()));
   return g_api->KernelContext_ParallelFor(context, run_task, static_cast<size_t>(visionmamba::lanes::bi_forward_tasks(args)),
                                           0, &args);
 }

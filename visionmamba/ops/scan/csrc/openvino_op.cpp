@@ -6,6 +6,7 @@
 // openvino.Core.add_extension(path) and openvino.convert_model(..., extension=path) load them. Contracts:
 // onnxruntime_op.cpp.
 #include <tbb/parallel_for.h>
+#include <tbb/task_arena.h>
 
 #include <openvino/core/extension.hpp>
 #include <openvino/core/op_extension.hpp>
@@ -69,7 +70,8 @@ class BiSelectiveScan : public ov::op::Op {
     outputs[0].set_shape(inputs[5].get_shape());
     if (in.batch * in.L * in.E == 0) return true;
     const auto weights = lanes::lane_weights(in);
-    const auto args = lanes::contiguous_args(in, weights, outputs[0].data<float>());
+    auto args = lanes::contiguous_args(in, weights, outputs[0].data<float>());
+    args.task_blocks = lanes::task_blocks(in.batch, in.E, tbb::this_task_arena::max_concurrency());
     tbb::parallel_for(int64_t(0), lanes::bi_forward_tasks(args), [&](int64_t task) {
       thread_local std::vector<float> h;
       h.resize(lanes::bi_forward_scratch(args));

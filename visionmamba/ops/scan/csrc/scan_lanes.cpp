@@ -58,6 +58,7 @@ lanes::BiForwardArgs<T, S> forward_args(const at::Tensor& u, const at::Tensor& x
   args.sz_b = z.stride(0);
   args.sz_t = z.stride(1);
   args.checkpoints = checkpoints.numel() ? checkpoints.data_ptr<T>() : nullptr;
+  args.task_blocks = lanes::task_blocks(batch, E, at::get_num_threads());
   args.batch = batch;
   args.L = L;
   args.E = E;
@@ -99,7 +100,7 @@ std::vector<at::Tensor> bi_backward(const at::Tensor& dout, const at::Tensor& u,
                                     const at::Tensor& checkpoints) {
   TORCH_CHECK(weights.size() == 4, "bi_backward: weights are (W_t, A_t, D, bias)");
   const int64_t batch = u.size(1), L = u.size(2), E = u.size(3), N = weights[1].size(1);
-  const int64_t groups = (E + lanes::kGroup * lanes::kLanes - 1) / (lanes::kGroup * lanes::kLanes);
+  const int64_t groups = (E + lanes::kSumBlocks * lanes::kLanes - 1) / (lanes::kSumBlocks * lanes::kLanes);
   TORCH_CHECK(checkpoints.numel() == 2 * batch * lanes::chunk_count(L) * N * E,
               "bi_backward: needs the forward's checkpoints");
   TORCH_CHECK(dout.is_contiguous() && dout.numel() == batch * L * E && dout.scalar_type() == u.scalar_type(),

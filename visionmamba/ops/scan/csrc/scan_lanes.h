@@ -32,6 +32,19 @@
 namespace visionmamba {
 namespace lanes {
 
+constexpr int64_t kLanes = 16;       // channels per block: the SIMD lanes
+constexpr int64_t kPhaseSteps = 32;  // steps per three-phase chunk
+constexpr int64_t kSumBlocks = 4;    // blocks of 16 channels whose dB_t and dC_t the backward sums into one row
+
+// Blocks of 16 channels per task: two sum groups where that still leaves two tasks per thread (the blocks of a
+// task share the pages of each step's rows and its x_proj row: ~10% faster at L 197-1025, inputs not cached),
+// one otherwise. Every sum runs in the same order either way: results do not depend on the choice.
+inline int64_t task_blocks(int64_t batch, int64_t E, int64_t threads) {
+  const int64_t wide = 2 * kSumBlocks * kLanes;
+  return batch * ((E + wide - 1) / wide) >= 2 * threads ? 2 * kSumBlocks : kSumBlocks;
+}
+constexpr int64_t kMaxTaskBlocks = 2 * kSumBlocks;
+
 // One direction of the bidirectional forward for one batch row, channels as the SIMD lanes. T: the compute
 // type; S: the activations' storage (T, or bf16 for CPU bf16 inference; the weights are T).
 template <typename T, typename S = T>
@@ -74,16 +87,13 @@ struct BiForwardArgs {
   int64_t sz_t;
   S* out;  // (b, L, E); may be u's first direction (each task reads its rows before it writes them)
   T* checkpoints = nullptr;  // (2, b, chunks, N, E): the states the backward restarts from, or none
+  int64_t task_blocks = kSumBlocks;  // blocks of 16 channels per task (task_blocks())
   int64_t batch;
   int64_t L;
   int64_t E;
   int64_t N;
   int64_t R;
 };
-
-constexpr int64_t kLanes = 16;       // channels per block: the SIMD lanes
-constexpr int64_t kPhaseSteps = 32;  // steps per three-phase chunk
-constexpr int64_t kGroup = 4;        // blocks of 16 channels per task
 
 inline int64_t chunk_count(int64_t L) { return (L + kPhaseSteps - 1) / kPhaseSteps; }
 
@@ -413,17 +423,17 @@ void log2e_table(const T* A, T* A2, int64_t count) {
   for (int64_t i = 0; i < count; ++i) A2[i] = A[i] * T(1.4426950408889634);
 }
 
-// Tasks of bi_forward: (batch row, group of kGroup x 16 channels) pairs, independent of each other.
+// Tasks of bi_forward: (batch row, group of task_blocks x 16 channels) pairs, independent of each other.
 template <typename T, typename S>
 int64_t bi_forward_tasks(const BiForwardArgs<T, S>& a) {
-  const int64_t span = kGroup * kLanes;
+  const int64_t span = a.task_blocks * kLanes;
   return a.batch * ((a.E + span - 1) / span);
 }
 
 // Values of the state scratch one task needs (reused across the tasks one thread runs).
 template <typename T, typename S>
 int64_t bi_forward_scratch(const BiForwardArgs<T, S>& a) {
-  return kGroup * a.N * kLanes;
+  return a.task_blocks * a.N * kLanes;
 }
 
 // Direction dir of batch row b of the mixer's layouts (the forward's and the backward's view of one walk).
@@ -453,7 +463,7 @@ LaneDirection<T, S> direction_of(const BiForwardArgs<T, S>& a, int64_t dir, int6
 // One task of bi_forward: both directions of its channels; h holds bi_forward_scratch values.
 template <typename T, typename S>
 void bi_forward_task(const BiForwardArgs<T, S>& a, int64_t task, T* h) {
-  const int64_t span = kGroup * kLanes, groups = (a.E + span - 1) / span;
+  const int64_t span = a.task_blocks * kLanes, groups = (a.E + span - 1) / span;
   const int64_t b = task / groups, e0 = (task % groups) * span, e1 = std::min(a.E, e0 + span);
   for (int64_t dir = 0; dir < 2; ++dir) lanes_direction(direction_of(a, dir, b), e0, e1, h);
 }

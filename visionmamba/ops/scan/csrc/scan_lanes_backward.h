@@ -26,7 +26,7 @@ struct BiBackwardArgs {
   T* dA;               // (b, 2, N, E): one row per batch row (summed by the caller)
   T* dD;               // (b, 2, E)
   T* dbias;            // (b, 2, E)
-  T* dBC;              // (groups, 2, b, L, 2N), zero on entry: dB_t and dC_t summed over each group's channels
+  T* dBC;  // (sum groups, 2, b, L, 2N), zero on entry: dB_t and dC_t summed over each kSumBlocks x 16 channels
 };
 
 // One direction's gradients for one batch row.
@@ -39,7 +39,8 @@ struct LaneGrads {
   T* dA;          // (N, E)
   T* dD;          // (E,)
   T* dbias;       // (E,)
-  T* dBC;         // (L, 2N): added to
+  T* dBC;         // (L, 2N): added to; the task's first sum group
+  int64_t dBC_group_stride;  // to the next sum group's rows
 };
 
 // The per-step values of one chunk of one block: the forward's (acc: the pre-gate output <C_t, h_t> + D u_t)
@@ -78,7 +79,7 @@ struct StepValues {
 // Values of the thread scratch one task needs.
 template <typename T>
 int64_t bi_backward_scratch(const BiForwardArgs<T>& a) {
-  return (kPhaseSteps + 3 + 2 * kGroup) * a.N * kLanes;  // hs, pB, pC, and each block's g and dA
+  return (kPhaseSteps + 3 + 2 * a.task_blocks) * a.N * kLanes;  // hs, pB, pC, and each block's g and dA
 }
 
 #ifdef VM_AVX512
@@ -369,7 +370,7 @@ template <typename T>
 void lanes_direction_backward(const LaneDirection<T>& p, const LaneGrads<T>& o, int64_t e0, int64_t e1,
                               T* scratch) {
   const int64_t NL = p.N * kLanes, blocks = (e1 - e0 + kLanes - 1) / kLanes;
-  BlockScratch<T> s[kGroup];
+  BlockScratch<T> s[kMaxTaskBlocks];
   T* carried = scratch + (kPhaseSteps + 3) * NL;  // after hs, pB and pC, which the blocks share
   for (int64_t k = 0; k < blocks; ++k) {
     s[k].hs = scratch;
@@ -389,10 +390,12 @@ void lanes_direction_backward(const LaneDirection<T>& p, const LaneGrads<T>& o, 
       const T* saved = p.checkpoints + c * p.N * p.E + eb;
       for (int64_t n = 0; n < p.N; ++n)
         for (int64_t e = 0; e < tile.width; ++e) scratch[n * kLanes + e] = saved[n * p.E + e];
+      LaneGrads<T> ok = o;
+      ok.dBC += k / kSumBlocks * o.dBC_group_stride;
       if (tile.width == kLanes)
-        backward_chunk<T, true>(p, o, tile, buf, s[k]);
+        backward_chunk<T, true>(p, ok, tile, buf, s[k]);
       else
-        backward_chunk<T, false>(p, o, tile, buf, s[k]);
+        backward_chunk<T, false>(p, ok, tile, buf, s[k]);
     }
   }
   for (int64_t k = 0; k < blocks; ++k) {
@@ -410,8 +413,9 @@ void lanes_direction_backward(const LaneDirection<T>& p, const LaneGrads<T>& o, 
 template <typename T>
 void bi_backward_task(const BiBackwardArgs<T>& a, int64_t task, T* scratch) {
   const BiForwardArgs<T>& f = a.f;
-  const int64_t span = kGroup * kLanes, groups = (f.E + span - 1) / span;
-  const int64_t b = task / groups, group = task % groups, e0 = group * span, e1 = std::min(f.E, e0 + span);
+  const int64_t span = f.task_blocks * kLanes, groups = (f.E + span - 1) / span;
+  const int64_t b = task / groups, e0 = task % groups * span, e1 = std::min(f.E, e0 + span);
+  const int64_t sum_group = e0 / (kSumBlocks * kLanes);
   for (int64_t dir = 0; dir < 2; ++dir) {
     const LaneDirection<T> p = direction_of(f, dir, b);
     const int64_t row = (dir * f.batch + b) * f.L * f.E, part = b * 2 + dir;
@@ -423,7 +427,8 @@ void bi_backward_task(const BiBackwardArgs<T>& a, int64_t task, T* scratch) {
     o.dA = a.dA + part * f.N * f.E;
     o.dD = a.dD + part * f.E;
     o.dbias = a.dbias + part * f.E;
-    o.dBC = a.dBC + ((group * 2 + dir) * f.batch + b) * f.L * 2 * f.N;
+    o.dBC = a.dBC + ((sum_group * 2 + dir) * f.batch + b) * f.L * 2 * f.N;
+    o.dBC_group_stride = 2 * f.batch * f.L * 2 * f.N;
     lanes_direction_backward(p, o, e0, e1, scratch);
   }
 }
