@@ -155,17 +155,20 @@ inline void prefetch_next_chunk(const LaneDirection<T, S>& p, int64_t e0, int64_
 constexpr int64_t kRegisterStates = 16;  // N of every Vim model: the recurrence keeps its states in registers
 
 // Phase 2 for 16 channels and N = kRegisterStates: states_avx512 with the 16 state vectors held in registers
-// for the whole chunk instead of loaded and stored every step.
+// for the whole chunk instead of loaded and stored every step. h: the states before the chunk. states: where
+// the backward's recomputation stores each step's states ((steps, N, 16); h is then left as it was), or null
+// for the forward (h gets the states after the chunk; the next chunk's rows are fetched meanwhile).
 template <typename S>
 inline void register_recurrence_avx512(const LaneDirection<float, S>& p, const LaneTile& tile,
-                                       ChunkBuffers<float>& buf, float* __restrict h) {
+                                       ChunkBuffers<float>& buf, float* __restrict h,
+                                       float* __restrict states = nullptr) {
   const float* A2 = p.A2 + tile.e0;
   __m512 hr[kRegisterStates];
 #pragma GCC unroll 16
   for (int64_t n = 0; n < kRegisterStates; ++n) hr[n] = _mm512_loadu_ps(h + n * kLanes);
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);
-    if (tile.i0 + kPhaseSteps + j < p.L) prefetch_next_chunk(p, tile.e0, t);
+    if (!states && tile.i0 + kPhaseSteps + j < p.L) prefetch_next_chunk(p, tile.e0, t);
     const S* __restrict Bt = p.x_proj_out + t * p.sx_t + p.R;
     const S* __restrict Ct = Bt + kRegisterStates;
     const __m512 vd = _mm512_load_ps(buf.d + j * kLanes), vdu = _mm512_load_ps(buf.du + j * kLanes);
@@ -174,6 +177,7 @@ inline void register_recurrence_avx512(const LaneDirection<float, S>& p, const L
     for (int64_t n = 0; n < kRegisterStates; ++n) {
       const __m512 a = exp2_avx512(_mm512_mul_ps(vd, _mm512_loadu_ps(A2 + n * p.E)));
       hr[n] = _mm512_fmadd_ps(a, hr[n], _mm512_mul_ps(vdu, _mm512_set1_ps(widen(Bt[n]))));
+      if (states) _mm512_storeu_ps(states + (j * kRegisterStates + n) * kLanes, hr[n]);
       if (n & 1)
         vacc2 = _mm512_fmadd_ps(_mm512_set1_ps(widen(Ct[n])), hr[n], vacc2);
       else
@@ -181,6 +185,7 @@ inline void register_recurrence_avx512(const LaneDirection<float, S>& p, const L
     }
     _mm512_store_ps(buf.acc + j * kLanes, _mm512_add_ps(vacc, vacc2));
   }
+  if (states) return;
 #pragma GCC unroll 16
   for (int64_t n = 0; n < kRegisterStates; ++n) _mm512_storeu_ps(h + n * kLanes, hr[n]);
 }

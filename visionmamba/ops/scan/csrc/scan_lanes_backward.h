@@ -118,35 +118,6 @@ inline void recompute_step_avx512(const LaneDirection<float>& p, const float* A2
   _mm512_store_ps(aj, _mm512_add_ps(acc, acc2));
 }
 
-// Phase 2 for 16 channels and N = kRegisterStates: recompute_step_avx512 over the whole chunk with the states
-// in registers (each step's are still stored: the walk back reads them).
-inline void register_recompute_avx512(const LaneDirection<float>& p, const LaneTile& tile, BackwardBuffers<float>& buf,
-                                      float* __restrict hs) {
-  const float* A2 = p.A2 + tile.e0;
-  constexpr int64_t NL = kRegisterStates * kLanes;
-  __m512 hr[kRegisterStates];
-#pragma GCC unroll 16
-  for (int64_t n = 0; n < kRegisterStates; ++n) hr[n] = _mm512_loadu_ps(hs + n * kLanes);
-  for (int64_t j = 0; j < tile.steps; ++j) {
-    const float* __restrict Bt = p.x_proj_out + step_time(p, tile.i0 + j) * p.sx_t + p.R;
-    const float* __restrict Ct = Bt + kRegisterStates;
-    float* __restrict cur = hs + (j + 1) * NL;
-    const __m512 vd = _mm512_load_ps(buf.c.d + j * kLanes), vdu = _mm512_load_ps(buf.c.du + j * kLanes);
-    __m512 acc = _mm512_load_ps(buf.c.acc + j * kLanes), acc2 = _mm512_setzero_ps();
-#pragma GCC unroll 16
-    for (int64_t n = 0; n < kRegisterStates; ++n) {
-      const __m512 a = exp2_avx512(_mm512_mul_ps(vd, _mm512_loadu_ps(A2 + n * p.E)));
-      hr[n] = _mm512_fmadd_ps(a, hr[n], _mm512_mul_ps(vdu, _mm512_set1_ps(Bt[n])));
-      _mm512_storeu_ps(cur + n * kLanes, hr[n]);
-      if (n & 1)
-        acc2 = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), hr[n], acc2);
-      else
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), hr[n], acc);
-    }
-    _mm512_store_ps(buf.c.acc + j * kLanes, _mm512_add_ps(acc, acc2));
-  }
-}
-
 // Phase 3's state loop for 16 channels at one step: the adjoint update, dA, the lane sums of dB_t and dC_t
 // (added to dbc), and the sums over n that delta and u need (added to dd, duu).
 inline void walk_step_avx512(const LaneDirection<float>& p, const StepValues<float>& v, int64_t e0, __m512 dy,
@@ -218,7 +189,7 @@ void recompute_chunk(const LaneDirection<T>& p, const LaneTile& tile, BackwardBu
 #ifdef VM_AVX512
   if constexpr (FULL && std::is_same<T, float>::value) {
     if (p.N == kRegisterStates) {
-      register_recompute_avx512(p, tile, buf, hs);
+      register_recurrence_avx512(p, tile, buf.c, hs, hs + p.N * kLanes);
       return;
     }
   }
