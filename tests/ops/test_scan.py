@@ -232,12 +232,14 @@ def test_torch_compile_fullgraph_with_the_custom_op():
 
 @pytest.mark.parametrize("backend", ["cpu", "loop"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("batch, length, steep", [(3, 1, False), (1, 63, False), (2, 197, False), (2, 70, True)])
-def test_fused_bidirectional_matches_the_flip_composition(backend, dtype, batch, length, steep):
+@pytest.mark.parametrize("batch, length, steep, state",
+                         [(3, 1, False, 16), (1, 63, False, 16), (2, 197, False, 16), (2, 70, True, 16), (2, 37, False, 12)])
+def test_fused_bidirectional_matches_the_flip_composition(backend, dtype, batch, length, steep, state):
     """The fused mixer cores vs the reference composition: the CPU one (conv + SiLU both ways, reverse scan, no
     flips, dt_proj fused, chunks of 32 steps) and the loop one (both directions as one time-major scan). ``steep``: delta ~ 60 with |A| up to 16 * e, so most decays exp(delta A)
-    underflow to 0 (the fast exp must do so as the reference does)."""
-    channels, state, rank, taps = 37, 16, 3, 4
+    underflow to 0 (the fast exp must do so as the reference does). N = 16 keeps the CPU states in registers;
+    other N take the kernels' general paths."""
+    channels, rank, taps = 37, 3, 4
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
     x, z = r(batch, length, 2 * channels).chunk(2, dim=-1)  # (b, L, E) views of in_proj's output, as in the mixer

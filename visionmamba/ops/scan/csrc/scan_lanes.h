@@ -114,19 +114,19 @@ struct LaneTile {
 };
 
 #ifdef VM_AVX512
-// One time step of 16 channels x N states in AVX-512 registers: h = exp(d A) h + du B_n; acc += C_n h, the
-// exps by exp2_avx512 (scan_math.h) with A2 = A log2 e.
-// A2: this block's first channel of the (N, E) table; j: the step's row of the chunk buffers.
+// One time step of 16 channels x N states in AVX-512 registers: cur = exp(d A) prev + du B_n (prev may be
+// cur: the forward updates its states in place); acc += C_n cur. The exps by exp2_avx512 (scan_math.h) with
+// A2 = A log2 e. A2: this block's first channel of the (N, E) table; j: the step's row of the chunk buffers.
 template <typename S>
 inline void states_avx512(const LaneDirection<float, S>& p, const float* A2, const S* Bt, ChunkBuffers<float>& buf,
-                          int64_t j, float* __restrict h) {
+                          int64_t j, const float* prev, float* cur) {
   const S* Ct = Bt + p.N;
   const __m512 vd = _mm512_loadu_ps(buf.d + j * kLanes), vdu = _mm512_loadu_ps(buf.du + j * kLanes);
   __m512 vacc = _mm512_loadu_ps(buf.acc + j * kLanes), vacc2 = _mm512_setzero_ps();  // two sums: half the chain
   for (int64_t n = 0; n < p.N; ++n) {
     const __m512 a = exp2_avx512(_mm512_mul_ps(vd, _mm512_loadu_ps(A2 + n * p.E)));
-    const __m512 hv = _mm512_fmadd_ps(a, _mm512_loadu_ps(h + n * 16), _mm512_mul_ps(vdu, _mm512_set1_ps(widen(Bt[n]))));
-    _mm512_storeu_ps(h + n * 16, hv);
+    const __m512 hv = _mm512_fmadd_ps(a, _mm512_loadu_ps(prev + n * 16), _mm512_mul_ps(vdu, _mm512_set1_ps(widen(Bt[n]))));
+    _mm512_storeu_ps(cur + n * 16, hv);
     if (n & 1)
       vacc2 = _mm512_fmadd_ps(_mm512_set1_ps(widen(Ct[n])), hv, vacc2);
     else
@@ -314,26 +314,31 @@ void chunk_inputs(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffe
   }
 }
 
-// Phase 2: the recurrence over the chunk; h: this block's (N, 16) states.
+// Phase 2: the recurrence over the chunk; h: this block's (N, 16) states before it. states: null in the forward
+// (h is updated in place, the next chunk's rows fetched meanwhile), or where the backward's recomputation keeps
+// each step's states ((steps, N, 16)).
 template <typename T, typename S, bool FULL>
-void chunk_recurrence(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffers<T>& buf, T* __restrict h) {
+void chunk_recurrence(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffers<T>& buf, T* h,
+                      T* states = nullptr) {
 #ifdef VM_AVX512
   if constexpr (FULL && std::is_same<T, float>::value) {
     if (p.N == kRegisterStates) {
-      register_recurrence_avx512(p, tile, buf, h);
+      register_recurrence_avx512(p, tile, buf, h, states);
       return;
     }
   }
 #endif
-  const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0;
+  const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0, NL = p.N * kLanes;
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);
-    if (tile.i0 + kPhaseSteps + j < p.L) prefetch_next_chunk(p, e0, t);
+    if (!states && tile.i0 + kPhaseSteps + j < p.L) prefetch_next_chunk(p, e0, t);
     const S* __restrict Bt = p.x_proj_out + t * p.sx_t + p.R;
     const S* __restrict Ct = Bt + p.N;
+    const T* prev = states && j > 0 ? states + (j - 1) * NL : h;  // may be cur (in place): no __restrict
+    T* cur = states ? states + j * NL : h;
 #ifdef VM_AVX512
     if constexpr (FULL && std::is_same<T, float>::value) {
-      states_avx512(p, p.A2 + e0, Bt, buf, j, h);
+      states_avx512(p, p.A2 + e0, Bt, buf, j, prev, cur);
       continue;
     }
 #endif
@@ -343,11 +348,10 @@ void chunk_recurrence(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkB
     for (int64_t n = 0; n < p.N; ++n) {
       const T bn = widen(Bt[n]), cn = widen(Ct[n]);
       const T* __restrict An = p.A + n * p.E + e0;
-      T* __restrict hn = h + n * kLanes;
 #pragma omp simd
       for (int64_t e = 0; e < cnt; ++e) {
-        const T hv = vexp(dj[e] * An[e]) * hn[e] + duj[e] * bn;
-        hn[e] = hv;
+        const T hv = vexp(dj[e] * An[e]) * prev[n * kLanes + e] + duj[e] * bn;
+        cur[n * kLanes + e] = hv;
         aj[e] += cn * hv;
       }
     }

@@ -100,24 +100,6 @@ inline __m512 lane_sums16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_ps(g[0], g[1], 0x88), _mm512_shuffle_ps(g[0], g[1], 0xDD));
 }
 
-// Phase 2's step for 16 channels: cur = exp(d A) prev + du B; returns acc + <C, cur>.
-inline void recompute_step_avx512(const LaneDirection<float>& p, const float* A2, const float* Bt, const float* dj,
-                                  const float* duj, const float* prev, float* cur, float* aj) {
-  const float* Ct = Bt + p.N;
-  const __m512 vd = _mm512_load_ps(dj), vdu = _mm512_load_ps(duj);
-  __m512 acc = _mm512_load_ps(aj), acc2 = _mm512_setzero_ps();
-  for (int64_t n = 0; n < p.N; ++n) {
-    const __m512 a = exp2_avx512(_mm512_mul_ps(vd, _mm512_loadu_ps(A2 + n * p.E)));
-    const __m512 hv = _mm512_fmadd_ps(a, _mm512_loadu_ps(prev + n * 16), _mm512_mul_ps(vdu, _mm512_set1_ps(Bt[n])));
-    _mm512_storeu_ps(cur + n * 16, hv);
-    if (n & 1)
-      acc2 = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), hv, acc2);
-    else
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(Ct[n]), hv, acc);
-  }
-  _mm512_store_ps(aj, _mm512_add_ps(acc, acc2));
-}
-
 // Phase 3's state loop for 16 channels at one step: the adjoint update, dA, the lane sums of dB_t and dC_t
 // (added to dbc), and the sums over n that delta and u need (added to dd, duu).
 inline void walk_step_avx512(const LaneDirection<float>& p, const StepValues<float>& v, int64_t e0, __m512 dy,
@@ -182,46 +164,6 @@ inline void walk_back_step_avx512(const LaneDirection<float>& p, const LaneGrads
   _mm512_storeu_ps(s.dbias, _mm512_add_ps(ddv, _mm512_loadu_ps(s.dbias)));
 }
 #endif
-
-// Phase 2: the chunk's states from hs[0], the checkpoint; acc gains <C_t, h_t>.
-template <typename T, bool FULL>
-void recompute_chunk(const LaneDirection<T>& p, const LaneTile& tile, BackwardBuffers<T>& buf, T* __restrict hs) {
-#ifdef VM_AVX512
-  if constexpr (FULL && std::is_same<T, float>::value) {
-    if (p.N == kRegisterStates) {
-      register_recurrence_avx512(p, tile, buf.c, hs, hs + p.N * kLanes);
-      return;
-    }
-  }
-#endif
-  const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0, NL = p.N * kLanes;
-  for (int64_t j = 0; j < tile.steps; ++j) {
-    const int64_t t = step_time(p, tile.i0 + j);
-    const T* __restrict Bt = p.x_proj_out + t * p.sx_t + p.R;
-    const T* __restrict Ct = Bt + p.N;
-    const T* __restrict prev = hs + j * NL;
-    T* __restrict cur = hs + (j + 1) * NL;
-    const T* __restrict dj = buf.c.d + j * kLanes;
-    const T* __restrict duj = buf.c.du + j * kLanes;
-    T* __restrict aj = buf.c.acc + j * kLanes;
-#ifdef VM_AVX512
-    if constexpr (FULL && std::is_same<T, float>::value) {
-      recompute_step_avx512(p, p.A2 + e0, Bt, dj, duj, prev, cur, aj);
-      continue;
-    }
-#endif
-    for (int64_t n = 0; n < p.N; ++n) {
-      const T bn = Bt[n], cn = Ct[n];
-      const T* __restrict An = p.A + n * p.E + e0;
-#pragma omp simd
-      for (int64_t e = 0; e < cnt; ++e) {
-        const T hv = vexp(dj[e] * An[e]) * prev[n * kLanes + e] + duj[e] * bn;
-        cur[n * kLanes + e] = hv;
-        aj[e] += cn * hv;
-      }
-    }
-  }
-}
 
 // The gate's part of step t: dz (written or added) and dy = dL/dy before the gate; y is the pre-gate output.
 template <typename T>
@@ -330,7 +272,7 @@ template <typename T, bool FULL>
 void backward_chunk(const LaneDirection<T>& p, const LaneGrads<T>& o, const LaneTile& tile, BackwardBuffers<T>& buf,
                     BlockScratch<T>& s) {
   chunk_inputs<T, T, FULL>(p, tile, buf.c, &buf.b);
-  recompute_chunk<T, FULL>(p, tile, buf, s.hs);
+  chunk_recurrence<T, T, FULL>(p, tile, buf.c, s.hs, s.hs + p.N * kLanes);  // the states from the checkpoint
   walk_back_chunk<T, FULL>(p, o, tile, buf, s);
 }
 
