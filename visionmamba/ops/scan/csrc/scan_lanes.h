@@ -125,7 +125,8 @@ inline void states_avx512(const LaneDirection<float, S>& p, const float* A2, con
   __m512 vacc = _mm512_loadu_ps(buf.acc + j * kLanes), vacc2 = _mm512_setzero_ps();  // two sums: half the chain
   for (int64_t n = 0; n < p.N; ++n) {
     const __m512 a = exp2_avx512(_mm512_mul_ps(vd, _mm512_loadu_ps(A2 + n * p.E)));
-    const __m512 hv = _mm512_fmadd_ps(a, _mm512_loadu_ps(prev + n * 16), _mm512_mul_ps(vdu, _mm512_set1_ps(widen(Bt[n]))));
+    const __m512 du_b = _mm512_mul_ps(vdu, _mm512_set1_ps(widen(Bt[n])));
+    const __m512 hv = _mm512_fmadd_ps(a, _mm512_loadu_ps(prev + n * 16), du_b);
     _mm512_storeu_ps(cur + n * 16, hv);
     if (n & 1)
       vacc2 = _mm512_fmadd_ps(_mm512_set1_ps(widen(Ct[n])), hv, vacc2);
@@ -262,7 +263,8 @@ inline void chunk_inputs_avx512(const LaneDirection<float, S>& p, const LaneTile
 
 // Phase 3 for 16 channels (chunk_output below).
 template <typename S>
-inline void chunk_output_avx512(const LaneDirection<float, S>& p, const LaneTile& tile, const ChunkBuffers<float>& buf) {
+inline void chunk_output_avx512(const LaneDirection<float, S>& p, const LaneTile& tile,
+                                const ChunkBuffers<float>& buf) {
   const int64_t e0 = tile.e0;
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);

@@ -303,12 +303,12 @@ void lanes_direction_backward(const LaneDirection<T>& p, const LaneGrads<T>& o, 
       const T* saved = p.checkpoints + c * p.N * p.E + eb;
       for (int64_t n = 0; n < p.N; ++n)
         for (int64_t e = 0; e < tile.width; ++e) scratch[n * kLanes + e] = saved[n * p.E + e];
-      LaneGrads<T> ok = o;
-      ok.dBC += k / kSumBlocks * o.dBC_group_stride;
+      LaneGrads<T> block = o;  // its dB/dC rows: those of its sum group
+      block.dBC += k / kSumBlocks * o.dBC_group_stride;
       if (tile.width == kLanes)
-        backward_chunk<T, true>(p, ok, tile, buf, s[k]);
+        backward_chunk<T, true>(p, block, tile, buf, s[k]);
       else
-        backward_chunk<T, false>(p, ok, tile, buf, s[k]);
+        backward_chunk<T, false>(p, block, tile, buf, s[k]);
     }
   }
   for (int64_t k = 0; k < blocks; ++k) {
