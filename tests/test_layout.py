@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "visionmamba"
 CSRC = PACKAGE / "ops" / "scan" / "csrc"
 
 # Tier of each top-level name of the package; a module may import its own tier and the ones below.
-TIERS = {"version": 0, "files": 0, "ops": 1, "models": 2, "data": 3, "train": 4, "tools": 5, "cli": 6, "__main__": 7}
+TIERS = {"version": 0, "files": 0, "messages": 0, "ops": 1, "models": 2, "data": 3, "train": 4, "tools": 5, "cli": 6, "__main__": 7}
 MAX_FUNCTION_LINES = 60
 MAX_CPP_PARAMETERS = 8
 

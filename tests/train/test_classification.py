@@ -235,3 +235,74 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     assert big["global_step"] == accum["global_step"] == 2 * 3  # 12 images, global batch 4
     for key, value in big["model"].items():
         assert torch.allclose(value, accum["model"][key], atol=1e-5, rtol=1e-4), key
+
+
+def test_a_short_run_with_the_default_recipe_trains_through_a_zero_bit_posterize(tmp_path, monkeypatch):
+    """Every recipe default (RandAugment rand-m9-mstd0.5-inc1, erasing, mixup/cutmix, EMA, the vim_tiny preset)
+    but the model's size, batch and epochs; seed 6 makes image 0..11's draws posterize to 0 bits once."""
+    from visionmamba.data import augment
+    from visionmamba.train.classification import train
+
+    zero_bits, safe = [], augment.posterize
+
+    def counting(img, bits, **kwargs):
+        zero_bits.extend([bits] if bits <= 0 else [])
+        return safe(img, bits, **kwargs)
+
+    monkeypatch.setattr(augment, "posterize", counting)
+    data = make_folder(tmp_path / "data", per_class=4, splits=("train",))
+    cfg = resolve(TrainConfig, dict(data=str(data), output=str(tmp_path / "run"), img_size=32, epochs=1, batch_size=4,
+                                    workers=0, progress=False, seed=6,
+                                    model_args={"depth": 2, "embed_dim": 32, "patch_size": 8, "stride": 8}))
+    assert cfg.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.mixup == 0.8 and cfg.model_ema and cfg.reprob == 0.25
+    record = train(cfg)
+    assert zero_bits, "the seeded run no longer reaches the 0-bit case"
+    assert record["epoch"] == 0 and record["train_loss"] > 0
+
+
+def test_small_runs_adapt_the_schedule_and_say_so(capsys):
+    tiny = resolve(TrainConfig, {"data": "x", "epochs": 1})  # the vim_tiny preset: lr 5e-4
+    schedule = tiny.schedule(global_batch=8)
+    assert schedule.lr == pytest.approx(5e-4 * 8 / 512) and schedule.lr >= schedule.min_lr >= schedule.warmup_lr
+    assert schedule.min_lr == pytest.approx(1e-5 * 8 / 512) and schedule.warmup_epochs == 0
+    assert len(schedule.notes) == 2 and "below --min-lr" in schedule.notes[0] and "warm-up cut" in schedule.notes[1]
+    official = resolve(TrainConfig, {"data": "x"}).schedule(global_batch=1024)  # 8 GPUs x 128: the recipe untouched
+    assert (official.lr, official.min_lr, official.warmup_lr, official.warmup_epochs, official.notes) == (1e-3, 1e-5, 1e-6, 5, ())
+    long = resolve(TrainConfig, {"data": "x", "epochs": 40, "warmup_epochs": 50}).schedule(global_batch=1024)
+    assert long.warmup_epochs == 4
+
+
+def test_train_help_shows_the_preset_values():
+    from visionmamba.cli import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "(default: 64)" in text and "vim_tiny_patch16_224 128" in " ".join(text.split())
+
+
+def test_resume_reads_the_runs_own_options(tmp_path):
+    data = make_folder(tmp_path / "data", per_class=2, splits=("train",))
+    run = tmp_path / "run"
+    cli("train", "--data", data, "--output", run, *TINY, *PLAIN, "--epochs", 1, "--batch-size", 3, "--lr", 1e-3)
+    proc = cli("train", "--output", run, "--resume", "--epochs", 2, "--workers", 0)  # nothing else given
+    assert json.loads(proc.stdout.splitlines()[-1])["epoch"] == 1
+    config = json.loads((run / "config.json").read_text())
+    assert config["model_args"]["depth"] == 2 and config["batch_size"] == 3 and config["lr"] == 1e-3
+    assert config["epochs"] == 2 and config["auto_augment"] == ""
+    moved = tmp_path / "moved.pth"
+    (run / "last.pth").rename(moved)
+    cli("train", "--resume", moved, "--output", tmp_path / "elsewhere", "--epochs", 3, "--workers", 0)
+    assert read_file(tmp_path / "elsewhere" / "last.pth")["epoch"] == 3
+
+
+def test_data_may_be_a_class_folder_in_train_and_a_split_root_in_eval(tmp_path):
+    data = make_folder(tmp_path / "data", per_class=2)
+    proc = cli("train", "--data", data / "train", "--output", tmp_path / "r", *TINY, *PLAIN, "--epochs", 1, "--batch-size", 3)
+    assert "no train/ folder: training on its 3 class folders" in proc.stderr
+    assert "top1" not in json.loads(proc.stdout.splitlines()[-1])
+    proc = cli("eval", "--data", data, "--checkpoint", tmp_path / "r" / "last.pth", "--workers", 0, "--no-progress")
+    assert "(6 images)" in proc.stdout and "the validation split of" in proc.stderr
+    (tmp_path / "flat" / "train").mkdir(parents=True)
+    (tmp_path / "flat" / "train" / "x.png").write_bytes((data / "train" / "a" / "0.png").read_bytes())
+    proc = cli("train", "--data", tmp_path / "flat", "--output", tmp_path / "r2", *TINY, *PLAIN, check=False)
+    assert proc.returncode == 2 and "has no class folders" in proc.stderr and "DATA/train/<class>/" in proc.stderr
+    assert "Traceback" not in proc.stderr

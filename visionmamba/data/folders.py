@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
 from visionmamba.files import is_image, require_folder
+from visionmamba.messages import notice
 
 _logger = logging.getLogger(__name__)
 
@@ -65,6 +66,57 @@ def _high_depth_to_rgb(image: Image.Image, path: str) -> Image.Image:
         scale = 65535.0
     grey = np.clip(np.round(values * (255.0 / scale)), 0, 255).astype(np.uint8)
     return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+SPLITS = ("train", "val")
+LAYOUTS = ("DATA/train/<class>/<images> (and optionally DATA/val/<class>/<images>), or DATA/<class>/<images>")
+
+
+def _subfolders(path: Path) -> List[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _is_split_root(root: Path) -> bool:
+    """A root of split folders (train/, val/, test/) rather than a folder of classes; one without class folders
+    inside is an error naming the layouts."""
+    names = {p.name for p in _subfolders(root)}
+    if not (names & set(SPLITS)) or not names <= {*SPLITS, "test"}:
+        return False
+    for split in sorted(names & set(SPLITS)):
+        if not _subfolders(root / split):
+            raise ValueError(f"{str(root / split)!r} has no class folders (images belong in {split}/<class>/); "
+                             f"expected {LAYOUTS}")
+    return True
+
+
+def training_folders(data: str) -> Tuple[Path, Optional[Path]]:
+    """(training class folder, validation class folder or None) of ``--data``: the ImageNet layout's root
+    (DATA/train, DATA/val), or a single folder of classes (trained on, no validation; said in one line)."""
+    root = require_folder(data, "data folder")
+    if _is_split_root(root):
+        if not (root / "train").is_dir():
+            raise ValueError(f"{data!r} has val/ but no train/; train needs {LAYOUTS}")
+        return root / "train", (root / "val" if (root / "val").is_dir() else None)
+    if not _subfolders(root):
+        raise ValueError(f"{data!r} has no class folders; train needs {LAYOUTS}")
+    notice(f"{data!r} has no train/ folder: training on its {len(_subfolders(root))} class folders, without validation "
+           "(add DATA/train and DATA/val to evaluate every epoch)")
+    return root, None
+
+
+def eval_folder(data: str) -> Path:
+    """The class folder to evaluate: ``--data`` itself, or its val/ when it is the ImageNet layout's root (said
+    in one line)."""
+    root = require_folder(data, "data folder")
+    if _is_split_root(root):
+        if not (root / "val").is_dir():
+            raise ValueError(f"{data!r} holds {[p.name for p in _subfolders(root)]} but no val/; eval needs a folder of "
+                             "class folders (DATA/<class>/<images>) or a root with DATA/val/<class>/<images>")
+        notice(f"evaluating {str(root / 'val')!r} (the validation split of {data!r})")
+        return root / "val"
+    if not _subfolders(root):
+        raise ValueError(f"{data!r} has no class folders; eval needs DATA/<class>/<images> (e.g. ImageNet's val/)")
+    return root
 
 
 def _is_visible_image(path: str) -> bool:

@@ -6,14 +6,13 @@ Transforms, Mixup/CutMix, AdamW, the cosine schedule, EMA and repeated augmentat
 import contextlib
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -22,7 +21,16 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from visionmamba.data.folders import SeededImageFolder, collate_skipping, eval_transform, imagenet_targets
+from visionmamba.data.augment import training_transform
+from visionmamba.data.folders import (
+    SeededImageFolder,
+    collate_skipping,
+    eval_folder,
+    eval_transform,
+    imagenet_targets,
+    training_folders,
+)
+from visionmamba.messages import notice
 from visionmamba.models.factory import load_for_inference
 from visionmamba.models.info import training_memory_mb
 from visionmamba.models.vim import load_checkpoint
@@ -78,6 +86,11 @@ class ClassificationTrainer(Trainer):
     def __init__(self, cfg: TrainConfig, dist) -> None:
         super().__init__(cfg, dist)
         self.ema = ModelEmaV3(self.model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+        steps = self.steps_per_epoch // cfg.accum_steps * cfg.epochs
+        if self.ema is not None and dist.is_main and steps < 1 / (1 - cfg.model_ema_decay):
+            notice(f"the EMA (--model-ema-decay {cfg.model_ema_decay:g}) averages over ~{1 / (1 - cfg.model_ema_decay):,.0f} "
+                   f"steps, more than this run's {steps:,}: its weights (ema_top1, --ema) stay close to the initial ones; "
+                   "pass a smaller decay (e.g. 0.999) or --no-model-ema")
         self.mixup, self.loss_fn = self.build_loss()
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.skipped_total = 0  # optimizer steps skipped for a non-finite loss, over the whole run
@@ -85,19 +98,18 @@ class ClassificationTrainer(Trainer):
 
     # --------------------------------------------------------------------------------------------- build
     def build_data(self) -> None:
-        cfg, root = self.cfg, Path(self.cfg.data)
-        train_tf = create_transform(
-            cfg.img_size, is_training=True, auto_augment=cfg.auto_augment, interpolation=cfg.interpolation,
-            re_prob=cfg.reprob, re_mode="pixel", re_count=1, hflip=cfg.hflip, scale=cfg.scale,
-        )
-        self.train_set = SeededImageFolder(str(root / "train"), train_tf, seed=cfg.seed, skip_corrupt=cfg.skip_corrupt)
+        cfg = self.cfg
+        train_dir, val_dir = training_folders(cfg.data)
+        train_tf = training_transform(cfg.img_size, auto_augment=cfg.auto_augment, interpolation=cfg.interpolation,
+                                      re_prob=cfg.reprob, hflip=cfg.hflip, scale=cfg.scale)
+        self.train_set = SeededImageFolder(str(train_dir), train_tf, seed=cfg.seed, skip_corrupt=cfg.skip_corrupt)
         self.classes = self.train_set.classes
         if len(self.classes) < 2:
-            raise ValueError(f"{str(root / 'train')!r} has {len(self.classes)} class folder(s) {self.classes}; a "
+            raise ValueError(f"{str(train_dir)!r} has {len(self.classes)} class folder(s) {self.classes}; a "
                              "classifier needs at least 2 (one sub-folder of images per class)")
         self.val_set = None
-        if (root / "val").is_dir():
-            self.val_set = SeededImageFolder(str(root / "val"), eval_transform(data_config(cfg)), skip_corrupt=cfg.skip_corrupt)
+        if val_dir is not None:
+            self.val_set = SeededImageFolder(str(val_dir), eval_transform(data_config(cfg)), skip_corrupt=cfg.skip_corrupt)
             if self.val_set.classes != self.classes:
                 raise ValueError(f"val classes {self.val_set.classes[:5]}... differ from train classes {self.classes[:5]}...")
 
@@ -112,12 +124,13 @@ class ClassificationTrainer(Trainer):
 
     def build_optimization(self):
         cfg = self.cfg
-        global_batch = cfg.batch_size * self.dist.world_size * cfg.accum_steps
-        lr = cfg.lr if cfg.unscale_lr else cfg.lr * global_batch / 512
-        optimizer = create_optimizer_v2(self.model, "adamw", lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps)
-        scheduler = CosineLRScheduler(
-            optimizer, t_initial=cfg.epochs, lr_min=cfg.min_lr, warmup_t=cfg.warmup_epochs, warmup_lr_init=cfg.warmup_lr
-        )
+        schedule = cfg.schedule(cfg.batch_size * self.dist.world_size * cfg.accum_steps)
+        if self.dist.is_main:
+            for note in schedule.notes:
+                notice(note)
+        optimizer = create_optimizer_v2(self.model, "adamw", lr=schedule.lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps)
+        scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, lr_min=schedule.min_lr, warmup_t=schedule.warmup_epochs,
+                                      warmup_lr_init=schedule.warmup_lr)
         return optimizer, scheduler
 
     def memory_needed_mb(self, model: nn.Module) -> float:
@@ -333,8 +346,9 @@ def evaluate_checkpoint(cfg: EvalConfig) -> Dict[str, float]:
     cfg.validate()
     dist = init_distributed(cfg.device)
     try:
+        folder = eval_folder(cfg.data)
         loaded = load_for_inference(cfg.checkpoint, cfg.model, use_ema=cfg.ema, img_size=cfg.img_size, device=str(dist.device))
-        dataset = SeededImageFolder(cfg.data, eval_transform(loaded.data_config), skip_corrupt=cfg.skip_corrupt)
+        dataset = SeededImageFolder(str(folder), eval_transform(loaded.data_config), skip_corrupt=cfg.skip_corrupt)
         if loaded.classes and dataset.classes != loaded.classes:
             raise ValueError(
                 f"the folder's classes {dataset.classes[:5]}... differ from the checkpoint's {loaded.classes[:5]}..."
@@ -344,7 +358,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> Dict[str, float]:
             dataset.target_map = imagenet_targets(dataset.classes)  # an ImageNet val folder, or a subset of it
         if dataset.target_map is None and outputs != len(dataset.classes):
             raise ValueError(
-                f"the model predicts {outputs} classes but {cfg.data!r} has {len(dataset.classes)} class folders "
+                f"the model predicts {outputs} classes but {str(folder)!r} has {len(dataset.classes)} class folders "
                 "(for ImageNet models name the folders by WordNet id, e.g. n01440764)"
             )
         shard = list(range(dist.rank, len(dataset), dist.world_size))

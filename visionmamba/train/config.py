@@ -4,8 +4,10 @@
 (dense prediction, §6.2 / §6.3) share :class:`RunConfig`'s fields; :class:`EvalConfig` describes an evaluation.
 :func:`resolve` builds and validates one from defaults, the model's preset and the given overrides.
 """
+import json
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Dict, Optional, Tuple, Type, TypeVar
+from pathlib import Path
+from typing import Any, ClassVar, Dict, Optional, Tuple, Type, TypeVar, get_args, get_origin, get_type_hints
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # VisionMamba arguments every run sets itself: from the data, --img-size / --crop-size and --drop-path.
@@ -98,6 +100,43 @@ class TrainConfig(RunConfig):
         super().validate()
         _at_least(self, 1, "epochs", "accum_steps", "img_size")
         _at_least(self, 0, "warmup_epochs", "min_lr", "warmup_lr")
+
+    def schedule(self, global_batch: int) -> "Schedule":
+        """The learning-rate schedule of a run with ``global_batch`` images per optimizer step, adapted where
+        the recipe's values do not fit a small run (each adaptation is named in ``notes``):
+
+        * the lr scaled below ``min_lr`` or ``warmup_lr`` (batch 8: 5e-4 x 8 / 512 = 7.8e-6 < 1e-5) would make
+          the cosine schedule rise: both are scaled by the same factor as the lr;
+        * a warm-up as long as the run or longer would never reach the lr: it is cut to a tenth of the epochs.
+        """
+        factor = 1.0 if self.unscale_lr else global_batch / 512
+        lr, min_lr, warmup_lr, warmup = self.lr * factor, self.min_lr, self.warmup_lr, self.warmup_epochs
+        notes = []
+        if lr < max(min_lr, warmup_lr) and factor < 1:
+            min_lr, warmup_lr = min_lr * factor, warmup_lr * factor
+            notes.append(f"the lr scaled to global batch {global_batch} ({lr:.2e} = {self.lr:g} x {global_batch} / 512) is "
+                         f"below --min-lr/--warmup-lr; both scaled by the same factor to {min_lr:.2e} / {warmup_lr:.2e} "
+                         "(pass --unscale-lr with your own --lr, --min-lr and --warmup-lr to set them yourself)")
+        elif lr < max(min_lr, warmup_lr):
+            notes.append(f"--lr {lr:g} is below --min-lr {min_lr:g} or --warmup-lr {warmup_lr:g}: the lr will rise "
+                         "during the run")
+        if warmup and warmup >= self.epochs:
+            warmup = self.epochs // 10
+            notes.append(f"--warmup-epochs {self.warmup_epochs} is not shorter than the run's {self.epochs} epoch(s): "
+                         f"warm-up cut to {warmup} epoch(s) (pass a smaller --warmup-epochs to choose)")
+        return Schedule(lr=lr, min_lr=min_lr, warmup_lr=warmup_lr, warmup_epochs=warmup, notes=tuple(notes))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A run's learning-rate schedule (cosine with linear warm-up, per epoch) and why it differs from the
+    configuration, if it does."""
+
+    lr: float
+    min_lr: float
+    warmup_lr: float
+    warmup_epochs: int
+    notes: Tuple[str, ...] = ()
 
 
 @dataclass
@@ -218,15 +257,47 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 Config = TypeVar("Config", RunConfig, EvalConfig)
 
 
+def recorded_options(cls: Type[Config], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """The options of the run that ``overrides["resume"]`` continues: OUTPUT/config.json for ``"auto"`` (none
+    yet: {}), the checkpoint's own config for a path. Only ``cls``'s fields that describe the run, not the
+    machine it runs on (device, workers, progress bars) nor what to do with the folder (resume, overwrite)."""
+    resume = overrides.get("resume")
+    if not resume:
+        return {}
+    if resume == "auto":
+        path = Path(overrides.get("output", cls.output)) / "config.json"
+        try:
+            recorded = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError as err:
+            raise ValueError(f"cannot read the run's options from {str(path)!r} ({err}); pass the options again, or "
+                             "--resume PATH of its last.pth") from err
+    else:
+        from visionmamba.models.weights import read_file  # torch: only when resuming from a path
+
+        recorded = read_file(resume).get("config") or {}
+    names = {f.name for f in fields(cls)} - {"resume", "overwrite", "device", "workers", "progress"}
+    return {k: v for k, v in recorded.items() if k in names} if isinstance(recorded, dict) else {}
+
+
+def _typed(cls: type, values: Dict[str, Any]) -> Dict[str, Any]:
+    """JSON's lists back to the tuples of ``cls``'s tuple fields."""
+    hints = get_type_hints(cls)
+    tuples = {name for name, hint in hints.items() if tuple in (get_origin(hint), *map(get_origin, get_args(hint)))}
+    return {k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in values.items()}
+
+
 def resolve(cls: Type[Config], overrides: Dict[str, Any], *, use_preset: bool = True) -> Config:
-    """``cls``'s defaults, then (classification) the model's preset, then ``overrides``; validated."""
+    """``cls``'s defaults, then (classification) the model's preset, then ``overrides``; validated. A run that
+    resumes (``resume`` set) starts from the options it was started with instead of the preset."""
     unknown = set(overrides) - {f.name for f in fields(cls)}
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)}")
+    recorded = recorded_options(cls, overrides) if issubclass(cls, RunConfig) else {}
     values: Dict[str, Any] = {}
-    if use_preset and cls is TrainConfig:
+    if use_preset and cls is TrainConfig and not recorded:
         values.update(PRESETS.get(overrides.get("model", cls.model), {}))
+    values.update(recorded)
     values.update(overrides)
-    cfg = cls(**values)
+    cfg = cls(**_typed(cls, values))
     cfg.validate()
     return cfg
