@@ -18,6 +18,7 @@ from visionmamba.version import __version__
 _EXPORTS = {  # name -> the module that defines it
     "VisionMamba": "visionmamba.models.vim",
     "create_model": "visionmamba.models.factory",
+    "load_for_inference": "visionmamba.models.factory",
     "load_checkpoint": "visionmamba.models.vim",
     "convert_to_safetensors": "visionmamba.models.weights",
     "pos_embed_resample": "visionmamba.models.pos_embed",

@@ -1,4 +1,5 @@
 """Variants registered with timm, official aliases and pretrained cfgs."""
+import os
 import subprocess
 import sys
 
@@ -81,3 +82,35 @@ def test_default_out_indices_end_each_quarter():
 
     assert default_out_indices(24) == (5, 11, 17, 23)
     assert default_out_indices(12) == (2, 5, 8, 11)
+
+
+FETCH = """
+import sys, time, torch, visionmamba
+start = time.perf_counter()
+try:
+    model = visionmamba.create_model("vim_tiny_patch16_224", pretrained=True)
+    print("loaded", float(model.head.bias.sum()), flush=True)
+except RuntimeError as err:
+    print(f"refused after {time.perf_counter() - start:.1f} s: {err}", flush=True)
+"""
+
+
+def test_pretrained_offline_fails_fast_or_takes_the_cached_file(tmp_path):
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens on port 9
+    for offline in ({}, {"HF_HUB_OFFLINE": "1"}):
+        run = subprocess.run([sys.executable, "-c", FETCH], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, **env, **offline})
+        out = run.stdout.strip()
+        assert out.startswith("refused after"), run.stderr[-2000:]
+        assert float(out.split()[2]) < 10 and "vim_t_midclstok_76p1acc.pth" in out and "checkpoint_path=" in out
+    snapshot = tmp_path / "hub" / "models--hustvl--Vim-tiny-midclstok" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "hub" / "models--hustvl--Vim-tiny-midclstok" / "refs").mkdir()
+    (tmp_path / "hub" / "models--hustvl--Vim-tiny-midclstok" / "refs" / "main").write_text("0" * 40)
+    model = visionmamba.create_model("vim_tiny_patch16_224")
+    with torch.no_grad():
+        model.head.bias.fill_(0.5)
+    torch.save({"model": model.state_dict()}, snapshot / "vim_t_midclstok_76p1acc.pth")
+    run = subprocess.run([sys.executable, "-c", FETCH], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **env})
+    assert run.stdout.split() == ["loaded", "500.0"], run.stdout + run.stderr[-2000:]

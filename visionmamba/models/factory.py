@@ -8,7 +8,7 @@ released models' transform and the ImageNet class names.
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import timm
 from timm.data import ImageNetInfo, resolve_data_config
@@ -44,6 +44,21 @@ def list_models() -> list:
     return list(VARIANTS)
 
 
+def canonical_name(name: str) -> str:
+    """Our name of a model (an official long name is an alias of one of ours)."""
+    return OFFICIAL_ALIASES.get(name, name)
+
+
+def trained_args(contents: Dict[str, Any], name: str, source: str) -> Dict[str, Any]:
+    """The model arguments a checkpoint of ours was trained with (none for official and bare files); a
+    ValueError when it holds another model than ``name``."""
+    recorded = contents.get("model_name")
+    if recorded and canonical_name(recorded) != canonical_name(name):
+        raise ValueError(f"{source} holds a {recorded!r} model, not {name!r}: build {recorded!r} (or leave out the "
+                         "model name where a command takes it from the checkpoint)")
+    return dict(contents.get("model_args") or {})
+
+
 def create_model(
     name: str,
     *,
@@ -56,17 +71,22 @@ def create_model(
 
     ``pretrained=True`` fetches the released weights from the Hugging Face hub; ``checkpoint_path``
     loads a local official ``.pth``, one of ours, or a safetensors file (``use_ema`` picks the EMA
-    weights of a container). Other keyword arguments go to :class:`VisionMamba` (``img_size``,
-    ``num_classes``, ``drop_path_rate``, ``scan_backend``, ...).
+    weights of a container). A checkpoint of ours (``visionmamba train``, ``convert``) rebuilds the model it
+    was trained as (its ``model_args``: depth, classes, image size, ...). Other keyword arguments go to
+    :class:`VisionMamba` (``img_size``, ``num_classes``, ``drop_path_rate``, ``scan_backend``, ...) and win
+    over the checkpoint's.
     """
     check_model_name(name)
     if pretrained and checkpoint_path is not None:
         raise ValueError("pass either pretrained=True or checkpoint_path=..., not both")
     if use_ema and checkpoint_path is None:
         raise ValueError("use_ema=True selects the EMA weights of a checkpoint file; pass checkpoint_path=... too")
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    if checkpoint_path is not None:
-        load_checkpoint(model, os.fspath(checkpoint_path), use_ema=use_ema)
+    if checkpoint_path is None:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    contents = read_file(checkpoint_path)
+    args = {**trained_args(contents, name, f"checkpoint {os.fspath(checkpoint_path)!r}"), **kwargs}
+    model = timm.create_model(name, **args)
+    load_checkpoint(model, os.fspath(checkpoint_path), use_ema=use_ema, contents=contents)
     return model
 
 
@@ -79,29 +99,47 @@ class InferenceModel:
     labels: List[str]  # a name per output
     name: str
     classes: Optional[List[str]] = None  # the class folders of a model trained by visionmamba train
+    random_weights: bool = False  # built without a checkpoint (export, benchmark)
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        """The (H, W) the model was trained at (its evaluation transform's input size)."""
+        return tuple(self.data_config["input_size"][-2:])
+
+
+NO_CHECKPOINT = ("no --checkpoint given: the model would run with random weights. Pass --checkpoint FILE (one of "
+                 "ours, or a released .pth: `visionmamba models` lists them, with where to download each)")
 
 
 def load_for_inference(
     checkpoint: Optional[str], model_name: Optional[str] = None, *, use_ema: bool = False, img_size: Optional[int] = None,
-    device: str = "cpu",
+    device: str = "cpu", allow_random: bool = False,
 ) -> InferenceModel:
-    """Build the model a checkpoint holds (ours: everything inside; official: pass ``model_name``)."""
+    """Build the model a checkpoint holds (ours: everything inside; official: pass ``model_name``).
+
+    Without a checkpoint a ValueError, unless ``allow_random`` (a freshly initialised ``model_name``)."""
+    if model_name is not None:
+        check_model_name(model_name)
+    if not checkpoint and not allow_random:
+        raise ValueError(NO_CHECKPOINT)
     meta: Dict[str, Any] = read_file(checkpoint) if checkpoint else {}
     name = model_name or meta.get("model_name")
     if not name:
-        raise ValueError("this checkpoint does not say which model it holds: pass --model NAME")
-    args = dict(meta.get("model_args") or {})
+        raise ValueError(f"checkpoint {checkpoint!r} does not say which model it holds (an official or bare file): "
+                         "pass --model NAME (`visionmamba models` lists them)")
+    args = trained_args(meta, name, f"checkpoint {checkpoint!r}") if checkpoint else {}
     if img_size:
         args["img_size"] = img_size
     model = timm.create_model(name, **args)
     if checkpoint:
-        load_checkpoint(model, checkpoint, use_ema=use_ema)
+        load_checkpoint(model, checkpoint, use_ema=use_ema, contents=meta)
     model.eval().to(resolve_device(device))
     data_config = dict(meta["data_config"]) if meta.get("data_config") else resolve_data_config({}, model=model)
     if img_size:
         data_config["input_size"] = (3, img_size, img_size)
     labels = list(meta["classes"]) if meta.get("classes") else default_labels(model.num_classes)
-    return InferenceModel(model=model, data_config=data_config, labels=labels, name=name, classes=meta.get("classes"))
+    return InferenceModel(model=model, data_config=data_config, labels=labels, name=name, classes=meta.get("classes"),
+                          random_weights=not checkpoint)
 
 
 def default_labels(num_classes: int) -> List[str]:

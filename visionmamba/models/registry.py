@@ -6,12 +6,15 @@ The pretrained cfgs describe the evaluation transform the official accuracies we
 variants, ``vim_custom`` is a Vim built from its arguments alone (no released weights), for small or
 experimental models such as the demos'.
 """
+import os
+import socket
 from typing import Any, Dict, Optional, Tuple
+from urllib.parse import urlparse
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from visionmamba.models.vim import VisionMamba, checkpoint_filter_fn
+from visionmamba.models.vim import VisionMamba, checkpoint_filter_fn, load_checkpoint
 
 # name -> constructor arguments (the official registrations, docs/specification.md §1).
 VARIANTS: Dict[str, Dict[str, Any]] = {
@@ -86,28 +89,64 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def hub_unreachable() -> Optional[str]:
+    """Why the Hugging Face hub cannot be asked now (None: it answers, or a proxy is set and timm's download
+    is left to find out). Asked before a download of released weights, which offline retries for ~30 s."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as err:
+        return f"{url.hostname} cannot be reached: {err.strerror or err}"
+    return None
+
+
+def _build(variant: str, pretrained: bool, args: Dict[str, Any]) -> VisionMamba:
+    return build_model_with_cfg(
+        VisionMamba,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=default_out_indices(args.get("depth", 24)), feature_cls="getter"),
+        **args,
+    )
+
+
+def _own_source(args: Dict[str, Any]) -> bool:
+    """True when timm is given the weights' source (a file, a URL or a state dict), not the hub's."""
+    cfgs = [c for c in (args.get("pretrained_cfg"), args.get("pretrained_cfg_overlay")) if isinstance(c, dict)]
+    return any(c.get(key) for c in cfgs for key in ("file", "url", "state_dict"))
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamba:
     args = dict(VARIANTS.get(variant, {}))
     args.update(kwargs)
-    out_indices = default_out_indices(args.get("depth", 24))
-    try:
-        return build_model_with_cfg(
-            VisionMamba,
-            variant,
-            pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-            **args,
-        )
-    except OSError as err:  # every hub failure (offline, no route, missing file) is an OSError
-        if not pretrained:
-            raise
-        hub_id, filename, _ = RELEASED[variant]
-        raise RuntimeError(
-            f"could not fetch the pretrained weights of {variant}: {filename!r} from the Hugging Face repo "
-            f"{hub_id!r} ({type(err).__name__}: {err}). Download that file by hand and pass "
-            f"checkpoint_path='/path/to/{filename}' (with pretrained=False) instead."
-        ) from err
+    if not pretrained or _own_source(args):
+        return _build(variant, pretrained, args)
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_id, filename, _ = RELEASED[variant]
+    why = hub_unreachable()
+    if why is None:
+        try:
+            return _build(variant, True, args)
+        except OSError as err:  # every hub failure (no route, missing file, refused) is an OSError
+            why = f"{type(err).__name__}: {err}"
+    cached = try_to_load_from_cache(hub_id, filename)
+    if isinstance(cached, str):  # downloaded before: the hub is not needed
+        model = _build(variant, False, args)
+        load_checkpoint(model, cached, drop_head=model.num_classes != 1000)
+        return model
+    raise RuntimeError(
+        f"could not fetch the pretrained weights of {variant}: {filename!r} from the Hugging Face repo {hub_id!r} "
+        f"({why}). Download that file by hand and pass checkpoint_path='/path/to/{filename}' (with "
+        "pretrained=False) instead."
+    )
 
 
 @register_model

@@ -6,7 +6,7 @@ initialisation and the conversion table from checkpoints (:func:`checkpoint_filt
 """
 import math
 from functools import partial
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -457,6 +457,17 @@ def checkpoint_filter_fn(state_dict: StateDict, model: VisionMamba, *, drop_head
     return state
 
 
+def describe_weights(state: Mapping[str, torch.Tensor]) -> str:
+    """What a Vim state dict is, for an error: "a Vim of width 384, depth 24, patch 16, 1000 classes"."""
+    conv = state.get("patch_embed.proj.weight")
+    if conv is None or conv.dim() != 4:
+        return "no Vim weights (no patch_embed.proj.weight)"
+    depth = len({k.split(".")[1] for k in state if k.startswith("layers.")})
+    head = state.get("head.weight")
+    classes = f"{head.shape[0]} classes" if head is not None else "no head"
+    return f"a Vim of width {conv.shape[0]}, depth {depth}, patch {conv.shape[-1]}, {conv.shape[1]} channels, {classes}"
+
+
 def load_checkpoint(
     model: VisionMamba,
     path: PathLike,
@@ -464,12 +475,14 @@ def load_checkpoint(
     use_ema: bool = False,
     strict: bool = True,
     drop_head: bool = False,
+    contents: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, List[str]]:
     """Load an official ``.pth``, one of ours, a bare/DDP state dict or a safetensors file into ``model``.
 
     ``use_ema`` picks the EMA weights of a container; ``drop_head`` keeps the model's own (fresh) head when
     the checkpoint's has another class count. Returns ``{"missing": [...], "unexpected": [...]}`` (empty
     lists after a strict load). With ``strict=False`` mis-shaped tensors are skipped and reported as missing.
+    ``contents``: the file already read (:func:`~visionmamba.models.weights.read_file`).
     """
-    return load_weights(model, path, use_ema=use_ema, strict=strict,
-                        filter_fn=partial(checkpoint_filter_fn, drop_head=drop_head))
+    return load_weights(model, path, use_ema=use_ema, strict=strict, filter_fn=partial(checkpoint_filter_fn, drop_head=drop_head),
+                        describe=describe_weights, contents=contents)
