@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/visionmamba demo
+	$(VENV)/bin/visionmamba demo --overwrite  # make demo replaces its previous run
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations 15 tests  # two workers, a test file each (pytest-xdist); the slowest listed

@@ -66,22 +66,62 @@ def _dataclass_values(cls: type, args: argparse.Namespace) -> Dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it says it itself (the dataclass flags, and options
+    whose default depends on the checkpoint)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _parser(sub, name: str, what: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=what, description=what, formatter_class=HelpFormatter)
+
+
+def _flag(p: argparse.ArgumentParser, name: str, what: str, default: bool = False) -> None:
+    """An on/off option in the one style of every command: ``--name`` / ``--no-name``."""
+    p.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=what)
+
+
+def _output(p: argparse.ArgumentParser, what: str, *, default: Optional[str] = None, required: bool = False) -> None:
+    """``--output`` (``--out`` kept as its old spelling) and ``--overwrite``: one rule for every command that
+    writes, an existing output is refused before any work unless ``--overwrite``."""
+    p.add_argument("--output", "--out", dest="output", default=default, required=required, help=what)
+    _flag(p, "--overwrite", "replace an existing output (otherwise refused before any work)")
+
+
+def _positional_alias(args: argparse.Namespace, positional: str, option: str) -> Any:
+    """The value of ``--option``, or of the positional argument it replaced (kept for old command lines)."""
+    given, old = getattr(args, option), getattr(args, positional)
+    if given is not None and old is not None and given != old:
+        raise ValueError(f"--{option} {given!r} and the positional {old!r} disagree: give one of them")
+    value = given if given is not None else old
+    if value is None:
+        raise ValueError(f"pass --{option} (see `visionmamba {args.command} --help`)")
+    return value
+
+
 def _model_source(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model name (our checkpoints carry it; needed for official .pth files)")
-    p.add_argument("--checkpoint", help="our checkpoint or an official .pth / safetensors")
-    p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
+    p.add_argument("--model", help="model name (default: the one our checkpoints carry; official .pth files need it)")
+    p.add_argument("--checkpoint", help="our checkpoint or an official .pth / safetensors (no default: without it the "
+                                        "weights would be random)")
+    _flag(p, "--ema", "use the EMA weights of the checkpoint")
 
 
 # ------------------------------------------------------------------------------------------- training
 TRAIN_HELP = {
-    "data": "folder with train/<class>/ and val/<class>/ images",
+    "data": "folder with train/<class>/ and val/<class>/ images (or one folder of <class>/ images: no validation)",
     "output": "folder for checkpoints, log.jsonl, curves.png and config.json",
     "model": "model name (the recipe preset of that model applies unless --no-preset)",
     "model_args": 'extra model arguments as JSON, e.g. \'{"depth": 12}\'',
     "batch_size": "images per process per batch",
     "accum_steps": "batches whose gradients add up to one optimizer step (same global batch on fewer GPUs)",
     "lr": "base learning rate, scaled by global batch / 512",
-    "resume": "continue from a checkpoint (no value: OUTPUT/last.pth if it exists)",
+    "resume": "continue from a checkpoint (no value: OUTPUT/last.pth if it exists) with the run's own options; "
+              "flags given win",
     "finetune": "start from these weights (official .pth or ours; pos-embed resampled)",
     "checkpoint_every": "optimizer steps between mid-epoch checkpoints (0: end of epoch only)",
     "skip_nonfinite": "skip steps whose loss is NaN/inf instead of stopping",
@@ -104,7 +144,8 @@ DENSE_HELP = {
     "layer_decay": "layer-wise lr decay of the backbone blocks (1: none)",
     "checkpoint_every": "iterations between checkpoints",
     "eval_every": "iterations between evaluations (0: at the end only)",
-    "resume": "continue from a checkpoint (no value: OUTPUT/last.pth if it exists)",
+    "resume": "continue from a checkpoint (no value: OUTPUT/last.pth if it exists) with the run's own options; "
+              "flags given win",
     "skip_nonfinite": "skip steps whose loss is NaN/inf instead of stopping",
     "precision": "fp32, bf16 or fp16 autocast",
     "num_classes": "segmentation classes (150 for ADE20K)",
@@ -139,9 +180,20 @@ def _report_training(command: str, train_fn, cfg) -> int:
     return 0
 
 
+def _preset_help(helps: Dict[str, str]) -> Dict[str, str]:
+    """``helps`` with, for each option a --model preset sets, the preset values (they replace the default)."""
+    from visionmamba.train.config import PRESETS
+
+    out = dict(helps)
+    for name in sorted({k for preset in PRESETS.values() for k in preset}):
+        values = ", ".join(f"{model} {preset[name]}" for model, preset in PRESETS.items() if name in preset)
+        out[name] = f"{helps.get(name, '')}; the --model preset sets it: {values}".lstrip("; ")
+    return out
+
+
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train on an ImageFolder data set with the official recipe (torchrun for DDP)")
-    _add_dataclass_flags(p, TrainConfig, TRAIN_HELP)
+    p = _parser(sub, "train", "train on an ImageFolder data set with the official recipe (torchrun for DDP)")
+    _add_dataclass_flags(p, TrainConfig, _preset_help(TRAIN_HELP))
     p.add_argument("--preset", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the official recipe preset of --model (default: on)")
     p.set_defaults(func=_cmd_train)
@@ -155,7 +207,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_dense_train(sub, name: str, cls: type, what: str) -> None:
-    p = sub.add_parser(name, help=what)
+    p = _parser(sub, name, what)
     _add_dataclass_flags(p, cls, DENSE_HELP)
     p.set_defaults(func=_cmd_dense_train, config_cls=cls)
 
@@ -170,8 +222,12 @@ def _cmd_dense_train(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------- evaluation
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="top-1/top-5/loss of a checkpoint (ours or official) on a class-folder data set")
-    _add_dataclass_flags(p, EvalConfig, {"checkpoint": "our checkpoint or an official .pth", "ema": "evaluate the EMA weights"})
+    p = _parser(sub, "eval", "top-1/top-5/loss of a checkpoint (ours or official) on a class-folder data set")
+    _add_dataclass_flags(p, EvalConfig, {
+        "data": "a folder of <class>/ images (e.g. ImageNet's val/), or a root holding val/<class>/",
+        "checkpoint": "our checkpoint or an official .pth (required)", "model": "model name (needed for official files)",
+        "ema": "evaluate the EMA weights", "img_size": "evaluation size (default: the checkpoint's)",
+    })
     p.set_defaults(func=_cmd_eval)
 
 
@@ -189,14 +245,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_dense_eval(sub, name: str, what: str) -> None:
-    p = sub.add_parser(name, help=what)
+    p = _parser(sub, name, what)
     p.add_argument("--checkpoint", required=True, help=f"a {name.replace('eval', 'train')} checkpoint")
     p.add_argument("--data", help="data root (default: the one it was trained with)")
     p.add_argument("--split", help="split to evaluate (default: its validation split)")
-    p.add_argument("--device", type=device_arg, default="auto")
+    p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto")
     if name == "seg-eval":
         p.add_argument("--mode", choices=["slide", "whole"], help="inference mode (default: the training config's)")
-        p.add_argument("--per-class", action="store_true", help="also print every class's IoU")
+        _flag(p, "--per-class", "also print every class's IoU")
     p.set_defaults(func=_cmd_dense_eval)
 
 
@@ -218,25 +274,26 @@ def _cmd_dense_eval(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- demos
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="train a small Vim on the bundled handwritten digits and report test accuracy")
-    p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="override the demo's number of epochs")
+    p = _parser(sub, "demo", "train a small Vim on the bundled handwritten digits and report test accuracy")
+    _output(p, "run folder", default="runs/demo")
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: the demo's 25)")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from visionmamba.tools.demo import run_demo
 
-    run_demo(args.output, epochs=args.epochs)
+    run_demo(args.output, epochs=args.epochs, overwrite=args.overwrite)
     return 0
 
 
 def _add_scenes(sub) -> None:
-    p = sub.add_parser("scenes", help="write the digit-scenes data set (ADE20K and COCO layouts) from scikit-learn's digits")
-    p.add_argument("out", help="output folder")
+    p = _parser(sub, "scenes", "write the digit-scenes data set (ADE20K and COCO layouts) from scikit-learn's digits")
+    p.add_argument("out", nargs="?", help=argparse.SUPPRESS)  # the old positional spelling of --output
+    _output(p, "output folder (no default; the old positional OUT is accepted too)")
     p.add_argument("--train", type=positive_int, default=1000, help="training scenes")
     p.add_argument("--val", type=positive_int, default=200, help="validation scenes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the scenes")
     p.add_argument("--size", type=positive_int, default=128, help="canvas side in pixels")
     p.set_defaults(func=_cmd_scenes)
 
@@ -244,37 +301,40 @@ def _add_scenes(sub) -> None:
 def _cmd_scenes(args: argparse.Namespace) -> int:
     from visionmamba.data.digits import write_scenes
 
-    counts = write_scenes(Path(args.out), train=args.train, val=args.val, seed=args.seed, size=args.size)
-    print(f"wrote {counts['training']} training / {counts['validation']} validation scenes to {args.out} "
+    out = Path(_positional_alias(args, "out", "output"))
+    counts = write_scenes(out, train=args.train, val=args.val, seed=args.seed, size=args.size, overwrite=args.overwrite)
+    print(f"wrote {counts['training']} training / {counts['validation']} validation scenes to {out} "
           "(ADE20K layout at the root, COCO layout under coco/)")
     return 0
 
 
 def _add_dense_demo(sub) -> None:
-    p = sub.add_parser("dense-demo", help="train and evaluate segmentation and detection on the bundled digit scenes")
-    p.add_argument("--task", choices=["seg", "det", "both"], default="both")
-    p.add_argument("--output", default="runs/dense-demo")
-    p.add_argument("--iters", type=positive_int, help="override the demo's iterations (evaluation at the end only)")
+    p = _parser(sub, "dense-demo", "train and evaluate segmentation and detection on the bundled digit scenes")
+    p.add_argument("--task", choices=["seg", "det", "both"], default="both", help="which task(s) to run")
+    _output(p, "run folder", default="runs/dense-demo")
+    p.add_argument("--iters", type=positive_int, help="iterations, evaluated at the end only (default: the demo's, "
+                                                      "with evaluations between)")
     p.set_defaults(func=_cmd_dense_demo)
 
 
 def _cmd_dense_demo(args: argparse.Namespace) -> int:
     from visionmamba.tools.demo import run_dense_demo
 
-    run_dense_demo(args.output, ["seg", "det"] if args.task == "both" else [args.task], iters=args.iters)
+    run_dense_demo(args.output, ["seg", "det"] if args.task == "both" else [args.task], iters=args.iters,
+                   overwrite=args.overwrite)
     return 0
 
 
 # ---------------------------------------------------------------------------------- using a model
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="top-k labels of images (ImageNet names, or the class folders a model was trained on)")
+    p = _parser(sub, "predict", "top-k labels of images (ImageNet names, or the class folders a model was trained on)")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     _model_source(p)
-    p.add_argument("--topk", type=positive_int, default=5)
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--device", type=device_arg, default="cpu")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (listed) instead of stopping")
+    p.add_argument("--topk", type=positive_int, default=5, help="labels per image")
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=positive_int, default=32, help="images per batch")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or auto")
+    _flag(p, "--json", "print JSON instead of a table")
+    _flag(p, "--skip-corrupt", "skip unreadable images (listed) instead of stopping")
     _precision_arg(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -289,8 +349,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from visionmamba.models.factory import load_for_inference
     from visionmamba.tools.inference import predict
 
+    images = list_images(args.images)
     loaded = load_for_inference(args.checkpoint, args.model, use_ema=args.ema, device=args.device)
-    results = predict(loaded, list_images(args.images), topk=args.topk, batch_size=args.batch_size,
+    results = predict(loaded, images, topk=args.topk, batch_size=args.batch_size,
                       skip_corrupt=args.skip_corrupt, progress=False, precision=args.precision)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -308,18 +369,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _add_features(sub) -> None:
-    p = sub.add_parser("features", help="features at any resolution, written as safetensors")
+    p = _parser(sub, "features", "features at any resolution, written as safetensors")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     _model_source(p)
-    p.add_argument("--img-size", type=positive_int, nargs="+", default=[224], metavar="S", help="S, or H W; each divisible by the stride")
-    p.add_argument("--kind", choices=["pooled", "tokens", "map", "intermediates"], default="map")
+    p.add_argument("--img-size", "--res", dest="img_size", type=positive_int, nargs="+", metavar="S",
+                   help="S, or H W; each fitting the patch grid (default: the size the checkpoint was trained at)")
+    p.add_argument("--kind", choices=["pooled", "tokens", "map", "intermediates"], default="map", help="what to write")
     p.add_argument("--layers", type=int, nargs="+", help="blocks for --kind intermediates (default: the last)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--per-batch", action="store_true", help="one file per batch (tensors named <index>.<kind>)")
+    _output(p, "output folder", required=True)
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=positive_int, default=8, help="images per batch")
+    _flag(p, "--per-batch", "one file per batch (tensors named <index>.<kind>)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the stored features")
-    p.add_argument("--device", type=device_arg, default="cpu")
-    p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (counted) instead of stopping")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or auto")
+    _flag(p, "--skip-corrupt", "skip unreadable images (counted) instead of stopping")
     _precision_arg(p)
     p.set_defaults(func=_cmd_features)
 
@@ -331,37 +393,40 @@ def _cmd_features(args: argparse.Namespace) -> int:
     from visionmamba.models.factory import load_for_inference
     from visionmamba.tools.inference import write_features
 
-    if len(args.img_size) > 2:
+    if args.img_size and len(args.img_size) > 2:
         raise ValueError(f"--img-size takes one size (S) or two (H W), got {len(args.img_size)}: {args.img_size}")
-    size = (args.img_size[0], args.img_size[-1])
+    images = list_images(args.images)
     loaded = load_for_inference(args.checkpoint, args.model, use_ema=args.ema, device=args.device)
+    size = (args.img_size[0], args.img_size[-1]) if args.img_size else loaded.image_size
     summary = write_features(
-        loaded, list_images(args.images), Path(args.out), size=size, kind=args.kind, layers=args.layers,
+        loaded, images, Path(args.output), size=size, kind=args.kind, layers=args.layers,
         batch_size=args.batch_size, per_batch=args.per_batch, skip_corrupt=args.skip_corrupt,
         dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype], precision=args.precision,
+        overwrite=args.overwrite,
     )
     for path, why in summary["skipped"]:
         print(f"skipped: {why}", file=sys.stderr)
     shapes = ", ".join(f"{k} {tuple(v)}" for k, v in summary["shapes"].items())
     skipped = f" ({len(summary['skipped'])} unreadable skipped)" if summary["skipped"] else ""
-    print(f"wrote {summary['files']} file(s) for {summary['images']} image(s){skipped} to {args.out}: {shapes}; "
-          f"{summary['seconds']:.1f} s, peak memory {summary['peak_rss_mb']:.0f} MB")
+    print(f"wrote {summary['files']} file(s) for {summary['images']} image(s){skipped} to {args.output} at "
+          f"{size[0]}x{size[1]}: {shapes}; {summary['seconds']:.1f} s, peak memory {summary['peak_rss_mb']:.0f} MB")
     return 0
 
 
 def _add_benchmark(sub) -> None:
-    p = sub.add_parser("benchmark", help="images/s and peak memory vs resolution, with a table of ratios, CSV and plot")
-    p.add_argument("--models", nargs="+", default=["vim_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_patch16_224:naive"],
+    p = _parser(sub, "benchmark", "images/s and peak memory vs resolution, with a table of ratios, CSV and plot")
+    p.add_argument("--model", "--models", dest="models", nargs="+",
+                   default=["vim_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_patch16_224:naive"],
                    help="timm names; ':naive' turns off fused attention, ':onednn' routes plain linears through oneDNN, "
                         "':onnx' exports the model and runs it in ONNX Runtime")
-    p.add_argument("--res", type=positive_int, nargs="+", default=[224, 512])
-    p.add_argument("--batch", type=positive_int, default=8)
-    p.add_argument("--device", default="cpu", type=device_arg, choices=["cpu", "cuda"])
+    p.add_argument("--img-size", "--res", dest="res", type=positive_int, nargs="+", default=[224, 512], help="image sizes")
+    p.add_argument("--batch-size", "--batch", dest="batch", type=positive_int, default=8, help="images per batch")
+    p.add_argument("--device", default="cpu", type=device_arg, choices=["cpu", "cuda"], help="where to measure")
     _precision_arg(p)
-    p.add_argument("--train", action="store_true", help="time training steps instead of inference")
-    p.add_argument("--repeats", type=positive_int, default=3)
+    _flag(p, "--train", "time training steps instead of inference")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats per point")
     p.add_argument("--threads", type=positive_int, default=2, help="CPU threads per point")
-    p.add_argument("--out", default="runs/benchmark")
+    _output(p, "folder for benchmark.csv and benchmark.png", default="runs/benchmark")
     p.set_defaults(func=_cmd_benchmark)
 
 
@@ -370,10 +435,10 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
     points = run_benchmark(
         args.models, args.res, batch=args.batch, device=args.device, precision=args.precision, train=args.train,
-        repeats=args.repeats, threads=args.threads, out=Path(args.out),
+        repeats=args.repeats, threads=args.threads, out=Path(args.output), overwrite=args.overwrite,
     )
     print(ratio_table(points))
-    print(f"CSV: {args.out}/benchmark.csv, plot: {args.out}/benchmark.png")
+    print(f"CSV: {args.output}/benchmark.csv, plot: {args.output}/benchmark.png")
     if all(p.status != "ok" for p in points):
         print(f"visionmamba benchmark: error: every point failed (first: {points[0].status})", file=sys.stderr)
         return 1
@@ -381,26 +446,31 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export to ONNX or torch.export: one file for every batch size and fitting image size")
+    p = _parser(sub, "export", "export to ONNX or torch.export: one file for every batch size and fitting image size")
     p.add_argument("--format", choices=["onnx", "torch-export"], default="onnx",
                    help="onnx: for ONNX Runtime and other runtimes; torch-export: a .pt2 program with our kernels")
-    p.add_argument("--model", required=True)
-    p.add_argument("--checkpoint")
-    p.add_argument("--ema", action="store_true")
-    p.add_argument("--img-size", type=positive_int, default=224,
-                   help="the size the model is built for (its position table) and the first size checked")
-    p.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
-    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
-                   help="compare with PyTorch at two batch sizes and three image sizes before writing")
+    p.add_argument("--model", help="model name (default: the one our checkpoints carry; needed for official files "
+                                   "and without --checkpoint)")
+    p.add_argument("--checkpoint", help="our checkpoint or an official .pth / safetensors (default: none, random "
+                                        "weights, said in one line)")
+    _flag(p, "--ema", "export the EMA weights of the checkpoint")
+    p.add_argument("--img-size", "--res", dest="img_size", type=positive_int,
+                   help="the size the model is built for (its position table) and the first size checked (default: "
+                        "the size the checkpoint was trained at, 224 for the released weights)")
+    _output(p, "output file (.onnx or .pt2)", required=True)
+    _flag(p, "--check", "compare with PyTorch at two batch sizes and three image sizes before writing", default=True)
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from visionmamba.messages import notice
     from visionmamba.tools.export import EXPORTERS
 
-    report = EXPORTERS[args.format](args.model, Path(args.out), img_size=args.img_size, checkpoint=args.checkpoint,
-                                    use_ema=args.ema, check=args.check)
-    print(f"wrote {args.out} ({args.format}; any batch size, any image size that fits the patch grid; "
+    if not args.checkpoint:
+        notice("no --checkpoint: the exported model has freshly initialised (random) weights")
+    report = EXPORTERS[args.format](args.model, Path(args.output), img_size=args.img_size, checkpoint=args.checkpoint,
+                                    use_ema=args.ema, check=args.check, overwrite=args.overwrite)
+    print(f"wrote {args.output} ({args.format}; any batch size, any image size that fits the patch grid; "
           f"exported in {report['export_s']:.1f} s)")
     if args.check:
         diffs = report["max_abs_diff"]
@@ -410,38 +480,54 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------- model files
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="model card: parameters, compute, eval transform, released weights")
-    p.add_argument("name")
-    p.add_argument("--img-size", type=positive_int, default=224)
+    p = _parser(sub, "info", "model card: parameters, compute, eval transform, released weights")
+    p.add_argument("name", nargs="?", help=argparse.SUPPRESS)  # the old positional spelling of --model
+    p.add_argument("--model", help="model name, `visionmamba models` lists them (no default; the old positional "
+                                   "NAME is accepted too)")
+    p.add_argument("--img-size", "--res", dest="img_size", type=positive_int, default=224, help="image size")
     p.set_defaults(func=_cmd_info)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from visionmamba.models.factory import check_model_name
     from visionmamba.models.info import model_card
 
-    print(model_card(args.name, args.img_size))
+    name = _positional_alias(args, "name", "model")
+    check_model_name(name)
+    print(model_card(name, args.img_size))
     return 0
 
 
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="write the weights of a checkpoint (.pth, ours or official) as safetensors")
+    p = _parser(sub, "convert", "write the weights of a checkpoint (.pth, ours or official) as safetensors, with what "
+                                "rebuilds the model (name, arguments, classes, preprocessing)")
     p.add_argument("src", help="input checkpoint: official .pth, one of ours, a state dict, or safetensors")
-    p.add_argument("dst", help="output .safetensors file")
-    p.add_argument("--ema", action="store_true", help="take the EMA weights (model_ema) instead of the raw ones")
+    p.add_argument("dst", nargs="?", help=argparse.SUPPRESS)  # the old positional spelling of --output
+    _output(p, "output .safetensors file (no default; the old positional DST is accepted too)")
+    p.add_argument("--model", help="model name to record (default: the one our checkpoints carry; official files "
+                                   "do not say)")
+    _flag(p, "--ema", "take the EMA weights (model_ema) instead of the raw ones")
     p.set_defaults(func=_cmd_convert)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from visionmamba.files import check_output_file, require_file
+    from visionmamba.models.factory import check_model_name
     from visionmamba.models.weights import convert_to_safetensors
 
-    tensors, values = convert_to_safetensors(args.src, args.dst, use_ema=args.ema)
-    print(f"wrote {args.dst}: {tensors} tensors, {values:,} values ({'EMA' if args.ema else 'model'} weights)")
+    dst = Path(_positional_alias(args, "dst", "output"))
+    require_file(args.src, "checkpoint")
+    check_output_file(dst, overwrite=args.overwrite)
+    if args.model:
+        check_model_name(args.model)
+    tensors, values = convert_to_safetensors(args.src, dst, use_ema=args.ema, facts={"model_name": args.model})
+    print(f"wrote {dst}: {tensors} tensors, {values:,} values ({'EMA' if args.ema else 'model'} weights)")
     return 0
 
 
 def _add_models(sub) -> None:
-    p = sub.add_parser("models", help="list the Vim variants and their released checkpoints")
-    p.add_argument("--aliases", action="store_true", help="also print the official long model names")
+    p = _parser(sub, "models", "list the Vim variants and their released checkpoints")
+    _flag(p, "--aliases", "also print the official long model names")
     p.set_defaults(func=_cmd_models)
 
 
@@ -457,8 +543,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _add_env(sub) -> None:
-    p = sub.add_parser("env", help="versions, CPU, compiler, GPUs and the backend each device gets: for bug reports")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p = _parser(sub, "env", "versions, CPU, compiler, GPUs and the backend each device gets: for bug reports")
+    _flag(p, "--json", "print the report as JSON")
     p.set_defaults(func=_cmd_env)
 
 
@@ -504,7 +590,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, CorruptImageError, OutputError) as err:
-        print(f"visionmamba {args.command}: error: {err}", file=sys.stderr)
+        message = err.strerror if isinstance(err, OutputError) and err.strerror else err  # without "[Errno N]"
+        print(f"visionmamba {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"visionmamba {args.command}: interrupted", file=sys.stderr)

@@ -170,6 +170,40 @@ class FolderLock:
             self._fh = None
 
 
+def check_output_file(path: PathLike, *, overwrite: bool = False, what: str = "output file") -> Path:
+    """Check, before any work, that ``path`` can be written as a new file: not a folder, not an existing file
+    (unless ``overwrite``), its folder creatable. One-line :class:`OutputError` otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(errno.EISDIR, f"the {what} {str(path)!r} is a folder; give a file name inside it "
+                                        f"(e.g. {str(path / ('model' + (path.suffix or '.onnx')))!r})")
+    if path.exists() and not overwrite:
+        raise OutputError(errno.EEXIST, f"the {what} {str(path)!r} already exists; pass --overwrite to replace it, or "
+                                        "choose another name")
+    check_output_folder(path.parent)
+    return path
+
+
+def check_output_folder(folder: PathLike) -> Path:
+    """Check, without creating anything, that ``folder`` is or can become a writable folder."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise OutputError(errno.ENOTDIR, f"cannot use {str(folder)!r} as an output folder: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(errno.EACCES, f"cannot write into {str(existing)!r} (permission denied); choose another output")
+    return folder
+
+
+def refuse_existing(paths: Sequence[Path], *, overwrite: bool, what: str = "output") -> None:
+    """A one-line :class:`OutputError` when any of ``paths`` exists and ``overwrite`` is not set."""
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise OutputError(errno.EEXIST, f"{what} {str(existing[0])!r}{more} already exist(s); pass --overwrite to "
+                                        "replace them, or choose another output folder")
+
+
 def require_file(path: PathLike, what: str) -> Path:
     """``path`` as a Path if it is a non-empty file; otherwise a one-line error saying what it is instead."""
     path = Path(path)

@@ -11,12 +11,15 @@ standard layouts the dense trainers read: ADE20K (``images/<split>/*.png`` + ``a
 and COCO (``coco/<split>/*.png`` + ``coco/annotations/instances_<split>.json``).
 """
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
 from PIL import Image
+
+from visionmamba.files import refuse_existing
 
 CLASSES = ["background"] + [str(d) for d in range(10)]  # per-pixel classes; digit d is class d + 1
 SPLITS = {"training": "train", "validation": "val"}  # ADE20K split name -> COCO split name
@@ -149,9 +152,15 @@ def coco_annotations(scenes: List[Scene], file_names: List[str]) -> Dict:
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def write_scenes(root: Path, *, train: int = 1000, val: int = 200, seed: int = 0, size: int = 128) -> Dict[str, int]:
-    """Write the scenes in the ADE20K and COCO layouts under ``root``; returns scenes per split."""
+def write_scenes(root: Path, *, train: int = 1000, val: int = 200, seed: int = 0, size: int = 128,
+                 overwrite: bool = False) -> Dict[str, int]:
+    """Write the scenes in the ADE20K and COCO layouts under ``root``; returns scenes per split. A data set
+    already there is replaced only with ``overwrite`` (refused before anything is written)."""
     root = Path(root)
+    written = [root / "classes.json", root / "images", root / "annotations", root / "coco"]
+    refuse_existing(written, overwrite=overwrite, what="a data set in the output folder:")
+    for path in written[1:]:  # replaced as a whole: no scene of the earlier set is left beside the new ones
+        shutil.rmtree(path, ignore_errors=True)
     counts = {"training": train, "validation": val}
     for split, count in counts.items():
         scenes = make_scenes(split, count, seed=seed, size=size)

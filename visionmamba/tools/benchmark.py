@@ -23,7 +23,7 @@ from typing import List, Optional
 
 import torch
 
-from visionmamba.files import atomic_write
+from visionmamba.files import atomic_write, refuse_existing
 from visionmamba.ops.linear import use_onednn_linears
 from visionmamba.ops.memory import keep_freed_memory, peak_memory_mb, reset_peak_memory
 from visionmamba.tools.precision import autocast
@@ -77,7 +77,7 @@ def onnx_file(name: str, res: int, folder: Path) -> Path:
     if path in _EXPORTED:
         return path
     if name in VARIANTS:
-        export_onnx(name, path, img_size=res, check=False)
+        export_onnx(name, path, img_size=res, check=False, overwrite=True)
     else:
         model = timm.create_model(name, img_size=res).eval()
         batch = {0: torch.export.Dim("batch")}
@@ -207,12 +207,16 @@ def _point_from(proc: subprocess.CompletedProcess, point: Point) -> Point:
 def run_benchmark(
     models: List[str], resolutions: List[int], *, batch: int, device: str = "cpu", precision: str = "fp32",
     train: bool = False, repeats: int = 3, threads: int = 2, out: Optional[Path] = None, progress: bool = True,
+    overwrite: bool = False,
 ) -> List[Point]:
-    """Every (model, resolution) point; writes ``benchmark.csv`` and ``benchmark.png`` under ``out``."""
+    """Every (model, resolution) point; writes ``benchmark.csv`` and ``benchmark.png`` under ``out`` (an earlier
+    benchmark there is refused before any point is measured, unless ``overwrite``)."""
     onnx_specs = [spec for spec in models if spec.partition(":")[2] in RUNTIME_VARIANTS]
     if onnx_specs and (device != "cpu" or train or precision != "fp32"):
         raise ValueError(f"{onnx_specs}: ONNX Runtime points are CPU float32 inference (drop --train / --precision / --device)")
     autocast(precision, torch.device(device))  # refused before any point is measured
+    if out is not None:
+        refuse_existing([out / "benchmark.csv", out / "benchmark.png"], overwrite=overwrite, what="benchmark result")
     points = []
     with tempfile.TemporaryDirectory(prefix="visionmamba-onnx-") as scratch:
         onnx_folder = Path(scratch) if out is None else out / "onnx"

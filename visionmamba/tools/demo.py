@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from visionmamba.data.digits import CLASSES, write_digits_folder, write_scenes
+from visionmamba.files import refuse_existing
 from visionmamba.models.registry import CUSTOM
 from visionmamba.train.classification import evaluate_checkpoint, train
 from visionmamba.train.config import DetConfig, EvalConfig, SegConfig, TrainConfig, resolve
 from visionmamba.train.dense import train_dense
+from visionmamba.train.trainer import RUN_FILES
 
 # A small Vim for 16x16 inputs (the 8x8 scans upsampled): 4x4 patches -> 16 tokens + the class token.
 DEMO_CONFIG: Dict[str, Any] = dict(
@@ -46,18 +48,24 @@ DEMO_CONFIG: Dict[str, Any] = dict(
     workers=0,
     checkpoint_every=0,
     progress=False,  # one summary line per epoch instead of bars
-    overwrite=True,  # a demo run replaces the previous demo run in its folder
 )
 
 
-def run_demo(output: str = "runs/demo", *, epochs: Optional[int] = None) -> float:
-    """Train and test on the digits; prints the test accuracy and wall time (set-up excluded)."""
+def refuse_earlier_runs(runs: Sequence[Path], overwrite: bool) -> None:
+    """Before any work: a demo's run folder that holds a run is replaced only with ``overwrite``."""
+    refuse_existing([run / name for run in runs for name in RUN_FILES], overwrite=overwrite, what="the demo's earlier run:")
+
+
+def run_demo(output: str = "runs/demo", *, epochs: Optional[int] = None, overwrite: bool = False) -> float:
+    """Train and test on the digits; prints the test accuracy and wall time (set-up excluded). An earlier demo
+    run in ``output`` is replaced only with ``overwrite`` (the digits written there are reused)."""
     out = Path(output)
+    refuse_earlier_runs([out / "run"], overwrite)
     data = out / "data"
     if not (data / "val").is_dir():
         n_train, n_test = write_digits_folder(data)
         print(f"wrote the bundled digits to {data}: {n_train} train / {n_test} test images (fixed split)")
-    overrides = dict(DEMO_CONFIG, data=str(data), output=str(out / "run"))
+    overrides = dict(DEMO_CONFIG, data=str(data), output=str(out / "run"), overwrite=overwrite)
     if epochs is not None:
         overrides["epochs"] = epochs
     cfg = resolve(TrainConfig, overrides, use_preset=False)
@@ -88,7 +96,6 @@ BACKBONE: Dict[str, Any] = dict(
     workers=0,
     checkpoint_every=100,
     progress=False,
-    overwrite=True,  # a demo run replaces the previous demo run in its folder
 )
 SEG_DEMO: Dict[str, Any] = dict(
     BACKBONE, iters=1500, lr=1e-3, weight_decay=0.05, warmup_iters=50, eval_every=500,
@@ -104,10 +111,15 @@ DET_DEMO: Dict[str, Any] = dict(
 )
 
 
-def run_dense_demo(output: str = "runs/dense-demo", tasks: Sequence[str] = ("seg", "det"), *, iters: Optional[int] = None) -> Dict[str, float]:
+def run_dense_demo(output: str = "runs/dense-demo", tasks: Sequence[str] = ("seg", "det"), *, iters: Optional[int] = None,
+                   overwrite: bool = False) -> Dict[str, float]:
     """Write the scenes (once), pre-train the backbone (once), train and evaluate each task; prints and
-    returns the headline figures."""
+    returns the headline figures. An earlier run of a task in ``output`` is replaced only with ``overwrite``
+    (the scenes and the pre-trained backbone are reused)."""
     out = Path(output)
+    if any(task not in ("seg", "det") for task in tasks):
+        raise ValueError(f"tasks must be 'seg' or 'det', got {list(tasks)}")
+    refuse_earlier_runs([out / task for task in tasks], overwrite)
     data = out / "data"
     if not (data / "classes.json").is_file():
         counts = write_scenes(data)
@@ -124,11 +136,11 @@ def run_dense_demo(output: str = "runs/dense-demo", tasks: Sequence[str] = ("seg
     for task in tasks:
         start = time.perf_counter()
         if task == "seg":
-            cfg = resolve(SegConfig, dict(SEG_DEMO, data=str(data), output=str(out / "seg"), finetune=str(backbone)))
-        elif task == "det":
-            cfg = resolve(DetConfig, dict(DET_DEMO, data=str(data / "coco"), output=str(out / "det"), finetune=str(backbone)))
+            cfg = resolve(SegConfig, dict(SEG_DEMO, data=str(data), output=str(out / "seg"), finetune=str(backbone),
+                                          overwrite=overwrite))
         else:
-            raise ValueError(f"task must be 'seg' or 'det', got {task!r}")
+            cfg = resolve(DetConfig, dict(DET_DEMO, data=str(data / "coco"), output=str(out / "det"), finetune=str(backbone),
+                                          overwrite=overwrite))
         if iters is not None:
             cfg.iters = iters
             cfg.eval_every = 0

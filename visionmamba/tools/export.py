@@ -26,25 +26,31 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
-from visionmamba.files import atomic_write
+from visionmamba.files import atomic_write, check_output_file
 from visionmamba.models.factory import InferenceModel, check_model_args, check_model_name, default_labels, load_for_inference
 
 TOLERANCE = 1e-4  # max abs difference of the logits from the PyTorch model
 CHECK_BATCHES = (1, 2)
 
 
-def load(model_name: str, checkpoint: Optional[str], use_ema: bool, img_size: int,
+def load(model_name: Optional[str], checkpoint: Optional[str], use_ema: bool, img_size: Optional[int],
          model_args: Optional[Dict[str, Any]]) -> InferenceModel:
-    """The model to export (from a checkpoint, or freshly initialised with ``model_args``), in eval mode."""
-    check_model_name(model_name)
+    """The model to export (from a checkpoint, or freshly initialised with ``model_args``), in eval mode, at
+    ``img_size`` (default: the size the checkpoint was trained at, or the model's own)."""
+    if model_name is None and not checkpoint:
+        raise ValueError("pass --model NAME, or --checkpoint FILE of a model trained with visionmamba train")
+    if model_name is not None:
+        check_model_name(model_name)
     if model_args:
         if checkpoint:
             raise ValueError("model arguments come from the checkpoint: drop --model-args")
         check_model_args(model_args, reserved=("img_size",))
-        model = timm.create_model(model_name, img_size=img_size, **model_args).eval()
-        config = {**resolve_data_config({}, model=model), "input_size": (model.patch_embed.in_chans, img_size, img_size)}
-        return InferenceModel(model=model, data_config=config, labels=default_labels(model.num_classes), name=model_name)
-    return load_for_inference(checkpoint, model_name, use_ema=use_ema, img_size=img_size)
+        model = timm.create_model(model_name, **({"img_size": img_size} if img_size else {}), **model_args).eval()
+        size = model.patch_embed.img_size
+        config = {**resolve_data_config({}, model=model), "input_size": (model.patch_embed.in_chans, *size)}
+        return InferenceModel(model=model, data_config=config, labels=default_labels(model.num_classes), name=model_name,
+                              random_weights=True)
+    return load_for_inference(checkpoint, model_name, use_ema=use_ema, img_size=img_size, allow_random=True)
 
 
 def check_size(model: nn.Module, size: int) -> None:
@@ -107,8 +113,9 @@ def metadata(loaded: InferenceModel) -> Dict[str, str]:
     }
 
 
-def export_onnx(model_name: str, path: Path, *, img_size: int = 224, checkpoint: Optional[str] = None,
-                use_ema: bool = False, check: bool = True, model_args: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def export_onnx(model_name: Optional[str], path: Path, *, img_size: Optional[int] = None, checkpoint: Optional[str] = None,
+                use_ema: bool = False, check: bool = True, model_args: Optional[Dict[str, Any]] = None,
+                overwrite: bool = False) -> Dict[str, Any]:
     """Write ``path``: an ONNX graph with dynamic batch, height and width (see the module docstring)."""
     try:
         import onnx
@@ -119,8 +126,10 @@ def export_onnx(model_name: str, path: Path, *, img_size: int = 224, checkpoint:
 
     from visionmamba.tools.onnx_graph import add_fallback
 
+    check_output_file(path, overwrite=overwrite)
     loaded = load(model_name, checkpoint, use_ema, img_size, model_args)
     model = loaded.model.requires_grad_(False)
+    img_size = img_size or loaded.image_size[0]
     check_size(model, img_size)
     start = time.perf_counter()
     with torch.no_grad():  # traced by torch.onnx itself: the mixers then write their ONNX form
@@ -223,11 +232,14 @@ def openvino_from_torch(model: nn.Module, size: Optional[int] = None, threads: i
     return openvino.Core().compile_model(converted, "CPU", config)
 
 
-def export_torch(model_name: str, path: Path, *, img_size: int = 224, checkpoint: Optional[str] = None,
-                 use_ema: bool = False, check: bool = True, model_args: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def export_torch(model_name: Optional[str], path: Path, *, img_size: Optional[int] = None, checkpoint: Optional[str] = None,
+                 use_ema: bool = False, check: bool = True, model_args: Optional[Dict[str, Any]] = None,
+                 overwrite: bool = False) -> Dict[str, Any]:
     """Write ``path``: a ``torch.export`` program (.pt2) with dynamic batch, height and width."""
+    check_output_file(path, overwrite=overwrite)
     loaded = load(model_name, checkpoint, use_ema, img_size, model_args)
     model = loaded.model.requires_grad_(False)
+    img_size = img_size or loaded.image_size[0]
     check_size(model, img_size)
     start = time.perf_counter()
     program = trace(model, img_size)

@@ -10,7 +10,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from visionmamba.data.folders import CorruptImageError, eval_transform, load_rgb
-from visionmamba.files import atomic_write, prepare_output_dir
+from visionmamba.files import atomic_write, prepare_output_dir, refuse_existing
 from visionmamba.models.factory import InferenceModel
 from visionmamba.models.pos_embed import split_class_token
 from visionmamba.models.vim import VisionMamba
@@ -134,20 +134,25 @@ def output_names(paths: List[Path]) -> Dict[Path, Path]:
 def write_features(
     loaded: InferenceModel, paths: List[Path], out: Path, *, size: Tuple[int, int], kind: str, layers: Optional[Sequence[int]] = None,
     batch_size: int = 8, per_batch: bool = False, dtype: torch.dtype = torch.float32, skip_corrupt: bool = False,
-    progress: bool = True, precision: str = "fp32",
+    progress: bool = True, precision: str = "fp32", overwrite: bool = False,
 ) -> Dict[str, Any]:
     """Extract features of every image at ``size`` and write safetensors files (``dtype``: theirs; ``precision``:
-    the model's, fp32 or bf16 autocast); returns a summary."""
+    the model's, fp32 or bf16 autocast); returns a summary. Files already there are refused before any work
+    unless ``overwrite`` (with ``per_batch``, batch files of an earlier run that this one does not rewrite
+    are removed at the end, so the folder holds one run)."""
     from safetensors.torch import save_file
 
     loaded.model.patch_embed.check_size(*size)
     check_layers(loaded.model, layers)
     names = {} if per_batch else output_names(paths)
+    batch_files = [out / f"batch_{n:05d}.safetensors" for n in range(-(-len(paths) // batch_size))] if per_batch else []
+    stale = sorted(set(out.glob("batch_*.safetensors")) - set(batch_files)) if per_batch and out.is_dir() else []
+    refuse_existing([*(out / n for n in names.values()), *batch_files, *stale], overwrite=overwrite, what="features file")
     transform = resize_transform(size, loaded.data_config)
     device = next(loaded.model.parameters()).device
     autocast(precision, device)  # refused before the output folder is made
     prepare_output_dir(out)
-    start, written, skipped, shapes = time.perf_counter(), 0, [], {}
+    start, written, skipped, shapes = time.perf_counter(), [], [], {}
     meta = {"model": loaded.name, "kind": kind, "size": f"{size[0]}x{size[1]}"}
     for n, batch in enumerate(tqdm(list(_batches(paths, batch_size)), desc="features", disable=not progress)):
         images, kept, unreadable = read_images(batch, transform, skip_corrupt=skip_corrupt)
@@ -161,14 +166,16 @@ def write_features(
         if per_batch:
             tensors = {f"{i}.{k}": v[i].contiguous() for i in range(len(kept)) for k, v in feats.items()}
             sources = {f"{i}": str(p) for i, p in enumerate(kept)}
-            atomic_write(out / f"batch_{n:05d}.safetensors", lambda tmp: save_file(tensors, tmp, metadata={**meta, **sources}))
-            written += 1
+            atomic_write(batch_files[n], lambda tmp: save_file(tensors, tmp, metadata={**meta, **sources}))
+            written.append(batch_files[n])
             continue
         for i, path in enumerate(kept):
             tensors = {k: v[i].contiguous() for k, v in feats.items()}
             atomic_write(out / names[path], lambda tmp: save_file(tensors, tmp, metadata={**meta, "source": str(path)}))
-            written += 1
+            written.append(out / names[path])
     if len(skipped) == len(paths):
         raise CorruptImageError(f"none of the {len(paths)} image(s) could be read; the first: {skipped[0][1]}")
-    return {"files": written, "images": len(paths) - len(skipped), "skipped": skipped, "seconds": time.perf_counter() - start,
+    for path in set(stale + batch_files) - set(written):  # an earlier run's batch files (overwrite only)
+        path.unlink(missing_ok=True)
+    return {"files": len(written), "images": len(paths) - len(skipped), "skipped": skipped, "seconds": time.perf_counter() - start,
             "peak_rss_mb": peak_rss_mb(), "shapes": shapes}
