@@ -50,10 +50,10 @@ def make_folder(root: Path, *, classes=("a", "b", "c"), per_class=4, splits=("tr
     return root
 
 
-def cli(*args, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:
+def cli(*args, env=None, check=True, timeout=600, cwd=None) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "visionmamba", *map(str, args)], capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=cwd,
     )
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -84,3 +84,39 @@ def test_the_docs_cite_the_specification_that_is_in_the_repository():
     for path in ROOT.joinpath("visionmamba").rglob("*.py"):
         for cited in re.findall(r"specification\.md (§\d)", path.read_text()):
             assert cited in sections, (path, cited)
+
+
+def command_lines() -> list:
+    """Every ``visionmamba ...`` / ``torchrun ... -m visionmamba ...`` line of the README's and the docs' shell
+    blocks, continuation lines joined, comments dropped."""
+    found = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.sub(r"\s+#.*$", "", line.split(" > ")[0]).strip()
+                words = line.split()
+                if "visionmamba" in words[:1] or ("-m" in words and words[words.index("-m") + 1:][:1] == ["visionmamba"]):
+                    start = words.index("visionmamba") + 1
+                    found.append(pytest.param(words[start:], id=f"{path.stem}: {' '.join(words[start:start + 2])}"))
+    return found
+
+
+@pytest.mark.parametrize("argv", command_lines())
+def test_every_documented_command_line_parses(argv):
+    """The documented commands use flags that exist (a renamed flag breaks this, not a user's copy-paste)."""
+    import shlex
+
+    from visionmamba.cli import build_parser
+
+    try:
+        build_parser().parse_args(shlex.split(" ".join(argv)))
+    except SystemExit as done:  # --help and --version end the parse with exit 0; a wrong flag with 2
+        assert done.code == 0, argv
+
+
+def test_the_readme_says_plainly_where_the_gpu_path_was_tested():
+    """Until RESULTS.md holds figures measured on a GPU (benchmarks/gpu_check.py's table), the README says so."""
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    measured_on_a_gpu = re.search(r"^## .*gpu_check", results, flags=re.M | re.I)
+    if not measured_on_a_gpu:
+        assert "**The GPU path is not yet tested on a GPU**" in README and "interpreter" in README

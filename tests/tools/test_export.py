@@ -60,9 +60,17 @@ def test_the_docs_onnx_runtime_example_classifies_an_image(tmp_path, capsys):
     example = page.split("Classifying an image with the ONNX file")[1].split("```python\n")[1].split("```")[0]
     torch.manual_seed(0)
     export_onnx("vim_tiny_patch16_224", tmp_path / "m.onnx", img_size=32, model_args=TINY, check=False)
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(tmp_path / "c.jpg")
-    exec(example.replace("vim_t.onnx", str(tmp_path / "m.onnx")).replace("cat.jpg", str(tmp_path / "c.jpg")), {})
-    assert capsys.readouterr().out.strip() in [str(i) for i in range(10)]
+    from visionmamba.data.folders import eval_transform, load_rgb
+
+    config = dict(input_size=(3, 32, 32), interpolation="bicubic", crop_pct=0.875, mean=(0.485, 0.456, 0.406),
+                  std=(0.229, 0.224, 0.225))  # what export_onnx writes into the metadata for this model
+    for shape in [(300, 200, 3), (90, 131, 3)]:  # tall and wide: both sides of the resize and of the crop
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)).save(tmp_path / "c.png")
+        scope: dict = {}
+        exec(example.replace("vim_t.onnx", str(tmp_path / "m.onnx")).replace("cat.jpg", str(tmp_path / "c.png")), scope)
+        assert capsys.readouterr().out.strip() in [str(i) for i in range(10)]
+        expected = eval_transform(config)(load_rgb(str(tmp_path / "c.png")))[None]  # what predict feeds the model
+        assert np.abs(scope["x"] - expected.numpy()).max() < 1e-5, shape
 
 
 def test_the_docs_fused_session_example_runs_our_kernel(tmp_path):
