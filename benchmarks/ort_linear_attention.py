@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from visionmamba.ops.scan import runtime_kernels
+from visionmamba.deploy import runtime_kernels
 
 b, L, E, N = 8, 197, 384, 16
 S = 2 * b  # sequences: both directions as batch rows
@@ -41,7 +41,7 @@ def bench(f, n=5):
     return (time.perf_counter() - t) / n * 1e3
 print("LinearAttention ms (op alone, inputs prebuilt):", bench(lambda: s.run(["o"], feed)))
 # ours: the one-node BiSelectiveScan model
-from visionmamba.tools import onnx_graph
+from visionmamba.deploy import onnx_graph
 
 R = 12
 names = onnx_graph.INPUTS

@@ -168,3 +168,14 @@ def test_features_overwrite_leaves_one_runs_batch_files(ours, capsys, tmp_path):
     assert cli.main([*common, "--batch-size", "2"]) == 2 and "--overwrite" in capsys.readouterr().err
     assert cli.main([*common, "--batch-size", "2", "--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.glob("batch_*")) == ["batch_00000.safetensors"]
+
+
+def test_export_ops_standard_from_the_command_line(ours, capsys, tmp_path):
+    import onnx
+
+    assert cli.main(["export", "--checkpoint", str(ours / "last.pth"), "--ops", "standard", "--output", str(tmp_path / "s.onnx")]) == 0
+    assert {o.domain for o in onnx.load(str(tmp_path / "s.onnx")).opset_import} <= {"", "ai.onnx"}
+    capsys.readouterr()
+    assert cli.main(["export", "--format", "torch-export", "--ops", "standard", "--checkpoint", str(ours / "last.pth"),
+                     "--output", str(tmp_path / "s.pt2")]) == 2
+    assert "--ops is an option of --format onnx" in capsys.readouterr().err

@@ -8,9 +8,11 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "visionmamba"
 CSRC = PACKAGE / "ops" / "scan" / "csrc"
+DEPLOY_CSRC = PACKAGE / "deploy" / "csrc"
 
 # Tier of each top-level name of the package; a module may import its own tier and the ones below.
-TIERS = {"version": 0, "files": 0, "messages": 0, "ops": 1, "models": 2, "data": 3, "train": 4, "tools": 5, "cli": 6, "__main__": 7}
+TIERS = {"version": 0, "files": 0, "messages": 0, "ops": 1, "models": 2, "data": 3, "train": 4, "deploy": 5, "tools": 6,
+         "cli": 7, "__main__": 8}
 MAX_FUNCTION_LINES = 60
 MAX_CPP_PARAMETERS = 8
 
@@ -49,13 +51,16 @@ MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m != "visionmamba"))
 def test_imports_go_only_downwards(module):
-    """ops < models < data < train < tools < cli; ops imports nothing else of the package; nobody imports the root."""
+    """ops < models < data < train < deploy < tools < cli; ops imports nothing else of the package; nobody imports
+    the root; deploy imports the ops and the models, never data or training."""
     mine = tier(module)
     for target in imports_of(MODULES[module]):
         assert target != "visionmamba", f"{module} imports the package root"
         assert tier(target) <= mine, f"{module} (tier {mine}) imports {target} (tier {tier(target)})"
         if module.startswith("visionmamba.ops"):
             assert target.startswith("visionmamba.ops"), f"{module} imports {target}: ops imports only ops"
+        if module.startswith("visionmamba.deploy"):
+            assert not target.startswith(("visionmamba.data", "visionmamba.train")), f"{module} imports {target}"
 
 
 def test_no_import_cycle():
@@ -118,7 +123,7 @@ def _cpp_signatures(text: str):
 
 
 def test_cpp_kernels_are_source_files_with_short_parameter_lists():
-    sources = sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h"))
+    sources = sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h")) + sorted(DEPLOY_CSRC.glob("*.cpp"))
     assert {p.name for p in sources} >= {"bindings.cpp", "selective_scan.h", "scan_math.h"}
     too_long = [f"{p.name}:{name} ({n})" for p in sources for name, n in _cpp_signatures(p.read_text()) if n > MAX_CPP_PARAMETERS]
     assert not too_long, "C++ functions with more than 8 parameters: " + ", ".join(too_long)
@@ -127,16 +132,21 @@ def test_cpp_kernels_are_source_files_with_short_parameter_lists():
 
 
 def test_kernel_sources_ship_as_package_data():
-    """Every file the CPU builds (PyTorch's and ONNX Runtime's) compile, and the vendored header's licence, is
+    """Every file the CPU builds (PyTorch's and the runtimes') compile, and the vendored header's licence, is
     matched by pyproject.toml's package-data (they are built at first use)."""
     import fnmatch
 
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["package-data"]["visionmamba.ops.scan"]
-    from visionmamba.ops.scan import cpu, runtime_kernels
+    data = config["tool"]["setuptools"]["package-data"]
+    from visionmamba.deploy import runtime_kernels
+    from visionmamba.ops.scan import cpu
 
-    compiled = {*cpu.SOURCES, *cpu.HEADERS, *(name for r in runtime_kernels.RUNTIMES for name in (r.source, *r.headers))}
-    needed = [f"csrc/{name}" for name in sorted(compiled | {"third_party/onnxruntime/README.md"})]
-    assert needed == sorted(f"csrc/{p.relative_to(CSRC).as_posix()}" for p in CSRC.rglob("*") if p.is_file())
-    assert all(any(fnmatch.fnmatch(name, pattern) for pattern in patterns) for name in needed)
+    for package, folder, compiled in (
+        ("visionmamba.ops.scan", CSRC, {*cpu.SOURCES, *cpu.HEADERS, *runtime_kernels.KERNEL_HEADERS}),
+        ("visionmamba.deploy", DEPLOY_CSRC, {name for r in runtime_kernels.RUNTIMES for name in (r.source, *r.headers)}
+         | {"third_party/onnxruntime/README.md"}),
+    ):
+        needed = [f"csrc/{name}" for name in sorted(compiled)]
+        assert needed == sorted(f"csrc/{p.relative_to(folder).as_posix()}" for p in folder.rglob("*") if p.is_file())
+        assert all(any(fnmatch.fnmatch(name, pattern) for pattern in data[package]) for name in needed)

@@ -418,7 +418,9 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--model", "--models", dest="models", nargs="+",
                    default=["vim_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_patch16_224:naive"],
                    help="timm names; ':naive' turns off fused attention, ':onednn' routes plain linears through oneDNN, "
-                        "':onnx' exports the model and runs it in ONNX Runtime")
+                        "':onnx' / ':openvino' export the model and run it in ONNX Runtime / OpenVINO with our kernels, "
+                        "':onnx-standard' / ':openvino-standard' the standard-ops file, ':onnx-fallback' the fused "
+                        "file without our kernels")
     p.add_argument("--img-size", "--res", dest="res", type=positive_int, nargs="+", default=[224, 512], help="image sizes")
     p.add_argument("--batch-size", "--batch", dest="batch", type=positive_int, default=8, help="images per batch")
     p.add_argument("--device", default="cpu", type=device_arg, choices=["cpu", "cuda"], help="where to measure")
@@ -449,6 +451,9 @@ def _add_export(sub) -> None:
     p = _parser(sub, "export", "export to ONNX or torch.export: one file for every batch size and fitting image size")
     p.add_argument("--format", choices=["onnx", "torch-export"], default="onnx",
                    help="onnx: for ONNX Runtime and other runtimes; torch-export: a .pt2 program with our kernels")
+    p.add_argument("--ops", choices=["fused", "standard"], default="fused",
+                   help="onnx only. fused: our nodes (our kernels in ONNX Runtime and OpenVINO) with standard bodies for "
+                        "other runtimes; standard: standard ONNX operators only, for any runtime and its own tools")
     p.add_argument("--model", help="model name (default: the one our checkpoints carry; needed for official files "
                                    "and without --checkpoint)")
     p.add_argument("--checkpoint", help="our checkpoint or an official .pth / safetensors (default: none, random "
@@ -463,13 +468,16 @@ def _add_export(sub) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from visionmamba.deploy.export import EXPORTERS
     from visionmamba.messages import notice
-    from visionmamba.tools.export import EXPORTERS
 
     if not args.checkpoint:
         notice("no --checkpoint: the exported model has freshly initialised (random) weights")
+    options = {"ops": args.ops} if args.format == "onnx" else {}
+    if args.format != "onnx" and args.ops != "fused":
+        raise ValueError("--ops is an option of --format onnx (a torch-export program holds our kernels)")
     report = EXPORTERS[args.format](args.model, Path(args.output), img_size=args.img_size, checkpoint=args.checkpoint,
-                                    use_ema=args.ema, check=args.check, overwrite=args.overwrite)
+                                    use_ema=args.ema, check=args.check, overwrite=args.overwrite, **options)
     print(f"wrote {args.output} ({args.format}; any batch size, any image size that fits the patch grid; "
           f"exported in {report['export_s']:.1f} s)")
     if args.check:

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from visionmamba.ops.scan import cpu, reference, runtime_kernels, toolchain
+from visionmamba.deploy import runtime_kernels
+from visionmamba.ops.scan import cpu, reference, toolchain
 
 DRIVER = Path(__file__).with_name("csrc") / "mixer_driver.cpp"
 CROSS, QEMU, CLANG = "aarch64-linux-gnu-g++", "qemu-aarch64", "clang++"

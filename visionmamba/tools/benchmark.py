@@ -5,11 +5,12 @@ CPU points run each in a fresh process (peak resident memory is per process); GP
 process with CUDA's peak-allocated counter reset per point. Out of memory is recorded as such.
 A model spec is a timm name, optionally with ":naive" to turn off fused attention (DeiT), ":onednn" to
 give its plain linears Vim's oneDNN route (like-for-like matrix products on the CPU), ":onnx" to run
-it in ONNX Runtime (CPU execution provider, the same thread count, our kernel of the scan node registered)
-or ":onnx-fallback" to run the same file without our kernel (the node's stock-operator body), ":openvino"
-and ":openvino-fallback" the same in OpenVINO (float32; our extension loaded, or the body inlined): the
-model is exported first (Vim through ``visionmamba export``'s graph, others with ``torch.onnx``) and
-measured by :mod:`visionmamba.tools.runtime_point` in a process without torch.
+it in ONNX Runtime (CPU execution provider, the same thread count, our kernels of the fused nodes
+registered), ":onnx-fallback" to run the same file without our kernels (the nodes' standard-operator bodies),
+":onnx-standard" the standard-ops file (``--ops standard``), ":openvino" and ":openvino-standard" the fused
+file with our extension and the standard-ops file in OpenVINO (float32): the model is exported first (Vim
+through ``visionmamba export``'s graph, others with ``torch.onnx``) and measured by
+:mod:`visionmamba.deploy.runtime_point` in a process without torch.
 """
 import csv
 import json
@@ -41,8 +42,10 @@ class Point:
 
 
 # variant -> (runtime, with our kernel of the scan node)
-RUNTIME_VARIANTS = {"onnx": ("onnxruntime", True), "onnx-fallback": ("onnxruntime", False),
-                    "openvino": ("openvino", True), "openvino-fallback": ("openvino", False)}
+# variant -> (runtime, our kernels loaded, the standard-ops file)
+RUNTIME_VARIANTS = {"onnx": ("onnxruntime", True, False), "onnx-fallback": ("onnxruntime", False, False),
+                    "onnx-standard": ("onnxruntime", False, True), "openvino": ("openvino", True, False),
+                    "openvino-standard": ("openvino", False, True)}
 
 
 def build(spec: str, res: int) -> torch.nn.Module:
@@ -70,8 +73,8 @@ def onnx_file(name: str, res: int, folder: Path) -> Path:
     hold an older graph)."""
     import timm
 
+    from visionmamba.deploy.export import export_onnx
     from visionmamba.models.registry import VARIANTS
-    from visionmamba.tools.export import export_onnx
 
     path = folder / f"{name}_{res}.onnx"
     if path in _EXPORTED:
@@ -92,20 +95,21 @@ def onnx_file(name: str, res: int, folder: Path) -> Path:
 _EXPORTED: set = set()  # the files this process wrote (several variants of a point share one)
 
 
-def inlined(path: Path) -> Path:
-    """A copy of the ONNX file with its model-local functions inlined (OpenVINO runs no functions)."""
+def standard_file(path: Path) -> Path:
+    """The standard-ops file of the ONNX file at ``path`` (what ``visionmamba export --ops standard`` writes)."""
     import onnx
-    import onnx.inliner
 
-    out = path.with_name(path.stem + "_inlined.onnx")
-    model = onnx.inliner.inline_local_functions(onnx.load(str(path)))
+    from visionmamba.deploy.onnx_graph import standard_operators
+
+    out = path.with_name(path.stem + "_standard.onnx")
+    model = standard_operators(onnx.load(str(path)))
     atomic_write(out, lambda tmp: onnx.save(model, tmp))
     return out
 
 
 def runtime_library(runtime: str) -> Path:
     """Our kernel library for ``runtime`` (built here, so the point's process needs no torch to find it)."""
-    from visionmamba.ops.scan import runtime_kernels
+    from visionmamba.deploy import runtime_kernels
 
     kind = {"onnxruntime": runtime_kernels.ONNXRUNTIME, "openvino": runtime_kernels.OPENVINO}[runtime]
     ok, reason = runtime_kernels.available(kind)
@@ -116,9 +120,9 @@ def runtime_library(runtime: str) -> Path:
 
 def measure_runtime_in_fresh_process(spec: str, runtime: str, path: Path, res: int, batch: int, repeats: int,
                                      threads: int, library: Optional[Path]) -> Point:
-    """One ONNX Runtime or OpenVINO point in its own process (:mod:`visionmamba.tools.runtime_point`), with
+    """One ONNX Runtime or OpenVINO point in its own process (:mod:`visionmamba.deploy.runtime_point`), with
     the kernel library ``library`` loaded (None: none)."""
-    script = Path(__file__).with_name("runtime_point.py")
+    script = Path(__file__).resolve().parents[1] / "deploy" / "runtime_point.py"
     args = [runtime, str(path), str(res), str(batch), str(repeats), str(threads), str(library) if library else "-"]
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
     return _point_from(proc, Point(spec, res, batch, "infer"))
@@ -237,10 +241,10 @@ def _measure_point(spec: str, res: int, batch: int, device: str, precision: str,
                    onnx_folder: Path) -> Point:
     name, _, variant = spec.partition(":")
     if variant in RUNTIME_VARIANTS:
-        runtime, fused = RUNTIME_VARIANTS[variant]
+        runtime, fused, standard = RUNTIME_VARIANTS[variant]
         path = onnx_file(name, res, onnx_folder)
-        if runtime == "openvino" and not fused:
-            path = inlined(path)
+        if standard:
+            path = standard_file(path)
         library = runtime_library(runtime) if fused else None
         return measure_runtime_in_fresh_process(spec, runtime, path, res, batch, repeats, threads, library)
     if device == "cpu":

@@ -103,7 +103,7 @@ def _gpu_backends() -> List[Dict[str, Any]]:
 
 def _runtime_libraries() -> Dict[str, str]:
     """Whether each deployment runtime's kernel library is built (not built here: that waits for first use)."""
-    from visionmamba.ops.scan import runtime_kernels
+    from visionmamba.deploy import runtime_kernels
 
     found = {}
     for runtime in runtime_kernels.RUNTIMES:

@@ -5,7 +5,9 @@ backend module. Each backend is a module of this package with these two function
 ``cpu`` and ``triton`` are one module, ``fused``: the fused ops of :mod:`visionmamba.ops.library`, whose
 kernels the dispatcher picks by device (C++ on the CPU, Triton on CUDA), so each of the two names stands
 for its device's kernels. ``loop`` is the backend of the exporters (a loop that exported graphs keep), not a
-fast path.
+fast path: while ``torch.onnx.export`` traces, ``auto`` and the fused backends are :func:`export_backend`'s
+(``loop``: standard ONNX operators that every runtime runs; :mod:`visionmamba.deploy` registers ``onnx``, the
+fused nodes, and picks it for ``visionmamba export``).
 
 ``"auto"`` picks per device (``cpu`` on the CPU, falling back to ``reference`` with a warning when no
 compiler is available; ``triton`` on CUDA when Triton imports and its kernels pass a first-use check on the
@@ -14,18 +16,19 @@ device (:mod:`visionmamba.ops.scan.probe`), else ``chunked`` with one warning); 
 of the ``cpu`` kernels compiles them and applies :func:`visionmamba.ops.memory.keep_freed_memory` (the CPU
 path's large activations would otherwise be page-faulted in anew every layer).
 """
+import contextlib
 import functools
 import os
 import sys
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
 from visionmamba.ops import library
-from visionmamba.ops.scan import chunked, cpu, fused, loop, onnx, probe, reference
+from visionmamba.ops.scan import chunked, cpu, fused, loop, probe, reference
 
 BACKEND_ENV = "VISIONMAMBA_SCAN_BACKEND"
 
@@ -35,6 +38,7 @@ class Backend:
     description: str
     module: ModuleType  # its selective_scan and bidirectional
     devices: Optional[Tuple[str, ...]] = None  # the device types it runs on; None: any
+    eager: bool = True  # False: it only writes an exported graph (its nodes have no eager kernel)
 
 
 BACKENDS: Dict[str, Backend] = {
@@ -45,10 +49,22 @@ BACKENDS: Dict[str, Backend] = {
     "triton": Backend("fused Triton kernels, forward and backward (the default on CUDA)", fused, ("cuda",)),
     "loop": Backend("PyTorch's scan operator over chunks of steps: a loop exported graphs keep (ONNX, torch.export)",
                     loop),
-    "onnx": Backend("the node visionmamba.BiSelectiveScan that torch.onnx.export writes (fused and cpu while exporting)",
-                    onnx),
 }
-EXPORTED_AS_ONNX = ("auto", "cpu", "triton")  # backends whose kernels ONNX knows as the node BiSelectiveScan
+EXPORTED_AS_ONNX = ("auto", "cpu", "triton")  # backends that are the export backend while torch.onnx.export traces
+_EXPORT_BACKEND = ["loop"]  # what they are then: standard operators, unless deploy asks for its fused nodes
+
+
+@contextlib.contextmanager
+def export_backend(name: str) -> Iterator[None]:
+    """Within this context ``torch.onnx.export`` writes the mixer core with backend ``name`` (by default
+    ``loop``, standard operators; ``onnx``, registered by :mod:`visionmamba.deploy`, the fused nodes)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown export backend {name!r}; expected one of {available_backends()}")
+    previous, _EXPORT_BACKEND[0] = _EXPORT_BACKEND[0], name
+    try:
+        yield
+    finally:
+        _EXPORT_BACKEND[0] = previous
 
 
 def available_backends() -> list:
@@ -104,9 +120,9 @@ def _env_backend() -> str:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn ``"auto"`` into a concrete backend name; the environment variable overrides ``"auto"``. While
-    ``torch.onnx.export`` traces, ``auto`` and the fused backends are the ``onnx`` backend."""
+    ``torch.onnx.export`` traces, ``auto`` and the fused backends are :func:`export_backend`'s."""
     if backend in EXPORTED_AS_ONNX and exporting_onnx():
-        return "onnx"
+        return _EXPORT_BACKEND[0]
     if backend == "auto":
         backend = _env_backend() or _auto_backend(device)
     if backend not in BACKENDS:
@@ -119,8 +135,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if devices is not None and kernels not in devices:
         raise ValueError(f"the {backend!r} scan backend runs on {' and '.join(devices)} tensors, got {device.type}; "
                          "use backend='auto'")
-    if backend == "onnx":  # its node has no eager kernel: outside an export it would return garbage
-        raise ValueError("the 'onnx' scan backend is what torch.onnx.export writes; it does not run eagerly")
+    if not BACKENDS[backend].eager and not exporting_onnx():  # its nodes have no kernel: it would return garbage
+        raise ValueError(f"the {backend!r} scan backend is what torch.onnx.export writes; it does not run eagerly")
     if backend == "triton" and not triton_available():
         raise RuntimeError("the 'triton' scan backend needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
     if backend == "cpu" and not cpu_available():

@@ -49,17 +49,19 @@ def scan_states(delta: torch.Tensor, du: torch.Tensor, A: torch.Tensor, B: torch
     def chunks(t: torch.Tensor, axis: int) -> torch.Tensor:  # (L, S, F) -> (L / steps, steps, S, F) with a unit axis
         return t.reshape(length // steps, steps, seqs, t.shape[-1]).unsqueeze(axis)
 
-    def body(h: torch.Tensor, deltas: torch.Tensor, dus: torch.Tensor, Bs: torch.Tensor, Cs: torch.Tensor, A: torch.Tensor):
+    def body(h: torch.Tensor, A: torch.Tensor, deltas: torch.Tensor, dus: torch.Tensor, Bs: torch.Tensor, Cs: torch.Tensor):
         deltas, dus, Bs, Cs = (t.split(1) for t in (deltas, dus, Bs, Cs))  # each (1, S, ., .)
         ys = []
         for k in range(steps):
             h = torch.exp(deltas[k] * A) * h + torch.matmul(Bs[k], dus[k])  # (1, S, N, E)
             ys.append(torch.matmul(Cs[k], h))  # (1, S, 1, E)
-        return [h, torch.cat(ys)]
+        return [h, A.clone(), torch.cat(ys)]
 
     h0 = delta.new_zeros(1, seqs, state, channels)
     xs = [chunks(delta, -2), chunks(du, -2), chunks(B, -1), chunks(C, -2)]
-    _, y = scan_op(body, [h0], xs, (A,))
+    # A rides along as a loop-carried value, not an outer one: torch.onnx writes an outer input as a name the
+    # Scan body reads from the enclosing graph, which OpenVINO cannot read ("Number of Scan node inputs ...")
+    _, _, y = scan_op(body, [h0, A], xs, ())
     return y.reshape(length, seqs, channels)
 
 

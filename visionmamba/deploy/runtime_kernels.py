@@ -1,7 +1,7 @@
 """The deployment runtimes' kernels of the ONNX nodes ``visionmamba.BiSelectiveScan`` and ``ConvSiLU``, built at
-first use into shared libraries from our C++ sources: the lanes forward of ``csrc/scan_lanes.h`` and the conv
-of ``csrc/conv_silu.h`` (which the PyTorch ops ``bi_scan_`` and ``conv_silu`` run too) behind each runtime's
-extension interface.
+first use into shared libraries from our C++ sources: the lanes forward of ``ops/scan/csrc/scan_lanes.h`` and
+the conv of ``ops/scan/csrc/conv_silu.h`` (which the PyTorch ops ``bi_scan_`` and ``conv_silu`` run too) behind
+each runtime's extension interface, whose sources are here, in ``deploy/csrc``.
 
 * ONNX Runtime (``csrc/onnxruntime_op.cpp``): a custom-op library on the runtime's C API. The runtime's wheel
   ships no headers; the library builds against ONNX Runtime's own C API header kept in
@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 from visionmamba.ops.scan import toolchain
-from visionmamba.ops.scan.cpu import CSRC
+from visionmamba.ops.scan.cpu import CSRC as KERNELS
+
+CSRC = Path(__file__).resolve().parent / "csrc"  # the runtimes' extension sources; the kernels' are in KERNELS
 
 ONNXRUNTIME_MIN_VERSION = (1, 21)  # ORT_API_VERSION of the kept header
 
@@ -42,7 +44,7 @@ class Runtime:
         """(include folders, linker arguments) for the runtime's own headers and libraries (ONNX Runtime: its
         header kept in csrc; it hands the library its API table, so nothing is linked)."""
         if self.name != "openvino":
-            return [str(CSRC)], []
+            return [str(CSRC), str(KERNELS)], []
         root = Path(__import__("openvino").__file__).parent
         libs = root / "libs"
         patterns = {"windows": ("{}.lib",), "darwin": ("lib{}*.dylib",)}.get(system, ("lib{}.so*",))
@@ -51,12 +53,12 @@ class Runtime:
         if None in found:
             raise RuntimeError(f"OpenVINO's wheel at {root} has no openvino / tbb library to link to")
         rpath = [] if system == "windows" else [f"-Wl,-rpath,{libs}"]
-        return [str(CSRC), str(root / "include")], [*(str(f) for f in found), *rpath]
+        return [str(CSRC), str(KERNELS), str(root / "include")], [*(str(f) for f in found), *rpath]
 
 
-ONNXRUNTIME = Runtime("onnxruntime", "onnxruntime_op.cpp",
-                      ("scan_lanes.h", "conv_silu.h", "scan_math.h", "third_party/onnxruntime/onnxruntime_c_api.h"))
-OPENVINO = Runtime("openvino", "openvino_op.cpp", ("scan_lanes.h", "conv_silu.h", "scan_math.h"))
+ONNXRUNTIME = Runtime("onnxruntime", "onnxruntime_op.cpp", ("third_party/onnxruntime/onnxruntime_c_api.h",))
+OPENVINO = Runtime("openvino", "openvino_op.cpp", ())
+KERNEL_HEADERS = ("scan_lanes.h", "conv_silu.h", "scan_math.h")  # under ops/scan/csrc, included by both
 RUNTIMES = (ONNXRUNTIME, OPENVINO)
 
 
@@ -71,8 +73,8 @@ def library_path(runtime: Runtime) -> Path:
     runtime version."""
     chain = toolchain.toolchain()
     digest = hashlib.sha1(f"{runtime.version()} {chain.key()}".encode())
-    for name in (runtime.source, *runtime.headers):
-        digest.update((CSRC / name).read_bytes())
+    for path in (*(CSRC / n for n in (runtime.source, *runtime.headers)), *(KERNELS / n for n in KERNEL_HEADERS)):
+        digest.update(path.read_bytes())
     level = chain.flags.level.replace("-", "_").replace("+", "_")
     suffix = toolchain.shared_library_suffix(chain.system)
     return cache_dir() / f"libvisionmamba_{runtime.name}_{level}_{digest.hexdigest()[:10]}{suffix}"

@@ -2,13 +2,14 @@
 
 Two formats:
 
-* ``onnx``: what ``torch.onnx.export`` writes for the model (the same file a direct call writes, e.g.
-  timm's ``onnx_export.py``), completed: the mixer's scan is one node ``visionmamba.BiSelectiveScan`` per
-  block (:mod:`visionmamba.ops.scan.onnx`), which ONNX Runtime runs with our kernel (:func:`onnx_session`);
-  the node's body in stock operators is stored in the file as a model-local function
-  (:mod:`visionmamba.tools.onnx_graph`), which runtimes without the kernel run instead. The position table
-  is resampled inside the graph and the class token goes to the middle of whatever sequence arrives. The
-  file's metadata holds the preprocessing and the labels.
+* ``onnx``, ``ops="fused"``: what ``torch.onnx.export`` writes for the model with the mixer core as the
+  fused nodes ``visionmamba.ConvSiLU`` and ``visionmamba.BiSelectiveScan`` per block (:mod:`.onnx_nodes`),
+  which ONNX Runtime and OpenVINO run with our kernels (:func:`onnx_session`, :func:`openvino_model`); each
+  node's body in standard operators is stored in the file as a model-local function (:mod:`.onnx_graph`),
+  which runtimes without the kernels run instead. ``ops="standard"``: the same file with the bodies inlined,
+  standard operators only (what a plain ``torch.onnx.export`` writes too, for every runtime). The position
+  table is resampled inside the graph and the class token goes to the middle of whatever sequence arrives.
+  The file's metadata holds the preprocessing and the labels.
 * ``torch-export``: a ``torch.export`` program (``.pt2``) with the model's own scan kernels as operators:
   PyTorch speed, loadable with ``torch.export.load`` after ``import visionmamba`` (which registers them).
 
@@ -26,6 +27,7 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
+from visionmamba.deploy.onnx_nodes import fused_nodes
 from visionmamba.files import atomic_write, check_output_file
 from visionmamba.models.factory import InferenceModel, check_model_args, check_model_name, default_labels, load_for_inference
 
@@ -113,10 +115,19 @@ def metadata(loaded: InferenceModel) -> Dict[str, str]:
     }
 
 
+OPS = ("fused", "standard")  # --ops: the fused nodes with their bodies, or standard operators only
+
+
 def export_onnx(model_name: Optional[str], path: Path, *, img_size: Optional[int] = None, checkpoint: Optional[str] = None,
                 use_ema: bool = False, check: bool = True, model_args: Optional[Dict[str, Any]] = None,
-                overwrite: bool = False) -> Dict[str, Any]:
-    """Write ``path``: an ONNX graph with dynamic batch, height and width (see the module docstring)."""
+                overwrite: bool = False, ops: str = "fused") -> Dict[str, Any]:
+    """Write ``path``: an ONNX graph with dynamic batch, height and width (see the module docstring).
+
+    ``ops="fused"``: the fused nodes, with their standard-operator bodies as model-local functions;
+    ``"standard"``: those bodies inlined, a file of standard operators only (checked with ONNX Runtime
+    without our kernels)."""
+    if ops not in OPS:
+        raise ValueError(f"ops must be one of {OPS}, got {ops!r}")
     try:
         import onnx
         import onnxruntime  # noqa: F401  (the check)
@@ -124,7 +135,7 @@ def export_onnx(model_name: Optional[str], path: Path, *, img_size: Optional[int
     except ImportError as err:
         raise ValueError(f"ONNX export needs onnx, onnxscript and onnxruntime ({err}): pip install 'visionmamba[export]'") from err
 
-    from visionmamba.tools.onnx_graph import add_fallback
+    from visionmamba.deploy.onnx_graph import standard_operators  # needs onnx: imported once it is checked
 
     check_output_file(path, overwrite=overwrite)
     loaded = load(model_name, checkpoint, use_ema, img_size, model_args)
@@ -132,21 +143,31 @@ def export_onnx(model_name: Optional[str], path: Path, *, img_size: Optional[int
     img_size = img_size or loaded.image_size[0]
     check_size(model, img_size)
     start = time.perf_counter()
-    with torch.no_grad():  # traced by torch.onnx itself: the mixers then write their ONNX form
+    proto = fused_proto(model, img_size)
+    if ops == "standard":
+        proto = standard_operators(proto)
+    onnx.helper.set_model_props(proto, metadata(loaded))
+    report: Dict[str, Any] = {"export_s": time.perf_counter() - start}
+    if check:
+        session = onnx_session(proto.SerializeToString(), fused=ops == "fused")
+        report["max_abs_diff"] = compare(lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0]),
+                                         model, check_sizes(model, img_size))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(proto.SerializeToString()))
+    return report
+
+
+def fused_proto(model: nn.Module, img_size: int) -> Any:
+    """The ``onnx.ModelProto`` of ``model`` with the fused nodes and their bodies (traced at ``img_size``)."""
+    from visionmamba.deploy.onnx_graph import add_fallback
+
+    with torch.no_grad(), fused_nodes():  # traced by torch.onnx itself: the mixers write the fused nodes
         program = torch.onnx.export(model, (example_input(model, img_size),), dynamic_shapes=dynamic_shapes(model),
                                     input_names=["image"], output_names=["logits"], dynamo=True,
                                     external_data=False, verbose=False)
     proto = program.model_proto
     mixer = model.layers[0].mixer
     add_fallback(proto, mixer.dt_rank, mixer.d_state, mixer.conv1d.kernel_size[0], mixer.d_inner)
-    onnx.helper.set_model_props(proto, metadata(loaded))
-    report: Dict[str, Any] = {"export_s": time.perf_counter() - start}
-    if check:
-        session = onnx_session(proto.SerializeToString())
-        report["max_abs_diff"] = compare(lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0]),
-                                         model, check_sizes(model, img_size))
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(proto.SerializeToString()))
-    return report
+    return proto
 
 
 def onnx_session(model: Union[str, bytes], threads: int = 0, fused: bool = True) -> Any:
@@ -159,7 +180,7 @@ def onnx_session(model: Union[str, bytes], threads: int = 0, fused: bool = True)
         import onnxruntime
     except ImportError as err:
         raise ValueError(f"ONNX Runtime is not installed ({err}): pip install 'visionmamba[export]'") from err
-    from visionmamba.ops.scan import runtime_kernels
+    from visionmamba.deploy import runtime_kernels
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
@@ -180,16 +201,17 @@ def openvino_model(path: Union[str, Path], threads: int = 0, fused: bool = True)
         import openvino
     except ImportError as err:
         raise ValueError(f"OpenVINO is not installed ({err}): pip install 'visionmamba[openvino]'") from err
-    from visionmamba.ops.scan import runtime_kernels
+    from visionmamba.deploy import runtime_kernels
 
     core = openvino.Core()
     if fused and runtime_kernels.try_load(runtime_kernels.OPENVINO, core):
         model = core.read_model(str(path))
     else:
         import onnx
-        import onnx.inliner
 
-        model = core.read_model(onnx.inliner.inline_local_functions(onnx.load(str(path))).SerializeToString())
+        from visionmamba.deploy.onnx_graph import standard_operators
+
+        model = core.read_model(standard_operators(onnx.load(str(path))).SerializeToString(), b"")
     config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
     return core.compile_model(model, "CPU", config)
 
@@ -203,7 +225,7 @@ def openvino_extension() -> str:
         import openvino  # noqa: F401
     except ImportError as err:
         raise ValueError(f"OpenVINO is not installed ({err}): pip install 'visionmamba[openvino]'") from err
-    from visionmamba.ops.scan import runtime_kernels
+    from visionmamba.deploy import runtime_kernels
 
     ok, reason = runtime_kernels.available(runtime_kernels.OPENVINO)
     if not ok:

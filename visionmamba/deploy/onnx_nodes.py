@@ -1,15 +1,19 @@
-"""The ``onnx`` backend: what ``torch.onnx.export`` writes for the mixer core.
+"""The ``onnx`` scan backend: the fused nodes ``visionmamba.ConvSiLU`` and ``visionmamba.BiSelectiveScan``.
 
-While ``torch.onnx.export`` traces a model, the dispatch (``ops/scan/__init__.py``) turns ``auto`` and the
-fused backends into this one. The conv + SiLU of both directions and x_proj become stock ONNX operators
-(``Conv``, ``MatMul``); the scan of both directions becomes one node ``visionmamba.BiSelectiveScan`` with the
-contract of the op ``bi_scan`` (:mod:`visionmamba.ops.library`), inference only. ONNX Runtime runs it with
-our kernel, OpenVINO with its extension (``ops/scan/runtime_kernels.py``); every other runtime runs the node's body, a model-local
-ONNX function of stock operators that ``visionmamba.tools.onnx_graph`` adds to the file.
+Inside :func:`fused_nodes`, ``torch.onnx.export`` writes the mixer core as these two nodes (and x_proj as a
+stock ``MatMul``), with the contracts of the ops ``conv_silu`` and ``bi_scan`` (:mod:`visionmamba.ops.library`),
+inference only. ONNX Runtime runs them with our kernels, OpenVINO with its extension (:mod:`.runtime_kernels`);
+every other runtime runs each node's body, a model-local ONNX function of standard operators that
+:mod:`.onnx_graph` adds to the file (the ``loop`` backend's formulation, the one a plain ``torch.onnx.export``
+writes inline). Outside that context an export writes the ``loop`` backend.
 """
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 
+from visionmamba.ops import scan
 from visionmamba.ops.scan import loop
 
 DOMAIN = "visionmamba"
@@ -51,3 +55,14 @@ def bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, d
     x_proj_out = torch.matmul(u, x_proj_weight.to(f32).transpose(1, 2)[:, None])  # (2, b, L, R + 2N)
     out = bi_scan(u, x_proj_out, dt_proj_weight.to(f32), A.to(f32), D.to(f32), z.to(f32), dt_proj_bias.to(f32))
     return out.to(dtype)
+
+
+scan.BACKENDS["onnx"] = scan.Backend("the fused nodes visionmamba.ConvSiLU and BiSelectiveScan that `visionmamba export` "
+                                     "writes (torch.onnx.export only)", __import__(__name__, fromlist=["_"]), eager=False)
+
+
+@contextlib.contextmanager
+def fused_nodes() -> Iterator[None]:
+    """``torch.onnx.export`` within this context writes the fused nodes instead of standard operators."""
+    with scan.export_backend("onnx"):
+        yield

@@ -1,9 +1,9 @@
 """The exporter's work on ONNX graphs: the stock-operator bodies of the nodes ``visionmamba.BiSelectiveScan``
 and ``visionmamba.ConvSiLU`` as model-local functions, and ``Scan`` bodies that take every value they read as an input.
 
-Why a function: a runtime with our kernel (ONNX Runtime with the library of
-``ops/scan/runtime_kernels.py``, OpenVINO with its extension) runs the node; any other runtime finds the node's body in the file and
-runs that, so one file serves both. Why explicit inputs: ONNX lets a ``Scan`` body read values of the
+Why a function: a runtime with our kernel (ONNX Runtime with the library of :mod:`.runtime_kernels`, OpenVINO
+with its extension) runs the node; any other runtime finds the node's body in the file and runs that, so one
+file serves both. :func:`standard_operators` inlines the bodies: a file of standard operators only. Why explicit inputs: ONNX lets a ``Scan`` body read values of the
 enclosing graph by name; OpenVINO reads only the values passed to the node ("Number of Scan node inputs is
 less than required"), so every such value is passed as a loop-carried state that the body hands back.
 """
@@ -20,10 +20,10 @@ from google.protobuf.message import DecodeError
 from onnx import helper
 from torch import nn
 
+from visionmamba.deploy import onnx_nodes as onnx_node
+from visionmamba.deploy.runtime_kernels import cache_dir
 from visionmamba.files import atomic_write
 from visionmamba.ops.scan import loop
-from visionmamba.ops.scan import onnx as onnx_node
-from visionmamba.ops.scan.runtime_kernels import cache_dir
 
 INPUTS = ("u", "x_proj_out", "dt_weight", "A", "D", "z", "bias")  # BiSelectiveScan's
 CONV_INPUTS = ("x", "weight", "bias")  # ConvSiLU's
@@ -171,3 +171,25 @@ def explicit_scan_inputs(graph: onnx.GraphProto, types: Dict[str, onnx.TypeProto
             body.input.insert(at, helper.make_value_info(inner, kind))  # ONNX Runtime wants the shapes of
             body.output.insert(at, helper.make_value_info(passed, kind))  # a Scan body's outputs
             body.node.append(helper.make_node("Identity", [inner], [passed]))
+
+
+def standard_operators(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every node of ours replaced by its body: standard operators only, no local function and
+    no custom domain left (what runtimes without our kernels, and OpenVINO, which runs no local functions,
+    read). A file without our nodes comes back as it was."""
+    import onnx.inliner
+
+    inlined = onnx.inliner.inline_local_functions(model)
+    del inlined.functions[:]
+    kept = [o for o in inlined.opset_import if o.domain != onnx_node.DOMAIN]
+    del inlined.opset_import[:]
+    inlined.opset_import.extend(kept)
+    left = {n.op_type for g in (inlined.graph, *_all_subgraphs(inlined.graph)) for n in g.node if n.domain == onnx_node.DOMAIN}
+    if left:
+        raise RuntimeError(f"nodes {sorted(left)} of domain {onnx_node.DOMAIN!r} have no body in this file")
+    return inlined
+
+
+def _all_subgraphs(graph: onnx.GraphProto) -> List[onnx.GraphProto]:
+    found = _subgraphs(graph.node)
+    return [g for sub in found for g in (sub, *_all_subgraphs(sub))]

@@ -10,7 +10,7 @@ import torch
 
 import visionmamba  # noqa: F401  (registers the models)
 from visionmamba import cli
-from visionmamba.tools.export import EXPORTERS, export_onnx, export_torch, onnx_session
+from visionmamba.deploy.export import EXPORTERS, export_onnx, export_torch, onnx_session
 
 TINY = dict(depth=3, embed_dim=32, num_classes=10, patch_size=8, stride=8)
 
@@ -36,7 +36,7 @@ def test_one_onnx_file_serves_every_batch_and_fitting_size(tmp_path, overrides):
                 expected = model(x).numpy()
             assert np.abs(session.run(None, {"image": x.numpy()})[0] - expected).max() < 1e-4, fused
     if pytest.importorskip("openvino"):
-        from visionmamba.tools.export import openvino_model
+        from visionmamba.deploy.export import openvino_model
 
         for fused in (True, False):
             compiled = openvino_model(tmp_path / "m.onnx", fused=fused)
@@ -95,7 +95,7 @@ def test_openvino_converts_the_pytorch_model_itself():
     """openvino.convert_model takes the module (traced at the example's size, here one whose position table is
     resampled: aten's antialiased bicubic) and the torch.export program (any size) with our extension."""
     openvino = pytest.importorskip("openvino")
-    from visionmamba.tools.export import openvino_extension, openvino_from_torch
+    from visionmamba.deploy.export import openvino_extension, openvino_from_torch
 
     model = tiny(0)
     x = torch.randn(2, 3, 48, 48)
@@ -169,3 +169,34 @@ def test_format_flag_selects_the_exporter():
     assert EXPORTERS[args.format] is export_torch
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["export", "--model", "vim_tiny_patch16_224", "--out", "m.onnx", "--format", "tflite"])
+
+
+def test_the_standard_ops_file_is_standard_onnx_that_every_runtime_reads(tmp_path):
+    """--ops standard: no custom domain, no local function; the full checker, onnx's reference evaluator, plain ONNX
+    Runtime and plain OpenVINO all agree with PyTorch."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    import onnx
+    import onnxruntime
+    import openvino
+    from onnx.reference import ReferenceEvaluator
+
+    path = tmp_path / "s.onnx"
+    torch.manual_seed(0)
+    small = {**TINY, "depth": 2}
+    export_onnx("vim_tiny_patch16_224", path, img_size=32, model_args=small, ops="standard")
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert not proto.functions and {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+    model = tiny(0, **small)
+    x = torch.randn(1, 3, 32, 40)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    runs = {
+        "reference evaluator": lambda a: ReferenceEvaluator(proto).run(None, {"image": a})[0],
+        "onnxruntime": lambda a: onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            None, {"image": a})[0],
+        "openvino": lambda a: openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(a)[0],
+    }
+    for runtime, run in runs.items():
+        assert np.abs(run(x.numpy()) - expected).max() < 1e-4, runtime

@@ -8,10 +8,10 @@ import torch
 from onnx import TensorProto, helper
 
 import visionmamba  # noqa: F401  (registers the models and the ops)
-from visionmamba.ops.scan import loop, runtime_kernels
-from visionmamba.ops.scan import onnx as onnx_node
-from visionmamba.tools import onnx_graph
-from visionmamba.tools.export import onnx_session
+from visionmamba.deploy import onnx_graph, runtime_kernels
+from visionmamba.deploy import onnx_nodes as onnx_node
+from visionmamba.deploy.export import onnx_session
+from visionmamba.ops.scan import loop
 
 onnxruntime = pytest.importorskip("onnxruntime")
 
@@ -103,7 +103,7 @@ def test_the_conv_node_runs_our_kernel_in_both_runtimes_and_its_body_otherwise(l
         out = onnx_session(real, fused=fused).run(None, feed)[0]
         close(out, expected)
     pytest.importorskip("openvino")
-    from visionmamba.tools.export import openvino_model
+    from visionmamba.deploy.export import openvino_model
 
     (tmp_path / "conv.onnx").write_bytes(real)
     for fused in (True, False):
@@ -124,25 +124,6 @@ def test_scan_bodies_take_every_value_they_read_as_an_input():
     for node in scans:
         body = next(a.g for a in node.attribute if a.name == "body")
         assert onnx_graph.free_names(body) == []
-
-
-def test_torch_onnx_export_called_directly_writes_the_fused_node():
-    """What timm's onnx_export.py does: torch.onnx.export on the model, nothing of ours called."""
-    torch.manual_seed(0)
-    model = timm.create_model("vim_tiny_patch16_224", img_size=32, **TINY).eval()
-    x = torch.randn(2, 3, 32, 32)
-    program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
-    proto = program.model_proto
-    assert sum(n.op_type == onnx_node.OP_TYPE for n in proto.graph.node) == TINY["depth"]
-    onnx_graph.add_fallback(proto, RANK, STATE, 4, 2 * TINY["embed_dim"])
-    onnx.checker.check_model(proto)
-    for fused in (True, False):
-        for batch in (1, 3):
-            x = torch.randn(batch, 3, 32, 32)
-            with torch.no_grad():
-                expected = model(x).numpy()
-            out = onnx_session(proto.SerializeToString(), fused=fused).run(None, {"x": x.numpy()})[0]
-            assert np.abs(out - expected).max() < 1e-4, (fused, batch)
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
@@ -173,7 +154,7 @@ def test_a_corrupt_library_in_the_cache_is_rebuilt(tmp_path, monkeypatch, runtim
 @pytest.mark.parametrize("batch, length", [(1, 1), (3, 37)])
 def test_openvino_runs_our_kernel_with_the_extension_and_the_inlined_body_without(batch, length, tmp_path):
     pytest.importorskip("openvino")
-    from visionmamba.tools.export import openvino_model
+    from visionmamba.deploy.export import openvino_model
 
     args = scan_args(batch, length, rank=RANK, state=STATE)
     feed = {n: a.numpy() for n, a in zip(onnx_graph.INPUTS, args)}
@@ -203,7 +184,7 @@ def test_without_a_compiler_the_sessions_warn_once_and_run_the_bodies(monkeypatc
     with pytest.warns(UserWarning, match="onnxruntime kernels are unavailable .*no C\\+\\+ compiler"):
         close(run(model, args, fused=True), expected)
     pytest.importorskip("openvino")
-    from visionmamba.tools.export import openvino_model
+    from visionmamba.deploy.export import openvino_model
 
     (tmp_path / "m.onnx").write_bytes(model)
     with pytest.warns(UserWarning, match="openvino kernels are unavailable"):
