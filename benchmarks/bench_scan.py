@@ -247,7 +247,7 @@ def main() -> None:
     print_table("scan (ms; speed-up = official formulation time / backend time, same run)", results["scan"])
     if args.device == "cpu":
         from visionmamba.ops.scan import toolchain
-        from visionmamba.tools.env_report import cpu_model
+        from visionmamba.ops.scan.toolchain import cpu_model
 
         results["roofline"] = roofline_table(results["scan"] + mixer_core_rows(shapes, args.repeats), args.threads)
         exp = "AVX-512 exp2" if roofline.library().roofline_avx512() else "portable exp"

@@ -16,7 +16,7 @@ import timm
 import torch
 
 import visionmamba
-from visionmamba.tools.env_report import cpu_model
+from visionmamba.ops.scan.toolchain import cpu_model
 from visionmamba.tools.precision import bf16_supported
 
 TARGETS = {("infer", 224): 1.3, ("infer", 512): 0.8, ("train", 224): 1.6}  # Vim-Ti time / DeiT-Ti time, at most

@@ -462,17 +462,30 @@ def _add_export(sub) -> None:
     p.add_argument("--img-size", "--res", dest="img_size", type=positive_int,
                    help="the size the model is built for (its position table) and the first size checked (default: "
                         "the size the checkpoint was trained at, 224 for the released weights)")
-    _output(p, "output file (.onnx or .pt2)", required=True)
+    _output(p, "output file (.onnx or .pt2); with --bundle none (no default)")
+    p.add_argument("--bundle", metavar="DIR", help="write a deploy bundle into the new or empty folder DIR: both ONNX "
+                                                   "forms, ONNX Runtime's library and OpenVINO's extension built here, a "
+                                                   "README on loading them (no default: no bundle)")
     _flag(p, "--check", "compare with PyTorch at two batch sizes and three image sizes before writing", default=True)
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from visionmamba.deploy.export import EXPORTERS
+    from visionmamba.deploy.export import EXPORTERS, export_bundle
     from visionmamba.messages import notice
 
+    if args.bundle and (args.output or args.format != "onnx" or args.ops != "fused"):
+        raise ValueError("--bundle writes both ONNX forms into its folder: leave out --output, --format and --ops")
+    if not args.bundle and not args.output:
+        raise ValueError("pass --output FILE (or --bundle DIR)")
     if not args.checkpoint:
         notice("no --checkpoint: the exported model has freshly initialised (random) weights")
+    if args.bundle:
+        report = export_bundle(args.model, Path(args.bundle), img_size=args.img_size, checkpoint=args.checkpoint,
+                               use_ema=args.ema, check=args.check)
+        print(f"wrote the bundle {args.bundle}: " + ", ".join(sorted(report["manifest"]["sha256"])) + ", README.md, "
+              f"manifest.json (exported in {report['export_s']:.1f} s)")
+        return 0
     options = {"ops": args.ops} if args.format == "onnx" else {}
     if args.format != "onnx" and args.ops != "fused":
         raise ValueError("--ops is an option of --format onnx (a torch-export program holds our kernels)")

@@ -3,7 +3,6 @@ it, its stock-operator body (the model-local function) and the Scan bodies other
 import numpy as np
 import onnx
 import pytest
-import timm
 import torch
 from onnx import TensorProto, helper
 

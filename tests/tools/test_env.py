@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from visionmamba.tools import env_report
+from visionmamba.ops.scan import toolchain
 
 
 def run_env(*args: str, env=None) -> subprocess.CompletedProcess:
@@ -49,7 +49,7 @@ def test_a_machine_without_a_compiler_gets_the_reason(tmp_path):
 
 
 def test_the_cpu_is_named_with_family_and_model_on_x86_linux():
-    name = env_report.cpu_model()
+    name = toolchain.cpu_model()
     if sys.platform.startswith("linux") and "cpu family" in open("/proc/cpuinfo").read():
         assert "family" in name and "model" in name
     assert name

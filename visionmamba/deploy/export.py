@@ -118,6 +118,15 @@ def metadata(loaded: InferenceModel) -> Dict[str, str]:
 OPS = ("fused", "standard")  # --ops: the fused nodes with their bodies, or standard operators only
 
 
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401  (the check)
+        import onnxscript  # noqa: F401  (torch.onnx's exporter)
+    except ImportError as err:
+        raise ValueError(f"ONNX export needs onnx, onnxscript and onnxruntime ({err}): pip install 'visionmamba[export]'") from err
+
+
 def export_onnx(model_name: Optional[str], path: Path, *, img_size: Optional[int] = None, checkpoint: Optional[str] = None,
                 use_ema: bool = False, check: bool = True, model_args: Optional[Dict[str, Any]] = None,
                 overwrite: bool = False, ops: str = "fused") -> Dict[str, Any]:
@@ -128,31 +137,53 @@ def export_onnx(model_name: Optional[str], path: Path, *, img_size: Optional[int
     without our kernels)."""
     if ops not in OPS:
         raise ValueError(f"ops must be one of {OPS}, got {ops!r}")
-    try:
-        import onnx
-        import onnxruntime  # noqa: F401  (the check)
-        import onnxscript  # noqa: F401  (torch.onnx's exporter)
-    except ImportError as err:
-        raise ValueError(f"ONNX export needs onnx, onnxscript and onnxruntime ({err}): pip install 'visionmamba[export]'") from err
-
-    from visionmamba.deploy.onnx_graph import standard_operators  # needs onnx: imported once it is checked
-
+    _require_onnx()
     check_output_file(path, overwrite=overwrite)
-    loaded = load(model_name, checkpoint, use_ema, img_size, model_args)
+    protos, report = onnx_protos(load(model_name, checkpoint, use_ema, img_size, model_args), img_size, check, (ops,))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(protos[ops].SerializeToString()))
+    return report
+
+
+def onnx_protos(loaded: InferenceModel, img_size: Optional[int], check: bool, ops: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """({form: onnx.ModelProto} for each of ``ops``, report): traced once, each form with the metadata and, with
+    ``check``, compared with PyTorch (the fused form with our kernels, the standard one in plain ONNX Runtime)."""
+    import onnx
+
+    from visionmamba.deploy.onnx_graph import standard_operators
+
     model = loaded.model.requires_grad_(False)
     img_size = img_size or loaded.image_size[0]
     check_size(model, img_size)
     start = time.perf_counter()
-    proto = fused_proto(model, img_size)
-    if ops == "standard":
-        proto = standard_operators(proto)
-    onnx.helper.set_model_props(proto, metadata(loaded))
+    fused = fused_proto(model, img_size)
+    protos = {"fused": fused, "standard": standard_operators(fused) if "standard" in ops else None}
+    protos = {form: protos[form] for form in ops}
+    for proto in protos.values():
+        onnx.helper.set_model_props(proto, metadata(loaded))
     report: Dict[str, Any] = {"export_s": time.perf_counter() - start}
-    if check:
-        session = onnx_session(proto.SerializeToString(), fused=ops == "fused")
-        report["max_abs_diff"] = compare(lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0]),
-                                         model, check_sizes(model, img_size))
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(proto.SerializeToString()))
+    for form, proto in protos.items() if check else ():
+        session = onnx_session(proto.SerializeToString(), fused=form == "fused")
+        diffs = compare(lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0]), model,
+                        check_sizes(model, img_size))
+        seen = report.setdefault("max_abs_diff", {})
+        seen.update({key: max(value, seen.get(key, 0.0)) for key, value in diffs.items()})
+    return protos, report
+
+
+def export_bundle(model_name: Optional[str], folder: Path, *, img_size: Optional[int] = None, checkpoint: Optional[str] = None,
+                  use_ema: bool = False, check: bool = True) -> Dict[str, Any]:
+    """Write the deploy bundle ``folder`` (:mod:`visionmamba.deploy.bundle`): both ONNX forms and both runtimes'
+    libraries built here. The folder is checked (new or empty) and the runtimes looked for before any work."""
+    from visionmamba.deploy import bundle
+
+    _require_onnx()
+    bundle.check_bundle_folder(folder)
+    bundle.require_runtimes()
+    loaded = load(model_name, checkpoint, use_ema, img_size, None)
+    protos, report = onnx_protos(loaded, img_size, check, OPS)
+    files = {f"{loaded.name}.onnx": protos["fused"].SerializeToString(),
+             f"{loaded.name}.standard.onnx": protos["standard"].SerializeToString()}
+    report["manifest"] = bundle.write_bundle(folder, files, loaded.name)
     return report
 
 

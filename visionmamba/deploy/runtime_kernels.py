@@ -56,8 +56,8 @@ class Runtime:
         return [str(CSRC), str(KERNELS), str(root / "include")], [*(str(f) for f in found), *rpath]
 
 
-ONNXRUNTIME = Runtime("onnxruntime", "onnxruntime_op.cpp", ("third_party/onnxruntime/onnxruntime_c_api.h",))
-OPENVINO = Runtime("openvino", "openvino_op.cpp", ())
+ONNXRUNTIME = Runtime("onnxruntime", "onnxruntime_op.cpp", ("isa_guard.h", "third_party/onnxruntime/onnxruntime_c_api.h"))
+OPENVINO = Runtime("openvino", "openvino_op.cpp", ("isa_guard.h",))
 KERNEL_HEADERS = ("scan_lanes.h", "conv_silu.h", "scan_math.h")  # under ops/scan/csrc, included by both
 RUNTIMES = (ONNXRUNTIME, OPENVINO)
 
@@ -68,10 +68,10 @@ def cache_dir() -> Path:
     return Path(root) / "visionmamba_runtimes"
 
 
-def library_path(runtime: Runtime) -> Path:
-    """The library's cached file: the runtime, the instruction-set level, a hash of sources, toolchain and
-    runtime version."""
-    chain = toolchain.toolchain()
+def library_path(runtime: Runtime, portable: bool = False) -> Path:
+    """The library's cached file: the runtime, the instruction-set level (this CPU's, or with ``portable`` the
+    platform's baseline), a hash of sources, toolchain and runtime version."""
+    chain = toolchain.toolchain(portable)
     digest = hashlib.sha1(f"{runtime.version()} {chain.key()}".encode())
     for path in (*(CSRC / n for n in (runtime.source, *runtime.headers)), *(KERNELS / n for n in KERNEL_HEADERS)):
         digest.update(path.read_bytes())
@@ -80,16 +80,18 @@ def library_path(runtime: Runtime) -> Path:
     return cache_dir() / f"libvisionmamba_{runtime.name}_{level}_{digest.hexdigest()[:10]}{suffix}"
 
 
-def build(runtime: Runtime, path: Path) -> None:
-    """Compile the library to ``path`` (atomically: a concurrent or interrupted build leaves no partial file)."""
-    chain = toolchain.toolchain()
+def build(runtime: Runtime, path: Path, portable: bool = False, defines: Tuple[str, ...] = ()) -> None:
+    """Compile the library to ``path`` (atomically: a concurrent or interrupted build leaves no partial file);
+    ``portable``: for the platform's baseline; ``defines``: extra ``NAME=VALUE`` macros (the tests' builds)."""
+    chain = toolchain.toolchain(portable)
     if chain.kind == "missing":
         raise RuntimeError(f"no C++ compiler: {chain.version} (install one, or set CXX)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # cl names its outputs by suffix
     include, link = runtime.include_and_link(chain.system)
     command = toolchain.shared_library_command(chain, CSRC / runtime.source, tmp, include, link,
-                                               hide_symbols=runtime is ONNXRUNTIME)
+                                               hide_symbols=runtime is ONNXRUNTIME,
+                                               defines=(f'VISIONMAMBA_ISA_LEVEL="{chain.flags.level}"', *defines))
     try:
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
@@ -99,6 +101,14 @@ def build(runtime: Runtime, path: Path) -> None:
         os.replace(tmp, path)  # whole or not at all, whoever else builds the same file meanwhile
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def built(runtime: Runtime, portable: bool = False) -> Path:
+    """The library's path, built first if it is not in the cache."""
+    path = library_path(runtime, portable)
+    if not path.exists():
+        build(runtime, path, portable)
+    return path
 
 
 def load_into(runtime: Runtime, load: Any) -> Path:

@@ -5,10 +5,7 @@ would, so a build error or a failing GPU kernel is in the report, not a tracebac
 import importlib.metadata
 import os
 import platform
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 PACKAGES = ("torch", "torchvision", "timm", "triton", "numpy", "safetensors", "onnx", "onnxruntime", "openvino")
@@ -22,27 +19,6 @@ def package_version(name: str) -> Optional[str]:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def cpu_model() -> str:
-    """The CPU's name, with family and model on x86 Linux (the figures in RESULTS.md are named by them)."""
-    if sys.platform == "darwin":
-        try:
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                  timeout=10).stdout.strip() or platform.machine()
-        except (OSError, subprocess.SubprocessError):
-            return platform.machine()
-    fields: Dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = fields.get("model name") or fields.get("Model") or fields.get("CPU part") or platform.machine()
-    if "cpu family" in fields:
-        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
-    return name
 
 
 def _auto_backend(device) -> Tuple[str, Optional[str]]:
@@ -135,7 +111,7 @@ def report() -> Dict[str, Any]:
         "packages": {name: package_version(name) for name in PACKAGES},
         "torch": {"version": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
                   "cpu_capability": torch.backends.cpu.get_cpu_capability()},
-        "cpu": {"model": cpu_model(), "cores": os.cpu_count(), "machine": chain.machine,
+        "cpu": {"model": toolchain.cpu_model(), "cores": os.cpu_count(), "machine": chain.machine,
                 "flags": [f for f in CPU_FLAGS if f in features], "kernel_level": chain.flags.level},
         "compiler": {"command": chain.compiler, "kind": chain.kind, "version": chain.version,
                      "cflags": list(chain.flags.cflags), "ldflags": list(chain.flags.ldflags),

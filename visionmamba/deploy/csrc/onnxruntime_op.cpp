@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "conv_silu.h"
+#include "isa_guard.h"
 #include "scan_lanes.h"
 #include "third_party/onnxruntime/onnxruntime_c_api.h"
 
@@ -240,32 +241,41 @@ Op make_op(const Signature* sig, OrtStatusPtr (*compute)(OrtKernelContext*)) {
   return op;
 }
 
-const Op kScanOp = make_op(&kScan, compute_scan);
-const Op kConvOp = make_op(&kConv, compute_conv);
+// Registers the domain "visionmamba" with BiSelectiveScan and ConvSiLU; the domain lives as long as the process (the
+// sessions made with these options keep pointers to it). The tables are made here, not at load: nothing of the
+// library runs before the instruction-set check.
+OrtStatus* register_domain(OrtSessionOptions* options, const OrtApi* api) {
+  static const Op scan_op = make_op(&kScan, compute_scan);
+  static const Op conv_op = make_op(&kConv, compute_conv);
+  g_api = api;
+  OrtCustomOpDomain* domain = nullptr;
+  RETURN_IF_ERROR(api->CreateCustomOpDomain("visionmamba", &domain));
+  RETURN_IF_ERROR(api->CustomOpDomain_Add(domain, &scan_op.table));
+  RETURN_IF_ERROR(api->CustomOpDomain_Add(domain, &conv_op.table));
+  return api->AddCustomOpDomain(options, domain);
+}
 
 }  // namespace
 
 extern "C" {
 
-// Registers the domain "visionmamba" with BiSelectiveScan and ConvSiLU; the domain lives as long as the process (the
-// sessions made with these options keep pointers to it).
+// The library's entry point: refuses, with a message, a CPU that lacks an extension the library was compiled for.
 #if defined(_WIN32)
 __declspec(dllexport)
 #else
 __attribute__((visibility("default")))
 #endif
-OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
+VISIONMAMBA_BASELINE OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
   const OrtApi* api = base->GetApi(ORT_API_VERSION);
   if (api == nullptr) {
     std::fprintf(stderr, "visionmamba: this ONNX Runtime is older than 1.%d, which the library needs\n", ORT_API_VERSION);
     return nullptr;
   }
-  g_api = api;
-  OrtCustomOpDomain* domain = nullptr;
-  RETURN_IF_ERROR(api->CreateCustomOpDomain("visionmamba", &domain));
-  RETURN_IF_ERROR(api->CustomOpDomain_Add(domain, &kScanOp.table));
-  RETURN_IF_ERROR(api->CustomOpDomain_Add(domain, &kConvOp.table));
-  return api->AddCustomOpDomain(options, domain);
+  static char message[256];
+  if (visionmamba::isa_mismatch(message, sizeof(message), "libvisionmamba_onnxruntime_portable")) {
+    return api->CreateStatus(ORT_FAIL, message);
+  }
+  return register_domain(options, api);
 }
 
 }  // extern "C"

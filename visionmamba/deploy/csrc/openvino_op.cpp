@@ -17,11 +17,12 @@
 #include <openvino/op/interpolate.hpp>
 #include <openvino/op/op.hpp>
 
+#include <stdexcept>
 #include <string>
-
 #include <vector>
 
 #include "conv_silu.h"
+#include "isa_guard.h"
 #include "scan_lanes.h"
 
 namespace visionmamba {
@@ -213,4 +214,11 @@ std::vector<ov::Extension::Ptr> all_extensions() {
 
 }  // namespace
 
-OPENVINO_CREATE_EXTENSIONS(all_extensions());
+// OpenVINO's entry point (what OPENVINO_CREATE_EXTENSIONS writes), with the instruction-set check first: a CPU that
+// lacks an extension the library was compiled for gets the message as an exception from Core.add_extension.
+OPENVINO_EXTENSION_C_API void OV_CREATE_EXTENSION(std::vector<ov::Extension::Ptr>& ext);
+OPENVINO_EXTENSION_C_API VISIONMAMBA_BASELINE void OV_CREATE_EXTENSION(std::vector<ov::Extension::Ptr>& ext) {
+  static char message[256];
+  if (visionmamba::isa_mismatch(message, sizeof(message), "libvisionmamba_openvino_portable")) throw std::runtime_error(message);
+  ext = all_extensions();
+}

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import FrozenSet, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Optional, Sequence, Tuple
 
 import torch
 
@@ -156,37 +156,63 @@ def cpu_features() -> FrozenSet[str]:
     return frozenset()
 
 
+def cpu_model() -> str:
+    """The CPU's name, with family and model on x86 Linux (the figures in RESULTS.md are named by them)."""
+    if sys.platform == "darwin":
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  timeout=10).stdout.strip() or platform.machine()
+        except (OSError, subprocess.SubprocessError):
+            return platform.machine()
+    fields: Dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = fields.get("model name") or fields.get("Model") or fields.get("CPU part") or platform.machine()
+    if "cpu family" in fields:
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return name
+
+
 def system_name() -> str:
     return {"win32": "windows", "darwin": "darwin"}.get(sys.platform, "linux" if sys.platform.startswith("linux")
                                                         else sys.platform)
 
 
-def toolchain() -> Toolchain:
-    """This machine's toolchain (the compiler is asked its identity once per process)."""
+def toolchain(portable: bool = False) -> Toolchain:
+    """This machine's toolchain (the compiler is asked its identity once per process); ``portable``: its
+    flags for the platform's baseline (x86-64, ARMv8-A) instead of this CPU's level, for binaries that other
+    machines load (a deploy bundle's)."""
     command = compiler_command()
     kind, version = compiler_identity(command)
     system, machine = system_name(), normal_machine(platform.machine())
     prefix = libomp_prefix() if kind == "apple-clang" else None
     torch_lib = Path(torch.__file__).parent / "lib"
     bundled = str(torch_lib) if prefix and any(torch_lib.glob("libomp.*")) else None
-    flags = flags_for(kind, system, machine, torch.backends.cpu.get_cpu_capability(), cpu_features(), prefix, bundled)
+    capability = "DEFAULT" if portable else torch.backends.cpu.get_cpu_capability()
+    features = frozenset() if portable else cpu_features()
+    flags = flags_for(kind, system, machine, capability, features, prefix, bundled)
     return Toolchain(command, kind, version, system, machine, flags)
 
 
 def shared_library_command(chain: Toolchain, source: Path, output: Path, include: Sequence[str],
-                           link: Sequence[str], hide_symbols: bool, threads: bool = False) -> list:
+                           link: Sequence[str], hide_symbols: bool, threads: bool = False,
+                           defines: Sequence[str] = ()) -> list:
     """The command that builds ``source`` into the shared library ``output`` (code that links to nothing of
     torch's: the runtimes' kernels, the benchmarks' micro-kernel): ``include`` folders, ``link`` libraries or
     linker arguments; ``hide_symbols``: export only what the source marks (MSVC exports only marked symbols
     anyway); ``threads``: OpenMP threads as the PyTorch kernels have them (else only its simd pragmas: the
-    runtimes run their own threads)."""
+    runtimes run their own threads); ``defines``: ``NAME=VALUE`` macros."""
     flags = chain.flags.cflags if threads else chain.flags.simd_cflags
     link = [*link, *(chain.flags.ldflags if threads else ())]
     if chain.kind == "msvc":
-        return [chain.compiler, "/nologo", "/LD", "/EHsc", "/std:c++17", *flags, *(f"/I{i}" for i in include),
-                str(source), f"/Fe:{output}", "/link", *link]
+        return [chain.compiler, "/nologo", "/LD", "/EHsc", "/std:c++17", *flags, *(f"/D{d}" for d in defines),
+                *(f"/I{i}" for i in include), str(source), f"/Fe:{output}", "/link", *link]
     return [chain.compiler, *flags, "-std=c++17", "-shared", "-fPIC", *(["-fvisibility=hidden"] if hide_symbols else []),
-            *(a for i in include for a in ("-I", i)), str(source), "-o", str(output),
+            *(f"-D{d}" for d in defines), *(a for i in include for a in ("-I", i)), str(source), "-o", str(output),
             *link]  # libraries after the source: linkers drop unused ones listed first
 
 
