@@ -2,7 +2,7 @@
 
 Importing the package registers the Vim variants with timm (``timm.create_model("vim_tiny_patch16_224")``).
 The package is layered, each tier importing only the ones before it: ``ops`` (the selective scan and its
-kernels) < ``models`` < ``data`` < ``train`` < ``tools`` < ``cli``.
+kernels) < ``models`` < ``data`` < ``train`` < ``deploy`` < ``tools`` < ``cli``.
 
 The names below are imported at their first use (PEP 562), and in the ``visionmamba`` command the timm
 registration waits for a command that needs a model: ``visionmamba --help`` and argument errors answer

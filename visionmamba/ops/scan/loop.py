@@ -35,15 +35,16 @@ def softplus(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_min(0) + torch.log(1 + torch.exp(-x.abs()))
 
 
-def scan_states(delta: torch.Tensor, du: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+def scan_states(delta: torch.Tensor, du: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                steps: int = STEPS_PER_ITERATION) -> torch.Tensor:
     """y_t = <h_t, C_t> with h_t = exp(delta_t A) h_{t-1} + B_t (delta_t u_t), h_{-1} = 0, for every sequence.
 
     Time-major: delta, du (L, S, E); B, C (L, S, N); A (S, N, E) (or broadcastable to it). L must be a
-    multiple of :data:`STEPS_PER_ITERATION` (pad at the end: later steps never change earlier outputs).
-    Returns y (L, S, E).
+    multiple of ``steps``, the steps per loop iteration (pad at the end: later steps never change earlier
+    outputs). Returns y (L, S, E).
     """
     length, seqs, channels = delta.shape
-    steps, state = STEPS_PER_ITERATION, B.shape[-1]
+    state = B.shape[-1]
     A = A.contiguous()  # the state takes A's layout, and the loop needs it equal to the start state's
 
     def chunks(t: torch.Tensor, axis: int) -> torch.Tensor:  # (L, S, F) -> (L / steps, steps, S, F) with a unit axis

@@ -1,6 +1,6 @@
 """How the C++ kernels are compiled here: the compiler, its flags and the OpenMP runtime, chosen per compiler
 (GCC, clang, Apple clang, MSVC), operating system and architecture. The PyTorch kernels (``cpu.py``) and the
-deployment runtimes' libraries (``runtime_kernels.py``) both build with what :func:`toolchain` returns, and
+deployment runtimes' libraries (``deploy/runtime_kernels.py``) both build with what :func:`toolchain` returns, and
 their cache names hold its :meth:`Toolchain.key`, so a change of compiler, flags or threading is a new build.
 
 :func:`flags_for` is the choice itself, a pure function of the platform, so that every platform's flags are
