@@ -225,7 +225,8 @@ def _add_eval(sub) -> None:
     p = _parser(sub, "eval", "top-1/top-5/loss of a checkpoint (ours or official) on a class-folder data set")
     _add_dataclass_flags(p, EvalConfig, {
         "data": "a folder of <class>/ images (e.g. ImageNet's val/), or a root holding val/<class>/",
-        "checkpoint": "our checkpoint or an official .pth (required)", "model": "model name (needed for official files)",
+        "checkpoint": "our checkpoint or an official .pth (required); or a file of `export` / `quantize` (.onnx: ONNX "
+                      "Runtime, .xml: OpenVINO), scored the same way", "model": "model name (needed for official files)",
         "ema": "evaluate the EMA weights", "img_size": "evaluation size (default: the checkpoint's)",
     })
     p.set_defaults(func=_cmd_eval)
@@ -235,7 +236,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from visionmamba.train.classification import evaluate_checkpoint
     from visionmamba.train.config import resolve
 
-    metrics = evaluate_checkpoint(resolve(EvalConfig, _dataclass_values(EvalConfig, args)))
+    cfg = resolve(EvalConfig, _dataclass_values(EvalConfig, args))
+    load = None
+    if cfg.checkpoint and Path(cfg.checkpoint).suffix in (".onnx", ".xml"):
+        from visionmamba.tools.quantize import load_runtime_file
+
+        if cfg.model or cfg.ema or cfg.img_size or cfg.precision != "fp32":
+            raise ValueError("a runtime file carries its model, weights, size and precision: drop --model, --ema, "
+                             "--img-size and --precision")
+        load = lambda device: load_runtime_file(cfg.checkpoint)  # noqa: E731
+    metrics = evaluate_checkpoint(cfg, load)
     skipped = metrics["skipped_images"]
     print(
         f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
@@ -419,8 +429,8 @@ def _add_benchmark(sub) -> None:
                    default=["vim_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_patch16_224:naive"],
                    help="timm names; ':naive' turns off fused attention, ':onednn' routes plain linears through oneDNN, "
                         "':onnx' / ':openvino' export the model and run it in ONNX Runtime / OpenVINO with our kernels, "
-                        "':onnx-standard' / ':openvino-standard' the standard-ops file, ':onnx-fallback' the fused "
-                        "file without our kernels")
+                        "':onnx-standard' / ':openvino-standard' the standard-ops file, ':onnx-int8' / ':openvino-int8' "
+                        "the fused file in int8 (quantize's tools), ':onnx-fallback' the fused file without our kernels")
     p.add_argument("--img-size", "--res", dest="res", type=positive_int, nargs="+", default=[224, 512], help="image sizes")
     p.add_argument("--batch-size", "--batch", dest="batch", type=positive_int, default=8, help="images per batch")
     p.add_argument("--device", default="cpu", type=device_arg, choices=["cpu", "cuda"], help="where to measure")
@@ -496,6 +506,48 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.check:
         diffs = report["max_abs_diff"]
         print(f"max abs difference from PyTorch {max(diffs.values()):.1e} over batch x size {', '.join(diffs)}")
+    return 0
+
+
+QUANTIZE_DEFAULTS = {"images": 300, "min_images": 32, "min_agreement": 99.0}  # tools/quantize.py's (a test keeps them equal)
+
+
+def _add_quantize(sub) -> None:
+    DEFAULT_IMAGES, MIN_IMAGES, MIN_AGREEMENT = QUANTIZE_DEFAULTS.values()
+    p = _parser(sub, "quantize", "post-training static int8 for ONNX Runtime or OpenVINO, calibrated on a folder of images")
+    _model_source(p)
+    p.add_argument("--calib", required=True, help=f"folder of calibration images (any layout, e.g. a class-folder training "
+                                                  f"set; at least {MIN_IMAGES}), read with the model's preprocessing")
+    p.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+                   help="onnx: a QDQ file for ONNX Runtime (onnxruntime.quantization); openvino: an .xml + .bin (NNCF)")
+    _output(p, "output file (.onnx; .xml for openvino, its weights in the .bin beside it)", required=True)
+    p.add_argument("--images", type=positive_int, default=DEFAULT_IMAGES,
+                   help="calibration images, spread over the folder's sorted files (all, when it holds fewer)")
+    p.add_argument("--img-size", "--res", dest="img_size", type=positive_int,
+                   help="input size (default: the size the checkpoint was trained at)")
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=positive_int, default=8, help="calibration batch")
+    p.add_argument("--min-agreement", type=float, default=MIN_AGREEMENT,
+                   help="percent of calibration images whose top-1 class must match the float model's, or nothing is written")
+    _flag(p, "--force", "write the file even when it misses --min-agreement")
+    p.add_argument("--keep-float", nargs="*", metavar="MODULE",
+                   help="modules left in float, as shell patterns of their PyTorch names: 'head', '*.out_proj', "
+                        "'layers.23.*', 'patch_embed.proj'; none after it: all int8 (default: '*.out_proj' for onnx, whose tool has no "
+                        "outlier smoothing; none for openvino, whose NNCF preset smooths them)")
+    p.set_defaults(func=_cmd_quantize)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from visionmamba.tools.quantize import quantize
+
+    if not args.checkpoint:
+        raise ValueError("pass --checkpoint FILE: quantizing random weights measures nothing")
+    report = quantize(args.model, args.checkpoint, args.calib, args.format, Path(args.output), images=args.images,
+                      img_size=args.img_size, use_ema=args.ema, batch_size=args.batch_size,
+                      min_agreement=args.min_agreement, force=args.force, overwrite=args.overwrite,
+                      keep_float=args.keep_float)
+    print(f"wrote {args.output} (int8, {args.format}; calibrated on {report.images} images in {report.quantize_s:.1f} s): "
+          f"top-1 agrees with the float model on {report.agreement:.1f}% of them, max logit difference "
+          f"{report.max_abs_diff:.3f}")
     return 0
 
 
@@ -594,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_features(sub)
     _add_benchmark(sub)
     _add_export(sub)
+    _add_quantize(sub)
     _add_info(sub)
     _add_convert(sub)
     _add_models(sub)

@@ -52,13 +52,14 @@ def test_benchmark_refuses_zero_sizes_and_fails_when_every_point_fails(tmp_path)
 def test_onnx_runtime_points_beside_pytorch_ones(tmp_path):
     specs = ["deit_tiny_patch16_224", "deit_tiny_patch16_224:onnx", "vim_tiny_patch16_224:onnx",
              "vim_tiny_patch16_224:onnx-fallback", "vim_tiny_patch16_224:onnx-standard", "vim_tiny_patch16_224:openvino",
-             "vim_tiny_patch16_224:openvino-standard"]
+             "vim_tiny_patch16_224:openvino-standard", "vim_tiny_patch16_224:onnx-int8", "vim_tiny_patch16_224:openvino-int8"]
     out = cli("benchmark", "--models", *specs, "--res", 32, "--batch", 2, "--repeats", 1, "--out", tmp_path).stdout
     rows = (tmp_path / "benchmark.csv").read_text().splitlines()[1:]
     assert [row.split(",")[0] for row in rows] == specs
     assert all(",ok," in row for row in rows), rows
-    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["deit_tiny_patch16_224_32.onnx", "vim_tiny_patch16_224_32.onnx",
-                                                                     "vim_tiny_patch16_224_32_standard.onnx"]
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [
+        "deit_tiny_patch16_224_32.onnx", "vim_tiny_patch16_224_32.onnx", "vim_tiny_patch16_224_32_int8.bin",
+        "vim_tiny_patch16_224_32_int8.onnx", "vim_tiny_patch16_224_32_int8.xml", "vim_tiny_patch16_224_32_standard.onnx"]
     assert "vim_tiny_patch16_224:onnx" in out
     proc = cli("benchmark", "--models", "vim_tiny_patch16_224:onnx", "--train", "--res", 32, "--out", tmp_path, check=False)
-    assert proc.returncode == 2 and "ONNX Runtime points are CPU float32 inference" in proc.stderr
+    assert proc.returncode == 2 and "runtime points are CPU inference" in proc.stderr

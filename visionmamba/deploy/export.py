@@ -112,6 +112,7 @@ def metadata(loaded: InferenceModel) -> Dict[str, str]:
         "mean": json.dumps(list(config["mean"])),
         "std": json.dumps(list(config["std"])),
         "labels": json.dumps(loaded.labels),
+        **({"classes": json.dumps(loaded.classes)} if loaded.classes else {}),  # the class folders it was trained on
     }
 
 

@@ -8,7 +8,8 @@ give its plain linears Vim's oneDNN route (like-for-like matrix products on the 
 it in ONNX Runtime (CPU execution provider, the same thread count, our kernels of the fused nodes
 registered), ":onnx-fallback" to run the same file without our kernels (the nodes' standard-operator bodies),
 ":onnx-standard" the standard-ops file (``--ops standard``), ":openvino" and ":openvino-standard" the fused
-file with our extension and the standard-ops file in OpenVINO (float32): the model is exported first (Vim
+file with our extension and the standard-ops file in OpenVINO (float32), ":onnx-int8" / ":openvino-int8" the
+fused file in int8 (``visionmamba quantize``'s tools, with our kernels): the model is exported first (Vim
 through ``visionmamba export``'s graph, others with ``torch.onnx``) and measured by
 :mod:`visionmamba.deploy.runtime_point` in a process without torch.
 """
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import torch
 
 from visionmamba.files import atomic_write, refuse_existing
@@ -41,11 +43,13 @@ class Point:
     peak_mem_mb: float = float("nan")
 
 
-# variant -> (runtime, with our kernel of the scan node)
-# variant -> (runtime, our kernels loaded, the standard-ops file)
-RUNTIME_VARIANTS = {"onnx": ("onnxruntime", True, False), "onnx-fallback": ("onnxruntime", False, False),
-                    "onnx-standard": ("onnxruntime", False, True), "openvino": ("openvino", True, False),
-                    "openvino-standard": ("openvino", False, True)}
+# variant -> (runtime, the file: "fused" with our kernels, "fallback" the same without them, "standard" the
+# standard-ops file, "int8" the fused file quantized by `visionmamba quantize`'s path, with our kernels)
+RUNTIME_VARIANTS = {"onnx": ("onnxruntime", "fused"), "onnx-fallback": ("onnxruntime", "fallback"),
+                    "onnx-standard": ("onnxruntime", "standard"), "onnx-int8": ("onnxruntime", "int8"),
+                    "openvino": ("openvino", "fused"), "openvino-standard": ("openvino", "standard"),
+                    "openvino-int8": ("openvino", "int8")}
+CALIBRATION_BATCHES = 4  # of 8 random images: speed does not depend on what the ranges were calibrated on
 
 
 def build(spec: str, res: int) -> torch.nn.Module:
@@ -104,6 +108,24 @@ def standard_file(path: Path) -> Path:
     out = path.with_name(path.stem + "_standard.onnx")
     model = standard_operators(onnx.load(str(path)))
     atomic_write(out, lambda tmp: onnx.save(model, tmp))
+    return out
+
+
+def int8_file(path: Path, runtime: str, res: int, library: Path) -> Path:
+    """The ONNX file at ``path`` in int8 for ``runtime``, by ``visionmamba quantize``'s tools (calibrated on
+    random images: the ranges change the accuracy, not the speed)."""
+    from visionmamba.deploy import quantize
+
+    fmt = "onnx" if runtime == "onnxruntime" else "openvino"
+    quantize.require(fmt)
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((8, 3, res, res), dtype=np.float32) for _ in range(CALIBRATION_BATCHES)]
+    out = path.with_name(path.stem + ("_int8.onnx" if fmt == "onnx" else "_int8.xml"))
+    keep_float = quantize.KEEP_FLOAT[fmt] if path.name.startswith("vim_") else ()  # the command's defaults, for Vim
+    if fmt == "onnx":
+        quantize.onnx_int8(path, out, batches, keep_float)
+    else:
+        quantize.write_openvino(quantize.openvino_int8(path, batches, str(library), keep_float), out)
     return out
 
 
@@ -217,7 +239,7 @@ def run_benchmark(
     benchmark there is refused before any point is measured, unless ``overwrite``)."""
     onnx_specs = [spec for spec in models if spec.partition(":")[2] in RUNTIME_VARIANTS]
     if onnx_specs and (device != "cpu" or train or precision != "fp32"):
-        raise ValueError(f"{onnx_specs}: ONNX Runtime points are CPU float32 inference (drop --train / --precision / --device)")
+        raise ValueError(f"{onnx_specs}: runtime points are CPU inference (float32, or int8 files) (drop --train / --precision / --device)")
     autocast(precision, torch.device(device))  # refused before any point is measured
     if out is not None:
         refuse_existing([out / "benchmark.csv", out / "benchmark.png"], overwrite=overwrite, what="benchmark result")
@@ -241,11 +263,13 @@ def _measure_point(spec: str, res: int, batch: int, device: str, precision: str,
                    onnx_folder: Path) -> Point:
     name, _, variant = spec.partition(":")
     if variant in RUNTIME_VARIANTS:
-        runtime, fused, standard = RUNTIME_VARIANTS[variant]
+        runtime, form = RUNTIME_VARIANTS[variant]
         path = onnx_file(name, res, onnx_folder)
-        if standard:
+        library = runtime_library(runtime) if form in ("fused", "int8") else None
+        if form == "standard":
             path = standard_file(path)
-        library = runtime_library(runtime) if fused else None
+        elif form == "int8":
+            path = int8_file(path, runtime, res, library)
         return measure_runtime_in_fresh_process(spec, runtime, path, res, batch, repeats, threads, library)
     if device == "cpu":
         return measure_in_fresh_process(spec, res, batch, precision, train, repeats, threads)

@@ -341,13 +341,19 @@ def evaluate(
     }
 
 
-def evaluate_checkpoint(cfg: EvalConfig) -> Dict[str, float]:
-    """Top-1 / top-5 / loss of a checkpoint (ours or official) on a class-folder data set."""
+def evaluate_checkpoint(cfg: EvalConfig, load: Optional[Callable[[torch.device], Any]] = None) -> Dict[str, float]:
+    """Top-1 / top-5 / loss of a checkpoint (ours or official) on a class-folder data set. ``load(device)``, when
+    given, supplies the model instead (an :class:`~visionmamba.models.factory.InferenceModel`-like object with
+    ``model``, ``data_config`` and ``classes``; e.g. a runtime's file)."""
     cfg.validate()
     dist = init_distributed(cfg.device)
     try:
         folder = eval_folder(cfg.data)
-        loaded = load_for_inference(cfg.checkpoint, cfg.model, use_ema=cfg.ema, img_size=cfg.img_size, device=str(dist.device))
+        if load is None:
+            loaded = load_for_inference(cfg.checkpoint, cfg.model, use_ema=cfg.ema, img_size=cfg.img_size,
+                                        device=str(dist.device))
+        else:
+            loaded = load(dist.device)
         dataset = SeededImageFolder(str(folder), eval_transform(loaded.data_config), skip_corrupt=cfg.skip_corrupt)
         if loaded.classes and dataset.classes != loaded.classes:
             raise ValueError(
