@@ -26,10 +26,17 @@ def test_cpu_targets_smoke_run():
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "cpu_targets.py"
     proc = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert lines[0].split(" | ")[:3] == ["| mode", "precision", "res"] and "vim_over_deit" in lines[0]
-    rows = [line.split(" | ") for line in lines[1:]]
+    tables = [[line.split(" | ") for line in block.splitlines() if line.startswith("| ")]
+              for block in proc.stdout.split("\nlimits: ")]
+    (head, *rows), (roof_head, *roof_rows) = tables
+    assert head[:3] == ["| mode", "precision", "res"] and "vim_over_deit" in head
     assert {r[0] for r in rows} == {"| infer", "| train"} and all(float(r[5]) > 0 for r in rows)
+    # the model roofline: every part's time and limit, and the model's fraction of the sum of the limits
+    assert {"linears_fraction", "scan_limit_ms", "conv_ms", "rest_fraction", "fraction"} <= set(roof_head)
+    assert {r[0] for r in roof_rows} == {"| infer", "| train"}
+    for row in roof_rows:
+        cells = dict(zip(roof_head, row))
+        assert float(cells["limit_ms"]) > 0 and 0 < float(cells["fraction"]) < 2
 
 
 def test_benchmark_smoke_run_writes_csv_and_plot(tmp_path):
