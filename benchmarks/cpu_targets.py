@@ -119,10 +119,8 @@ def timed_ms(step: Callable[[], None], repeats: int = 3) -> float:
 
 def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 5) -> float:
     """Multiply-adds per second of (m, k) x (k, n) in ``dtype``, the best of ``repeats`` (a linear layer's route)."""
-    a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    a, linear = torch.randn(m, k, dtype=dtype), torch.nn.Linear(k, n, bias=False, dtype=dtype)
     with torch.no_grad():
-        linear = torch.nn.Linear(k, n, bias=False, dtype=dtype)
-        linear.weight.copy_(w)
         best = float("inf")
         for _ in range(repeats + 1):
             start = time.perf_counter()
@@ -144,11 +142,10 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / best
 
 
-def vim_work(res: int, batch: int) -> Dict[str, float]:
-    """Vim-Ti's forward work at ``res``: linear multiply-adds, scan state elements, and the bytes conv + SiLU
+def vim_work(model: torch.nn.Module, batch: int) -> Dict[str, float]:
+    """Vim-Ti's forward work (``model``, at its size): linear multiply-adds, scan state elements, and the bytes conv + SiLU
     and the rest must move (float32: conv reads x and writes both directions' u; the rest per block reads and
     writes the residual stream for the norm and the add, and in_proj's output once for the split)."""
-    model = visionmamba.create_model("vim_tiny_patch16_224", img_size=res)
     mixer, depth, dim = model.layers[0].mixer, len(model.layers), model.embed_dim
     tokens = batch * (model.patch_embed.num_patches + 1)
     inner, state, rank = mixer.d_inner, mixer.d_state, mixer.dt_rank
@@ -163,7 +160,7 @@ def model_roofline(res: int, batch: int, mode: str, precision: str, threads: int
     """One row: Vim-Ti's parts against their limits (``limits``: the measured machine rates)."""
     model = visionmamba.create_model("vim_tiny_patch16_224", img_size=res)
     times = part_times(step_fn(model, torch.randn(batch, 3, res, res), mode, precision))
-    work = vim_work(res, batch)
+    work = vim_work(model, batch)
     passes = 3 if mode == "train" else 1  # a backward is two products per forward one; conv/rest traffic likewise
     narrow = 0.5 if precision == "bf16" else 1.0  # bf16 activations move half the bytes
     bound = {"linears": passes * work["macs"] / limits[f"matmul_{precision}"] * 1e3,
@@ -188,9 +185,9 @@ def machine_limits(precisions: List[str], threads: int, batch: int) -> Dict[str,
     limits["scan_fwd"] = roofline.elements_per_second(False, threads)
     limits["scan_bwd"] = roofline.elements_per_second(True, threads)
     limits["bandwidth"] = copy_bandwidth()
+    shapes = vim_work(visionmamba.create_model("vim_tiny_patch16_224"), batch)["shapes"]
     for p in precisions:
         dtype = torch.float32 if p == "fp32" else torch.bfloat16
-        shapes = vim_work(224, batch)["shapes"]
         limits[f"vim_shapes_{p}"] = sum(m * k * n for m, k, n in shapes) / sum(m * k * n / matmul_rate(m, k, n, dtype)
                                                                               for m, k, n in shapes)
     return limits

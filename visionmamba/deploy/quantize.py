@@ -12,13 +12,15 @@ runs as one ``MatMulIntegerToFloat`` kernel, where quantized outputs would cost 
 takes back what the int8 product gained (benchmarks/RESULTS.md).
 """
 import ast
+import contextlib
 import fnmatch
+import logging
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -152,25 +154,15 @@ def agreement(reference: np.ndarray, quantized: np.ndarray) -> float:
     return float((reference.argmax(1) == quantized.argmax(1)).mean())
 
 
-def run_batches(run: Callable[[np.ndarray], np.ndarray], batches: Iterable[np.ndarray]) -> np.ndarray:
-    return np.concatenate([run(batch) for batch in batches])
-
-
-class _quiet_logging:
-    """The quantizers log a line per tensor at INFO/WARNING (root logger): silence them for the call."""
-
-    def __enter__(self) -> None:
-        import logging
-
-        self.logger = logging.getLogger()
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
-        nncf_logger = logging.getLogger("nncf")
-        self.nncf_level = nncf_logger.level
-        nncf_logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc: Any) -> None:
-        import logging
-
-        self.logger.setLevel(self.level)
-        logging.getLogger("nncf").setLevel(self.nncf_level)
+@contextlib.contextmanager
+def _quiet_logging() -> Iterator[None]:
+    """The quantizers log a line per tensor at INFO/WARNING (the root logger, NNCF's): silence them for the call."""
+    loggers = [logging.getLogger(), logging.getLogger("nncf")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

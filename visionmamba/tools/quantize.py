@@ -63,7 +63,6 @@ class Report:
     agreement: float  # percent of calibration images with the float model's top-1 class
     max_abs_diff: float  # of the logits, over the calibration images
     quantize_s: float
-    written: bool
 
 
 def quantize(model_name: Optional[str], checkpoint: Optional[str], calib: str, fmt: str, output: Path, *,
@@ -107,9 +106,8 @@ def quantize(model_name: Optional[str], checkpoint: Optional[str], calib: str, f
         seconds = time.perf_counter() - start
         with torch.no_grad():
             reference = torch.cat([loaded.model(b) for b in pixels.split(batch_size)]).numpy()
-        quantized = int8.run_batches(run, batches)
+        quantized = np.concatenate([run(batch) for batch in batches])
         agree = 100 * int8.agreement(reference, quantized)
-        report = Report(len(pixels), agree, float(np.abs(reference - quantized).max()), seconds, False)
         if agree < min_agreement and not force:
             raise ValueError(f"the int8 model agrees with the float model on {agree:.1f}% of the {len(pixels)} calibration "
                              f"images, {min_agreement - agree:.1f} points under --min-agreement {min_agreement:g}: nothing "
@@ -118,19 +116,18 @@ def quantize(model_name: Optional[str], checkpoint: Optional[str], calib: str, f
             atomic_write(output, lambda tmp: Path(tmp).write_bytes(staged.read_bytes()))
         else:
             int8.write_openvino(model, output)
-    report.written = True
-    return report
+    return Report(len(pixels), agree, float(np.abs(reference - quantized).max()), seconds)
 
 
-def openvino_library() -> Optional[str]:
-    """Our OpenVINO extension (the fused nodes' kernels), built at first use; one line when it cannot be."""
-    from visionmamba.deploy import runtime_kernels
+def openvino_library() -> str:
+    """Our OpenVINO extension (:func:`~visionmamba.deploy.export.openvino_extension`: the fused nodes' kernels,
+    built at first use), its failure as a user's one-line error."""
+    from visionmamba.deploy.export import openvino_extension
 
-    ok, reason = runtime_kernels.available(runtime_kernels.OPENVINO)
-    if not ok:
-        raise ValueError(f"int8 OpenVINO needs our OpenVINO extension for the fused nodes, which cannot be built here "
-                         f"({reason}); quantize for --format onnx instead")
-    return str(runtime_kernels.library_path(runtime_kernels.OPENVINO))
+    try:
+        return openvino_extension()
+    except RuntimeError as err:
+        raise ValueError(f"{err}; int8 OpenVINO needs it for the fused nodes: quantize for --format onnx instead") from None
 
 
 def onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
@@ -186,12 +183,12 @@ def load_runtime_file(path: str) -> RuntimeFile:
     else:
         import openvino
 
-        model = openvino.Core()
-        model.add_extension(openvino_library())
-        ov_model = model.read_model(path)
-        meta = {key: ov_model.get_rt_info(["visionmamba", key]).astype(str) for key in METADATA_KEYS
-                if ov_model.has_rt_info(["visionmamba", key])}
-        run = openvino_runner(ov_model)
+        core = openvino.Core()
+        core.add_extension(openvino_library())
+        model = core.read_model(path)
+        info = model.get_rt_info()  # an RTMap: `in` and [] but no .get
+        meta = {key: value.astype(str) for key, value in (info["visionmamba"].items() if "visionmamba" in info else ())}
+        run = openvino_runner(model)
     if "labels" not in meta:
         raise ValueError(f"{path!r} holds no visionmamba metadata (preprocessing, labels): write it with "
                          "`visionmamba export` or `visionmamba quantize`")
@@ -200,7 +197,3 @@ def load_runtime_file(path: str) -> RuntimeFile:
     labels = json.loads(meta["labels"])
     classes = json.loads(meta["classes"]) if "classes" in meta else None
     return RuntimeFile(RuntimeModel(run, len(labels)), config, classes, labels)
-
-
-METADATA_KEYS = ("model", "image_sizes", "input_size", "interpolation", "crop_pct", "mean", "std", "labels", "classes",
-                 "quantized")
