@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import make_folder
 from visionmamba import cli as cli_module
 from visionmamba.data.digits import write_digits_folder
 from visionmamba.deploy import quantize as int8
@@ -115,6 +116,14 @@ def test_a_file_that_misses_the_agreement_bar_is_written_only_when_forced(traine
                           "--force")
     assert code == 0 and out.is_file(), err
     assert quantize.load_runtime_file(str(out)).labels == [str(digit) for digit in range(10)]
+
+
+def test_eval_refuses_a_damaged_runtime_file_in_one_line(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", splits=("val",))
+    for name in ("model.onnx", "model.xml"):
+        (tmp_path / name).write_text("not a model")
+        code, _, err = run(capsys, "eval", "--checkpoint", tmp_path / name, "--data", data / "val", "--workers", 0)
+        assert code == 2 and "cannot read the model file" in err and name in err and err.count("\n") == 1, err
 
 
 def test_the_commands_defaults_are_the_modules():

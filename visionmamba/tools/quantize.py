@@ -159,6 +159,15 @@ class RuntimeModel(nn.Module):
         return torch.from_numpy(np.asarray(self.run(x.detach().cpu().float().numpy())))
 
 
+def _readable(path: str, read: Callable[[], Any]) -> Any:
+    """``read()``, a runtime's refusal of a damaged or foreign file as one line naming it."""
+    try:
+        return read()
+    except Exception as err:  # noqa: BLE001  (each runtime raises its own types: InvalidProtobuf, RuntimeError)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f"cannot read the model file {path!r}: {reason}") from None
+
+
 @dataclass
 class RuntimeFile:
     model: RuntimeModel
@@ -176,7 +185,7 @@ def load_runtime_file(path: str) -> RuntimeFile:
     if path.endswith(".onnx"):
         from visionmamba.deploy.export import onnx_session
 
-        session = onnx_session(path)
+        session = _readable(path, lambda: onnx_session(path))
         meta = dict(session.get_modelmeta().custom_metadata_map)
         name = session.get_inputs()[0].name
         run: Callable[[np.ndarray], np.ndarray] = lambda x: session.run(None, {name: x})[0]  # noqa: E731
@@ -185,7 +194,7 @@ def load_runtime_file(path: str) -> RuntimeFile:
 
         core = openvino.Core()
         core.add_extension(openvino_library())
-        model = core.read_model(path)
+        model = _readable(path, lambda: core.read_model(path))
         info = model.get_rt_info()  # an RTMap: `in` and [] but no .get
         meta = {key: value.astype(str) for key, value in (info["visionmamba"].items() if "visionmamba" in info else ())}
         run = openvino_runner(model)
