@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from helpers import assert_close
+import visionmamba
 from visionmamba.ops import library, scan
 
 SCAN_OPS = ["selective_scan", "selective_scan_backward", "conv_silu", "conv_silu_backward", "bi_scan",
@@ -56,6 +57,20 @@ def test_a_backend_for_another_device_is_one_clear_error():
 
     with pytest.raises(ValueError, match="'onnx' scan backend is what torch.onnx.export writes; it does not run eagerly"):
         scan.resolve_backend("onnx", torch.device("cpu"))
+
+
+def test_meta_tensors_take_the_fused_ops_fakes_one_call_per_op(monkeypatch):
+    """A model on the meta device (shapes only) runs each layer's core as the fused ops' fakes, not as a
+    per-chunk loop of meta operators (seconds per stride-8 model), and needs no kernel build."""
+    assert scan.resolve_backend("auto", torch.device("meta")) == "cpu"
+    monkeypatch.setattr(scan, "cpu_available", lambda: pytest.fail("a meta forward built the CPU kernels"))
+    model = visionmamba.create_model("vim_tiny_patch16_224", depth=2, device="meta")
+    calls = []
+    monkeypatch.setattr(scan.chunked, "bidirectional", lambda *a: calls.append(a))
+    x = torch.randn(2, 3, 64, 48, device="meta", requires_grad=True)
+    out = model(x)
+    out.sum().backward()
+    assert out.shape == (2, 1000) and out.device.type == "meta" and x.grad.shape == x.shape and not calls
 
 
 def _bi_inputs(dtype, batch=2, length=23, channels=20, state=4, rank=3):

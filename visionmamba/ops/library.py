@@ -37,7 +37,9 @@ _SCAN_KERNELS = {"cpu": "visionmamba.ops.scan.cpu", "cuda": "visionmamba.ops.sca
 _NORM_KERNELS = {"cuda": "visionmamba.ops.norm_triton"}
 SCHEMAS: Dict[str, str] = {}  # op name -> schema, in declaration order
 KERNELS: Dict[str, Dict[str, str]] = {}  # op name -> device type -> module holding the kernel of that name
-_route = {"cpu": "cpu"}  # device type of the tensors -> device type whose kernels run them
+# device type of the tensors -> device type whose kernels run them; meta tensors (shapes only, no data) take
+# the CPU kernels' calling constants, and the ops' fakes run them
+_route = {"cpu": "cpu", "meta": "cpu"}
 
 
 def _define(name: str, schema: str, kernels: Dict[str, str], fake: Callable) -> None:
@@ -55,7 +57,7 @@ def _register(name: str, device_type: str) -> None:
 
 
 def _run(name: str, device_type: str, *args):
-    module = KERNELS[name].get(_route.get(device_type, device_type))
+    module = KERNELS[name].get(kernel_device(device_type))
     if module is None:
         raise NotImplementedError(f"visionmamba::{name} has no kernel for {device_type} tensors")
     return getattr(importlib.import_module(module), name)(*args)
@@ -63,12 +65,17 @@ def _run(name: str, device_type: str, *args):
 
 def kernel_module(device_type: str) -> str:
     """The module whose scan kernels run tensors of ``device_type`` (following :func:`cuda_kernels_on_cpu`)."""
-    return _SCAN_KERNELS[_route.get(device_type, device_type)]
+    return _SCAN_KERNELS[kernel_device(device_type)]
+
+
+def kernel_device(device_type: str) -> str:
+    """The device type whose kernels (or, for meta tensors, whose kernels' fakes) run tensors of ``device_type``."""
+    return _route.get(device_type, device_type)
 
 
 def routed_to_cuda(device_type: str) -> bool:
     """True when tensors of ``device_type`` run the CUDA kernels."""
-    return _route.get(device_type, device_type) == "cuda"
+    return kernel_device(device_type) == "cuda"
 
 
 @contextlib.contextmanager
@@ -175,8 +182,7 @@ _BI_ARGS = "Tensor u, Tensor x_proj_out, Tensor dt_weight, Tensor A, Tensor D, T
 
 def _bi_scan_fake(u, x_proj_out, dt_weight, A, D, z, bias, checkpoint_steps):
     chunks = -(-u.shape[2] // checkpoint_steps) if checkpoint_steps else 0
-    module = _SCAN_KERNELS.get(_route.get(u.device.type, u.device.type))  # none for meta tensors
-    dtype = importlib.import_module(module).checkpoint_dtype(u.dtype) if module else torch.float32
+    dtype = importlib.import_module(kernel_module(u.device.type)).checkpoint_dtype(u.dtype)
     states = u.new_empty((2, u.shape[1], chunks, A.shape[-1], u.shape[3]), dtype=dtype)
     return z.new_empty(z.shape), states
 

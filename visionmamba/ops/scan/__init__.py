@@ -99,6 +99,8 @@ def _auto_backend(device: torch.device) -> str:
         if not triton_available():
             return "chunked"
         return "triton" if probe.triton_works(device.type, -1 if device.index is None else device.index) else "chunked"
+    if device.type == "meta":  # shapes only: the fused ops' fakes, one call per op
+        return "cpu"
     if device.type == "cpu":
         if cpu_available():
             return "cpu"
@@ -131,7 +133,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             + (f" (check the {BACKEND_ENV} environment variable)" if _env_backend() else "")
         )
     devices = BACKENDS[backend].devices
-    kernels = "cuda" if library.routed_to_cuda(device.type) else device.type
+    kernels = library.kernel_device(device.type)
     if devices is not None and kernels not in devices:
         raise ValueError(f"the {backend!r} scan backend runs on {' and '.join(devices)} tensors, got {device.type}; "
                          "use backend='auto'")
@@ -139,7 +141,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"the {backend!r} scan backend is what torch.onnx.export writes; it does not run eagerly")
     if backend == "triton" and not triton_available():
         raise RuntimeError("the 'triton' scan backend needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
-    if backend == "cpu" and not cpu_available():
+    if backend == "cpu" and device.type != "meta" and not cpu_available():  # meta tensors need no build
         raise RuntimeError(f"the 'cpu' scan backend is unavailable: {cpu.build_error()}")
     return backend
 
