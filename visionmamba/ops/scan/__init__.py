@@ -14,7 +14,8 @@ compiler is available; ``triton`` on CUDA when Triton imports and its kernels pa
 device (:mod:`visionmamba.ops.scan.probe`), else ``chunked`` with one warning); the environment variable
 ``VISIONMAMBA_SCAN_BACKEND`` overrides "auto", and a model's ``scan_backend=`` overrides both. The first use
 of the ``cpu`` kernels compiles them and applies :func:`visionmamba.ops.memory.keep_freed_memory` (the CPU
-path's large activations would otherwise be page-faulted in anew every layer).
+path's large activations would otherwise be page-faulted in anew every layer); the pure-PyTorch backends
+apply it at their first CPU call.
 """
 import contextlib
 import functools
@@ -28,6 +29,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 
 from visionmamba.ops import library
+from visionmamba.ops.memory import keep_freed_memory
 from visionmamba.ops.scan import chunked, cpu, fused, loop, probe, reference
 
 BACKEND_ENV = "VISIONMAMBA_SCAN_BACKEND"
@@ -143,6 +145,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise RuntimeError("the 'triton' scan backend needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
     if backend == "cpu" and device.type != "meta" and not cpu_available():  # meta tensors need no build
         raise RuntimeError(f"the 'cpu' scan backend is unavailable: {cpu.build_error()}")
+    if device.type == "cpu" and backend in ("reference", "chunked") and not torch.compiler.is_compiling():
+        keep_freed_memory()  # as the cpu kernels do when they load: their large temporaries, reused not faulted
     return backend
 
 

@@ -28,7 +28,8 @@ def _chunk_terms(u, delta, A, B, C, h0):
     S = (delta.unsqueeze(-1) * A[:, None, :]).cumsum(2)  # (b, E, T, N), non-positive, decreasing
     x = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (b, E, T, N)
     causal = torch.ones(length, length, dtype=torch.bool, device=u.device).tril()
-    W = (S.unsqueeze(3) - S.unsqueeze(2)).masked_fill(~causal[:, :, None], float("-inf")).exp()  # (b, E, t, s, N)
+    # (b, E, t, s, N), in place on one temporary (no autograd records these: the backward is hand-written)
+    W = (S.unsqueeze(3) - S.unsqueeze(2)).masked_fill_(~causal[:, :, None], float("-inf")).exp_()
     eS = S.exp()
     h = (W * x.unsqueeze(2)).sum(3) + eS * h0.unsqueeze(2)
     y = (h * C.transpose(1, 2).unsqueeze(1)).sum(-1)
