@@ -116,15 +116,17 @@ struct LaneTile {
 #ifdef VM_AVX512
 // One time step of 16 channels x N states in AVX-512 registers: cur = exp(d A) prev + du B_n (prev may be
 // cur: the forward updates its states in place); acc += C_n cur. The exps by exp2_avx512 (scan_math.h) with
-// A2 = A log2 e. A2: this block's first channel of the (N, E) table; j: the step's row of the chunk buffers.
+// A2 = A log2 e. A2: this block's first channel of the (N, E) table; j: the step's row of the chunk buffers;
+// decays: where the backward keeps the step's exp(d A) ((N, 16)), or null.
 template <typename S>
 inline void states_avx512(const LaneDirection<float, S>& p, const float* A2, const S* Bt, ChunkBuffers<float>& buf,
-                          int64_t j, const float* prev, float* cur) {
+                          int64_t j, const float* prev, float* cur, float* decays = nullptr) {
   const S* Ct = Bt + p.N;
   const __m512 vd = _mm512_loadu_ps(buf.d + j * kLanes), vdu = _mm512_loadu_ps(buf.du + j * kLanes);
   __m512 vacc = _mm512_loadu_ps(buf.acc + j * kLanes), vacc2 = _mm512_setzero_ps();  // two sums: half the chain
   for (int64_t n = 0; n < p.N; ++n) {
     const __m512 a = exp2_avx512(_mm512_mul_ps(vd, _mm512_loadu_ps(A2 + n * p.E)));
+    if (decays) _mm512_storeu_ps(decays + n * 16, a);
     const __m512 du_b = _mm512_mul_ps(vdu, _mm512_set1_ps(widen(Bt[n])));
     const __m512 hv = _mm512_fmadd_ps(a, _mm512_loadu_ps(prev + n * 16), du_b);
     _mm512_storeu_ps(cur + n * 16, hv);
@@ -158,11 +160,12 @@ constexpr int64_t kRegisterStates = 16;  // N of every Vim model: the recurrence
 // Phase 2 for 16 channels and N = kRegisterStates: states_avx512 with the 16 state vectors held in registers
 // for the whole chunk instead of loaded and stored every step. h: the states before the chunk. states: where
 // the backward's recomputation stores each step's states ((steps, N, 16); h is then left as it was), or null
-// for the forward (h gets the states after the chunk; the next chunk's rows are fetched meanwhile).
+// for the forward (h gets the states after the chunk; the next chunk's rows are fetched meanwhile). decays:
+// where the backward keeps each step's exp(d A) ((steps, N, 16)), or null.
 template <typename S>
 inline void register_recurrence_avx512(const LaneDirection<float, S>& p, const LaneTile& tile,
                                        ChunkBuffers<float>& buf, float* __restrict h,
-                                       float* __restrict states = nullptr) {
+                                       float* __restrict states = nullptr, float* __restrict decays = nullptr) {
   const float* A2 = p.A2 + tile.e0;
   __m512 hr[kRegisterStates];
 #pragma GCC unroll 16
@@ -177,6 +180,7 @@ inline void register_recurrence_avx512(const LaneDirection<float, S>& p, const L
 #pragma GCC unroll 16
     for (int64_t n = 0; n < kRegisterStates; ++n) {
       const __m512 a = exp2_avx512(_mm512_mul_ps(vd, _mm512_loadu_ps(A2 + n * p.E)));
+      if (decays) _mm512_storeu_ps(decays + (j * kRegisterStates + n) * kLanes, a);
       hr[n] = _mm512_fmadd_ps(a, hr[n], _mm512_mul_ps(vdu, _mm512_set1_ps(widen(Bt[n]))));
       if (states) _mm512_storeu_ps(states + (j * kRegisterStates + n) * kLanes, hr[n]);
       if (n & 1)
@@ -318,14 +322,14 @@ void chunk_inputs(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffe
 
 // Phase 2: the recurrence over the chunk; h: this block's (N, 16) states before it. states: null in the forward
 // (h is updated in place, the next chunk's rows fetched meanwhile), or where the backward's recomputation keeps
-// each step's states ((steps, N, 16)).
+// each step's states ((steps, N, 16)); decays: null, or where it keeps each step's exp(d A) ((steps, N, 16)).
 template <typename T, typename S, bool FULL>
 void chunk_recurrence(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffers<T>& buf, T* h,
-                      T* states = nullptr) {
+                      T* states = nullptr, T* decays = nullptr) {
 #ifdef VM_AVX512
   if constexpr (FULL && std::is_same<T, float>::value) {
     if (p.N == kRegisterStates) {
-      register_recurrence_avx512(p, tile, buf, h, states);
+      register_recurrence_avx512(p, tile, buf, h, states, decays);
       return;
     }
   }
@@ -340,16 +344,27 @@ void chunk_recurrence(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkB
     T* cur = states ? states + j * NL : h;
 #ifdef VM_AVX512
     if constexpr (FULL && std::is_same<T, float>::value) {
-      states_avx512(p, p.A2 + e0, Bt, buf, j, prev, cur);
+      states_avx512(p, p.A2 + e0, Bt, buf, j, prev, cur, decays ? decays + j * NL : nullptr);
       continue;
     }
 #endif
     T* __restrict dj = buf.d + j * kLanes;
     T* __restrict duj = buf.du + j * kLanes;
     T* __restrict aj = buf.acc + j * kLanes;
+    T* __restrict aj_decays = decays ? decays + j * NL : nullptr;
     for (int64_t n = 0; n < p.N; ++n) {
       const T bn = widen(Bt[n]), cn = widen(Ct[n]);
       const T* __restrict An = p.A + n * p.E + e0;
+      if (aj_decays) {
+#pragma omp simd
+        for (int64_t e = 0; e < cnt; ++e) {
+          const T a = vexp(dj[e] * An[e]), hv = a * prev[n * kLanes + e] + duj[e] * bn;
+          aj_decays[n * kLanes + e] = a;
+          cur[n * kLanes + e] = hv;
+          aj[e] += cn * hv;
+        }
+        continue;
+      }
 #pragma omp simd
       for (int64_t e = 0; e < cnt; ++e) {
         const T hv = vexp(dj[e] * An[e]) * prev[n * kLanes + e] + duj[e] * bn;

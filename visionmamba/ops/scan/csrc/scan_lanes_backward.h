@@ -4,9 +4,10 @@
 // The forward saves each block's states before every chunk of kPhaseSteps steps (the checkpoints). The backward
 // walks the chunks from the last to the first, and within a chunk the task's blocks of 16 channels in turn,
 // each block-chunk in three phases: (1) the chunk's inputs (delta, the softplus derivative, delta u, u); (2)
-// its states, recomputed from the chunk's checkpoint into a buffer that stays in cache, with the pre-gate
-// output <C, h> + D u that the z gradient needs; (3) the adjoint walk back through the chunk, g = dL/dh carried
-// to the block's previous chunk. dA, dD and d(bias) are sums over steps, kept per lane; dB_t and dC_t are sums
+// its states and decays exp(delta A), recomputed from the chunk's checkpoint into buffers that stay in cache,
+// with the pre-gate output <C, h> + D u that the z gradient needs; (3) the adjoint walk back through the chunk,
+// g = dL/dh carried to the block's previous chunk. The walk reads the decays (no second exp) and forms the
+// delta gradient as sum_n A_n g_n a_n h_n' + u sum_n g_n B_n, the second sum being the one du needs anyway. dA, dD and d(bias) are sums over steps, kept per lane; dB_t and dC_t are sums
 // over channels, reduced over the 16 lanes at every step and added to the task's (L, 2N) partial rows.
 #pragma once
 
@@ -55,6 +56,7 @@ struct BackwardBuffers {
 template <typename T>
 struct BlockScratch {
   T* hs;  // (kPhaseSteps + 1, N, 16): the states before the chunk and after each of its steps
+  T* a;   // (kPhaseSteps, N, 16): each step's decays exp(delta A)
   T* g;   // (N, 16): the adjoint dL/dh
   T* dA;  // (N, 16)
   T* pB;  // (N, 16): this step's dB terms per lane, before the sum over lanes
@@ -73,13 +75,14 @@ struct StepValues {
   const T* y;
   const T* prev;  // (N, 16): the states before the step
   const T* cur;   // (N, 16): after it
+  const T* a;     // (N, 16): the step's decays
   const T* Bt;    // B_t (N values), then C_t
 };
 
 // Values of the thread scratch one task needs.
 template <typename T>
 int64_t bi_backward_scratch(const BiForwardArgs<T>& a) {
-  return (kPhaseSteps + 3 + 2 * a.task_blocks) * a.N * kLanes;  // hs, pB, pC, and each block's g and dA
+  return (2 * kPhaseSteps + 3 + 2 * a.task_blocks) * a.N * kLanes;  // hs, pB, pC, decays, each block's g and dA
 }
 
 #ifdef VM_AVX512
@@ -101,11 +104,12 @@ inline __m512 lane_sums16(const __m512* v) {
 }
 
 // Phase 3's state loop for 16 channels at one step: the adjoint update, dA, the lane sums of dB_t and dC_t
-// (added to dbc), and the sums over n that delta and u need (added to dd, duu).
+// (added to dbc), and the sums over n that delta and u need (added to dd, duu; delta's u B_t term is
+// u * duu, added by the caller).
 inline void walk_step_avx512(const LaneDirection<float>& p, const StepValues<float>& v, int64_t e0, __m512 dy,
                              BlockScratch<float>& s, float* dbc, __m512& dd, __m512& duu) {
-  const float *A = p.A + e0, *A2 = p.A2 + e0, *Bt = v.Bt, *Ct = v.Bt + p.N;
-  const __m512 vd = _mm512_load_ps(v.d), vdu = _mm512_load_ps(v.du), vu = _mm512_load_ps(v.u);
+  const float *A = p.A + e0, *Bt = v.Bt, *Ct = v.Bt + p.N;
+  const __m512 vd = _mm512_load_ps(v.d), vdu = _mm512_load_ps(v.du);
   __m512 dd2 = _mm512_setzero_ps(), duu2 = _mm512_setzero_ps();
   for (int64_t n0 = 0; n0 < p.N; n0 += 16) {
     const int64_t count = std::min<int64_t>(16, p.N - n0);
@@ -117,21 +121,20 @@ inline void walk_step_avx512(const LaneDirection<float>& p, const StepValues<flo
         pB[i] = pC[i] = _mm512_setzero_ps();
         continue;
       }
-      const __m512 An = _mm512_loadu_ps(A + n * p.E), bn = _mm512_set1_ps(Bt[n]);
-      const __m512 a = exp2_avx512(_mm512_mul_ps(vd, _mm512_loadu_ps(A2 + n * p.E)));
+      const __m512 a = _mm512_loadu_ps(v.a + n * 16), bn = _mm512_set1_ps(Bt[n]);
       const __m512 ahp = _mm512_mul_ps(a, _mm512_loadu_ps(v.prev + n * 16));
       const __m512 gn = _mm512_fmadd_ps(dy, _mm512_set1_ps(Ct[n]), _mm512_loadu_ps(s.g + n * 16));
       pC[i] = _mm512_mul_ps(dy, _mm512_loadu_ps(v.cur + n * 16));
       pB[i] = _mm512_mul_ps(gn, vdu);
-      const __m512 dterm = _mm512_mul_ps(gn, _mm512_fmadd_ps(An, ahp, _mm512_mul_ps(vu, bn)));
+      const __m512 q = _mm512_mul_ps(gn, ahp);  // dL/d(delta A_n), per lane
       if (i & 1) {  // two sums each: half the dependent chain
-        dd2 = _mm512_add_ps(dd2, dterm);
+        dd2 = _mm512_fmadd_ps(_mm512_loadu_ps(A + n * p.E), q, dd2);
         duu2 = _mm512_fmadd_ps(gn, bn, duu2);
       } else {
-        dd = _mm512_add_ps(dd, dterm);
+        dd = _mm512_fmadd_ps(_mm512_loadu_ps(A + n * p.E), q, dd);
         duu = _mm512_fmadd_ps(gn, bn, duu);
       }
-      _mm512_storeu_ps(s.dA + n * 16, _mm512_fmadd_ps(gn, _mm512_mul_ps(vd, ahp), _mm512_loadu_ps(s.dA + n * 16)));
+      _mm512_storeu_ps(s.dA + n * 16, _mm512_fmadd_ps(vd, q, _mm512_loadu_ps(s.dA + n * 16)));
       _mm512_storeu_ps(s.g + n * 16, _mm512_mul_ps(gn, a));
     }
     const __mmask16 m = static_cast<__mmask16>((1u << count) - 1u);
@@ -157,7 +160,8 @@ inline void walk_back_step_avx512(const LaneDirection<float>& p, const LaneGrads
   const __m512 dy = _mm512_mul_ps(dyr, _mm512_mul_ps(zv, sg));
   __m512 dd = _mm512_setzero_ps(), duu = _mm512_setzero_ps();
   walk_step_avx512(p, v, e0, dy, s, o.dBC + t * 2 * p.N, dd, duu);
-  const __m512 vd = _mm512_load_ps(v.d), vu = _mm512_load_ps(v.u), ddv = _mm512_mul_ps(dd, _mm512_load_ps(v.dsp));
+  const __m512 vd = _mm512_load_ps(v.d), vu = _mm512_load_ps(v.u);
+  const __m512 ddv = _mm512_mul_ps(_mm512_fmadd_ps(vu, duu, dd), _mm512_load_ps(v.dsp));
   _mm512_storeu_ps(o.ddelta + t * p.E + e0, ddv);
   _mm512_storeu_ps(o.du + t * p.E + e0, _mm512_fmadd_ps(duu, vd, _mm512_mul_ps(dy, _mm512_loadu_ps(p.D + e0))));
   _mm512_storeu_ps(s.dD, _mm512_fmadd_ps(dy, vu, _mm512_loadu_ps(s.dD)));
@@ -205,12 +209,13 @@ inline void add_lane_sums(const LaneDirection<T>& p, int64_t cnt, const T* __res
 }
 
 // Phase 3's state loop at one step (the portable form of walk_step_avx512): the adjoint update, dA, the
-// per-lane dB_t and dC_t terms, and the sums over n that delta and u need (added to dd, duu).
+// per-lane dB_t and dC_t terms, and the sums over n that delta and u need (added to dd, duu; delta's u B_t
+// term is u * duu, added by the caller).
 template <typename T>
 inline void walk_states(const LaneDirection<T>& p, const StepValues<T>& v, int64_t e0, int64_t cnt,
                         const T* __restrict dy, BlockScratch<T>& s, T* __restrict dd, T* __restrict duu) {
   const T *__restrict Bt = v.Bt, *__restrict Ct = v.Bt + p.N, *__restrict dj = v.d, *__restrict duj = v.du;
-  const T *__restrict uj = v.u, *__restrict prev = v.prev, *__restrict cur = v.cur;
+  const T *__restrict prev = v.prev, *__restrict cur = v.cur, *__restrict decays = v.a;
   T* __restrict g = s.g;
   T* __restrict dA = s.dA;
   T* __restrict pB = s.pB;
@@ -221,13 +226,13 @@ inline void walk_states(const LaneDirection<T>& p, const StepValues<T>& v, int64
     const int64_t k = n * kLanes;
 #pragma omp simd
     for (int64_t e = 0; e < cnt; ++e) {
-      const T a = vexp(dj[e] * An[e]), ahp = a * prev[k + e];
-      const T gn = g[k + e] + dy[e] * cn;
+      const T a = decays[k + e], ahp = a * prev[k + e];
+      const T gn = g[k + e] + dy[e] * cn, q = gn * ahp;  // q: dL/d(delta A_n)
       pC[k + e] = dy[e] * cur[k + e];
       pB[k + e] = gn * duj[e];
-      dd[e] += gn * (An[e] * ahp + uj[e] * bn);
+      dd[e] += An[e] * q;
       duu[e] += gn * bn;
-      dA[k + e] += gn * dj[e] * ahp;
+      dA[k + e] += dj[e] * q;
       g[k + e] = gn * a;
     }
   }
@@ -241,8 +246,9 @@ void walk_back_chunk(const LaneDirection<T>& p, const LaneGrads<T>& o, const Lan
   for (int64_t j = tile.steps - 1; j >= 0; --j) {
     const int64_t t = step_time(p, tile.i0 + j);
     const int64_t k = j * kLanes;
-    const StepValues<T> v{buf.c.d + k, buf.c.du + k, buf.b.u + k, buf.b.dsp + k, buf.c.acc + k,
-                          s.hs + j * NL, s.hs + (j + 1) * NL, p.x_proj_out + t * p.sx_t + p.R};
+    const StepValues<T> v{buf.c.d + k,   buf.c.du + k,       buf.b.u + k,  buf.b.dsp + k,
+                          buf.c.acc + k, s.hs + j * NL, s.hs + (j + 1) * NL, s.a + j * NL,
+                          p.x_proj_out + t * p.sx_t + p.R};
 #ifdef VM_AVX512
     if constexpr (FULL && std::is_same<T, float>::value) {
       walk_back_step_avx512(p, o, t, e0, v, s);
@@ -259,7 +265,7 @@ void walk_back_chunk(const LaneDirection<T>& p, const LaneGrads<T>& o, const Lan
     T* __restrict dut = o.du + t * p.E + e0;
 #pragma omp simd
     for (int64_t e = 0; e < cnt; ++e) {
-      const T ddv = dd[e] * v.dsp[e];
+      const T ddv = (dd[e] + v.u[e] * duu[e]) * v.dsp[e];
       ddt[e] = ddv;
       dut[e] = duu[e] * v.d[e] + dy[e] * p.D[e0 + e];
       s.dD[e] += dy[e] * v.u[e];
@@ -272,7 +278,7 @@ template <typename T, bool FULL>
 void backward_chunk(const LaneDirection<T>& p, const LaneGrads<T>& o, const LaneTile& tile, BackwardBuffers<T>& buf,
                     BlockScratch<T>& s) {
   chunk_inputs<T, T, FULL>(p, tile, buf.c, &buf.b);
-  chunk_recurrence<T, T, FULL>(p, tile, buf.c, s.hs, s.hs + p.N * kLanes);  // the states from the checkpoint
+  chunk_recurrence<T, T, FULL>(p, tile, buf.c, s.hs, s.hs + p.N * kLanes, s.a);  // from the checkpoint
   walk_back_chunk<T, FULL>(p, o, tile, buf, s);
 }
 
@@ -284,11 +290,12 @@ void lanes_direction_backward(const LaneDirection<T>& p, const LaneGrads<T>& o, 
                               T* scratch) {
   const int64_t NL = p.N * kLanes, blocks = (e1 - e0 + kLanes - 1) / kLanes;
   BlockScratch<T> s[kMaxTaskBlocks];
-  T* carried = scratch + (kPhaseSteps + 3) * NL;  // after hs, pB and pC, which the blocks share
+  T* carried = scratch + (2 * kPhaseSteps + 3) * NL;  // after hs, pB, pC and the decays, which the blocks share
   for (int64_t k = 0; k < blocks; ++k) {
     s[k].hs = scratch;
     s[k].pB = scratch + (kPhaseSteps + 1) * NL;
     s[k].pC = s[k].pB + NL;
+    s[k].a = s[k].pC + NL;
     s[k].g = carried + 2 * k * NL;
     s[k].dA = s[k].g + NL;
     std::fill(s[k].g, s[k].g + 2 * NL, T(0));
