@@ -4,8 +4,8 @@ import importlib
 import pytest
 import torch
 
-from helpers import assert_close
 import visionmamba
+from helpers import assert_close
 from visionmamba.ops import library, scan
 
 SCAN_OPS = ["selective_scan", "selective_scan_backward", "conv_silu", "conv_silu_backward", "bi_scan",

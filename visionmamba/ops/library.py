@@ -182,7 +182,8 @@ _BI_ARGS = "Tensor u, Tensor x_proj_out, Tensor dt_weight, Tensor A, Tensor D, T
 
 def _bi_scan_fake(u, x_proj_out, dt_weight, A, D, z, bias, checkpoint_steps):
     chunks = -(-u.shape[2] // checkpoint_steps) if checkpoint_steps else 0
-    dtype = importlib.import_module(kernel_module(u.device.type)).checkpoint_dtype(u.dtype)
+    module = _SCAN_KERNELS.get(kernel_device(u.device.type))  # none for devices without kernels
+    dtype = importlib.import_module(module).checkpoint_dtype(u.dtype) if module else torch.float32
     states = u.new_empty((2, u.shape[1], chunks, A.shape[-1], u.shape[3]), dtype=dtype)
     return z.new_empty(z.shape), states
 

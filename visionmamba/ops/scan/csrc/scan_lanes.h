@@ -351,23 +351,14 @@ void chunk_recurrence(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkB
     T* __restrict dj = buf.d + j * kLanes;
     T* __restrict duj = buf.du + j * kLanes;
     T* __restrict aj = buf.acc + j * kLanes;
-    T* __restrict aj_decays = decays ? decays + j * NL : nullptr;
+    T* __restrict decays_j = decays ? decays + j * NL : nullptr;
     for (int64_t n = 0; n < p.N; ++n) {
       const T bn = widen(Bt[n]), cn = widen(Ct[n]);
       const T* __restrict An = p.A + n * p.E + e0;
-      if (aj_decays) {
-#pragma omp simd
-        for (int64_t e = 0; e < cnt; ++e) {
-          const T a = vexp(dj[e] * An[e]), hv = a * prev[n * kLanes + e] + duj[e] * bn;
-          aj_decays[n * kLanes + e] = a;
-          cur[n * kLanes + e] = hv;
-          aj[e] += cn * hv;
-        }
-        continue;
-      }
 #pragma omp simd
       for (int64_t e = 0; e < cnt; ++e) {
-        const T hv = vexp(dj[e] * An[e]) * prev[n * kLanes + e] + duj[e] * bn;
+        const T a = vexp(dj[e] * An[e]), hv = a * prev[n * kLanes + e] + duj[e] * bn;
+        if (decays_j) decays_j[n * kLanes + e] = a;  // loop-invariant: the compiler unswitches it
         cur[n * kLanes + e] = hv;
         aj[e] += cn * hv;
       }
