@@ -94,8 +94,9 @@ def _x_proj(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     float32, eagerly), else as one batched product."""
     if not onednn_applies(u, weight):
         return torch.matmul(u, weight.transpose(1, 2)[:, None])
-    rows = u.view(2, -1, u.shape[-1])
-    return torch.stack([linear(rows[i], weight[i]) for i in range(2)]).view(*u.shape[:3], weight.shape[1])
+    # unbind, not indexing: the gradient of an indexed view is a zero-filled tensor the size of u per direction
+    rows, weights = u.view(2, -1, u.shape[-1]).unbind(0), weight.unbind(0)
+    return torch.stack([linear(r, w) for r, w in zip(rows, weights)]).view(*u.shape[:3], weight.shape[1])
 
 
 @torch.compiler.assume_constant_result
