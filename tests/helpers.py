@@ -30,6 +30,36 @@ def tiny_vim(**kwargs) -> visionmamba.VisionMamba:
     return visionmamba.VisionMamba(**args)
 
 
+
+def check_pre_norm_step(dtype: torch.dtype, shape, with_residual: bool, device: str) -> None:
+    """The fused pre-norm step (residual add + RMSNorm, :func:`visionmamba.ops.norm.fused`) against its formula
+    in float64, forward and every gradient, on the kernels that run ``device``'s tensors."""
+    from visionmamba.ops import norm
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(*shape, generator=g).to(dtype).to(device)
+    residual = torch.randn(*shape, generator=g).to(device) if with_residual else None
+    weight = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(device)
+    dy = torch.randn(*shape, generator=g).to(dtype).to(device)
+    dres = torch.randn(*shape, generator=g).to(device)
+
+    def run(fn, cast):
+        leaves = [t.detach().clone().to(cast(t)).requires_grad_(True) for t in (hidden, residual, weight) if t is not None]
+        h, *rest = leaves
+        res, w = (rest if with_residual else [None, *rest])
+        y, out = fn(h, res, w, 1e-5)
+        grads = torch.autograd.grad([y, out], leaves, [dy.to(y.dtype), dres.to(out.dtype)])
+        return y, out, grads
+
+    y, out, grads = run(norm.fused, lambda t: t.dtype)
+    ref_y, ref_out, ref_grads = run(norm.reference, lambda t: torch.float64)
+    assert y.dtype == dtype and out.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_close(y, ref_y, rtol_max=tol, name="normalised")
+    assert_close(out, ref_out, rtol_max=1e-6, name="residual")
+    for name, got, want in zip(["hidden", "residual", "weight"] if with_residual else ["hidden", "weight"], grads, ref_grads):
+        assert_close(got, want, rtol_max=tol * 10, name=f"grad {name}")
+
 TINY = ["--model-args", json.dumps({"depth": 2, "embed_dim": 32, "patch_size": 8, "stride": 8}), "--img-size", "32"]
 PLAIN = ["--auto-augment", "", "--reprob", "0", "--hflip", "0", "--mixup", "0", "--cutmix", "0", "--smoothing", "0",
          "--scale", "1", "1", "--crop-pct", "1", "--drop-path", "0", "--no-model-ema", "--workers", "0",

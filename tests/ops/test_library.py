@@ -16,11 +16,9 @@ NORM_OPS = ["add_rms_norm", "add_rms_norm_backward", "add_rms_norm_", "rms_norm"
 def test_the_ops_and_the_device_kernels_the_dispatcher_has():
     kernels = library.dispatcher_kernels()
     assert list(kernels) == SCAN_OPS + NORM_OPS and len(kernels) <= 12
-    assert {name: kernels[name] for name in SCAN_OPS} == {name: ["cpu", "cuda"] for name in SCAN_OPS}
-    with library.cuda_kernels_on_cpu():  # registers CPU entries that route to the CUDA kernels
-        pass
-    for name in NORM_OPS:  # Triton only: the CPU entry exists to route, and outside the context it refuses
-        assert library.KERNELS[name] == {"cuda": "visionmamba.ops.norm_triton"}
+    assert kernels == {name: ["cpu", "cuda"] for name in SCAN_OPS + NORM_OPS}
+    for name in NORM_OPS:
+        assert library.KERNELS[name] == {"cpu": "visionmamba.ops.norm_cpu", "cuda": "visionmamba.ops.norm_triton"}
     for name, schema in library.SCHEMAS.items():
         assert str(getattr(torch.ops.visionmamba, name).default._schema) == f"visionmamba::{name}{schema}"
 
@@ -34,10 +32,8 @@ def test_every_kernel_module_defines_the_kernel_of_each_op_it_claims():
 
 
 def test_an_op_without_a_kernel_for_the_device_says_so_in_one_line():
-    with library.cuda_kernels_on_cpu():
-        pass  # the norm ops now have their routing CPU entry
-    with pytest.raises(NotImplementedError, match="visionmamba::rms_norm has no kernel for cpu tensors"):
-        torch.ops.visionmamba.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-5)
+    with pytest.raises(NotImplementedError, match="visionmamba::rms_norm has no kernel for xpu tensors"):
+        library._run("rms_norm", "xpu", torch.ones(2, 4), torch.ones(4), 1e-5)
 
 
 def test_the_route_to_the_cuda_kernels_is_undone_on_leaving():

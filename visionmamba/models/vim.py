@@ -152,14 +152,21 @@ class Block(nn.Module):
 
 def fused_add_norm(scan_backend: str, norm_module: nn.Module, hidden: torch.Tensor, residual: Optional[torch.Tensor],
                    inplace: bool = False) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """The residual add and RMSNorm as one Triton kernel ((normed, new residual), :func:`norm.fused`) where
-    it applies, else None (the caller runs them as plain operators): an RMSNorm, on the Triton scan path,
-    below float64 (its residual is float32), not under torch.fx's symbolic tracing (parameters are proxies
-    there: its graph keeps the plain operators). The one place this is decided, for the blocks and the final
-    norm."""
+    """The residual add and RMSNorm as one fused op ((normed, new residual), :func:`norm.fused`) where it
+    applies, else None (the caller runs them as plain operators): an RMSNorm, below float64 (its residual is
+    float32), not under torch.fx's symbolic tracing (parameters are proxies there: its graph keeps the plain
+    operators); on the Triton scan path, or on the ``cpu`` one when run eagerly in float32 or bfloat16 (traced,
+    compiled and exported graphs keep the plain operators there, which their compilers fuse and their
+    converters know). The one place this is decided, for the blocks and the final norm."""
     weight = getattr(norm_module, "weight", None)
-    if (not isinstance(norm_module, RmsNorm) or isinstance(weight, torch.fx.Proxy) or hidden.dtype == torch.float64
-            or scan.resolve_backend(scan_backend, weight.device) != "triton"):
+    if not isinstance(norm_module, RmsNorm) or isinstance(weight, torch.fx.Proxy) or hidden.dtype == torch.float64:
+        return None
+    backend = scan.resolve_backend(scan_backend, weight.device)
+    if backend == "cpu" and (hidden.dtype not in (torch.float32, torch.bfloat16) or weight.device.type != "cpu"
+                             or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                             or torch.compiler.is_exporting() or scan.exporting_onnx()):
+        return None
+    if backend not in ("triton", "cpu"):
         return None
     return norm.fused(hidden, residual, weight, norm_module.eps, inplace)
 

@@ -14,7 +14,7 @@ The ops, and why each exists (shapes in the kernels' docstrings; the math in ``s
   undefined), so a block's scan allocates nothing; no gradient.
 * ``bi_scan_inference``: inference's ``bi_scan`` as a function of one result, what traced and exported graphs
   hold (converters such as OpenVINO's want neither side effects nor unused outputs).
-* ``add_rms_norm`` / ``add_rms_norm_backward``: the pre-norm step (float32 residual + RMSNorm) on CUDA.
+* ``add_rms_norm`` / ``add_rms_norm_backward``: the pre-norm step (float32 residual + RMSNorm) in one pass.
 * ``add_rms_norm_`` and ``rms_norm``: inference's pre-norm step, the residual updated in place, and the
   first block's, which has no residual yet (one op cannot do both: inductor cannot compile an optional
   in-place argument given as None).
@@ -34,7 +34,7 @@ NAMESPACE = "visionmamba"
 LIB = torch.library.Library(NAMESPACE, "DEF")
 
 _SCAN_KERNELS = {"cpu": "visionmamba.ops.scan.cpu", "cuda": "visionmamba.ops.scan.triton"}
-_NORM_KERNELS = {"cuda": "visionmamba.ops.norm_triton"}
+_NORM_KERNELS = {"cpu": "visionmamba.ops.norm_cpu", "cuda": "visionmamba.ops.norm_triton"}
 SCHEMAS: Dict[str, str] = {}  # op name -> schema, in declaration order
 KERNELS: Dict[str, Dict[str, str]] = {}  # op name -> device type -> module holding the kernel of that name
 # device type of the tensors -> device type whose kernels run them; meta tensors (shapes only, no data) take

@@ -2,8 +2,9 @@
 
 The official code runs this as one fused kernel (``layer_norm_fn(..., prenorm=True, residual_in_fp32=True,
 is_rms_norm=True)``); :func:`fused` runs it as the ops ``add_rms_norm`` (``add_rms_norm_`` and ``rms_norm`` in
-place, for inference) of :mod:`visionmamba.ops.library`, whose kernels are Triton's: the blocks use it on the
-Triton path. :func:`reference` is the formula it is tested against (elsewhere the blocks keep timm's ``RmsNorm``).
+place, for inference) of :mod:`visionmamba.ops.library`, whose kernels are Triton's on CUDA and C++ on the CPU:
+the blocks use it on those scan paths. :func:`reference` is the formula it is tested against (elsewhere the
+blocks keep timm's ``RmsNorm``).
 """
 from typing import Optional, Tuple
 
@@ -23,7 +24,7 @@ def reference(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: to
 
 def fused(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
           inplace: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`reference` as one Triton kernel, forward and backward (a float32 residual; the Triton path).
+    """:func:`reference` as one kernel, forward and backward (a float32 residual; the Triton and CPU paths).
     With ``inplace`` (for a caller that owns the residual stream: the model's own block loop) and nothing
     to differentiate, the residual is updated in place and returned (the first block's float32 hidden
     becomes the residual as it is)."""

@@ -34,7 +34,7 @@ from visionmamba.ops.scan import toolchain
 from visionmamba.ops.scan.reference import compute_dtype
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("scan_rows.cpp", "scan_lanes.cpp", "conv_silu.cpp", "bindings.cpp")
+SOURCES = ("scan_rows.cpp", "scan_lanes.cpp", "conv_silu.cpp", "rms_norm.cpp", "bindings.cpp")
 HEADERS = ("selective_scan.h", "scan_math.h", "scan_lanes.h", "scan_lanes_backward.h", "conv_silu.h")
 CHECKPOINT_STEPS = 32  # steps between the saved states: the lanes kernels' chunk (kPhaseSteps in scan_lanes.h)
 FLOAT32_ACTIVATIONS = True  # the mixer hands these kernels float32 activations (it casts first, autocast off)

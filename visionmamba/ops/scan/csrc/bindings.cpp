@@ -11,4 +11,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bi_backward", &visionmamba::bi_backward, "both directions of the mixer, gradients");
   m.def("conv_forward", &visionmamba::conv_forward, "depthwise conv + SiLU of both directions, forward");
   m.def("conv_backward", &visionmamba::conv_backward, "depthwise conv + SiLU of both directions, gradients");
+  m.def("rms_norm_forward", &visionmamba::rms_norm_forward, "residual add + RMSNorm, forward");
+  m.def("rms_norm_backward", &visionmamba::rms_norm_backward, "residual add + RMSNorm, gradients");
 }

@@ -102,4 +102,15 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const at::Tens
 std::vector<at::Tensor> conv_backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
                                       const at::Tensor& du);
 
+// The pre-norm step (rms_norm.cpp; absent tensors are empty): y = (residual + hidden) rstd weight in hidden's
+// dtype (float32 or bfloat16), the new residual into out (float32; may be residual itself, or absent without a
+// residual), rstd (rows,) unless absent. hidden, residual, y, out: contiguous (rows, D); weight float32 (D,).
+void rms_norm_forward(const at::Tensor& hidden, const at::Tensor& residual, const at::Tensor& weight, double eps,
+                      const at::Tensor& y, const at::Tensor& out, const at::Tensor& rstd);
+// Its gradients: dhidden (dy's dtype) and dresidual (float32, absent without a residual) get dx (+ dout, the new
+// residual's own gradient, unless absent); dw_part (ceil(rows / 64), D) the weight gradient per block of 64 rows.
+void rms_norm_backward(const at::Tensor& dy, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& rstd,
+                       const at::Tensor& weight, const at::Tensor& dhidden, const at::Tensor& dresidual,
+                       const at::Tensor& dw_part);
+
 }  // namespace visionmamba
