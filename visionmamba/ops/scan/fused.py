@@ -94,9 +94,33 @@ def _x_proj(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     float32, eagerly), else as one batched product."""
     if not onednn_applies(u, weight):
         return torch.matmul(u, weight.transpose(1, 2)[:, None])
-    # unbind, not indexing: the gradient of an indexed view is a zero-filled tensor the size of u per direction
-    rows, weights = u.view(2, -1, u.shape[-1]).unbind(0), weight.unbind(0)
-    return torch.stack([linear(r, w) for r, w in zip(rows, weights)]).view(*u.shape[:3], weight.shape[1])
+    if torch.is_grad_enabled() and (u.requires_grad or weight.requires_grad):
+        return _OneDnnXProj.apply(u, weight)
+    return _x_proj_onednn(u, weight)
+
+
+def _x_proj_onednn(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    rows = u.view(2, -1, u.shape[-1])
+    return torch.stack([linear(rows[i], weight[i]) for i in range(2)]).view(*u.shape[:3], weight.shape[1])
+
+
+class _OneDnnXProj(torch.autograd.Function):
+    """:func:`_x_proj` through oneDNN with its gradients as two batched products: per-direction linears would
+    give u's gradient as a stack of two (and weight's through a transposed copy), a pass over a tensor the
+    size of u more per block."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(u, weight)
+        return _x_proj_onednn(u, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        u, weight = ctx.saved_tensors
+        g = grad.reshape(2, -1, grad.shape[-1])  # (2, b L, R + 2N)
+        grad_u = torch.bmm(g, weight).view(u.shape) if ctx.needs_input_grad[0] else None
+        grad_w = torch.bmm(g.transpose(1, 2), u.view(2, -1, u.shape[-1])) if ctx.needs_input_grad[1] else None
+        return grad_u, grad_w
 
 
 @torch.compiler.assume_constant_result
