@@ -26,24 +26,22 @@ void conv_forward_rows(const ConvParams<T, S>& p, S* pu) {
   });
 }
 
-// Where the conv gradients go: g (2, b, L, E) = du * silu'(pre), dx (b, L, E), and per-batch-row partial
-// sums dw (b, 2, K, E) and db (b, 2, E).
+// Where the conv gradients go: dx (b, L, E), and per-batch-row partial sums dw (b, 2, K, E) and db (b, 2, E).
 template <typename T>
 struct ConvGrads {
   const T* du;
-  T* g;
   T* dx;
   T* dw;
   T* db;
 };
 
-// The gradients of direction dir of batch row b (one task owns a batch row: its dx rows are its own).
+// The gradients of direction dir of batch row b (one task owns a batch row: its dx rows are its own). pre, gr:
+// E values of scratch each (the step's pre-activation and du silu'(pre), used by the step's taps only).
 template <typename T>
-void conv_backward_direction(const ConvParams<T>& p, const ConvGrads<T>& o, int64_t dir, int64_t b, T* pre) {
+void conv_backward_direction(const ConvParams<T>& p, const ConvGrads<T>& o, int64_t dir, int64_t b, T* pre, T* gr) {
   for (int64_t t = 0; t < p.L; ++t) {
     conv_preact(p, dir, b, t, pre);
     const int64_t row = (dir * p.batch + b) * p.L + t;
-    T* gr = o.g + row * p.E;
     T* db = o.db + (b * 2 + dir) * p.E;
 #pragma omp simd
     for (int64_t e = 0; e < p.E; ++e) {
@@ -106,19 +104,17 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const at::Tens
 std::vector<at::Tensor> conv_backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
                                       const at::Tensor& du) {
   const int64_t batch = x.size(0), L = x.size(1), K = w.size(1), E = w.size(2);
-  auto g = at::empty({2, batch, L, E}, w.options());
   auto dx = at::zeros({batch, L, E}, w.options());
   auto dw_part = at::zeros({batch, 2, K, E}, w.options()), db_part = at::zeros({batch, 2, E}, w.options());
   TORCH_CHECK(du.is_contiguous(), "conv_backward: du must be contiguous");
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "visionmamba_conv_backward", [&] {
     using T = scalar_t;
     const auto p = conv_params<T>(x, w, bias);
-    const ConvGrads<T> grads{du.data_ptr<T>(), g.data_ptr<T>(), dx.data_ptr<T>(), dw_part.data_ptr<T>(),
-                             db_part.data_ptr<T>()};
+    const ConvGrads<T> grads{du.data_ptr<T>(), dx.data_ptr<T>(), dw_part.data_ptr<T>(), db_part.data_ptr<T>()};
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> pre(E);
+      std::vector<T> pre(E), gr(E);
       for (int64_t b = begin; b < end; ++b)
-        for (int64_t dir = 0; dir < 2; ++dir) conv_backward_direction(p, grads, dir, b, pre.data());
+        for (int64_t dir = 0; dir < 2; ++dir) conv_backward_direction(p, grads, dir, b, pre.data(), gr.data());
     });
   });
   return {dx, dw_part, db_part};
