@@ -14,6 +14,8 @@ The ops, and why each exists (shapes in the kernels' docstrings; the math in ``s
   undefined), so a block's scan allocates nothing; no gradient.
 * ``bi_scan_inference``: inference's ``bi_scan`` as a function of one result, what traced and exported graphs
   hold (converters such as OpenVINO's want neither side effects nor unused outputs).
+* ``mixer_core``: the CPU's inference forward of the whole core (conv + SiLU, x_proj, ``bi_scan``) in one pass
+  of token tiles, so that u and x_proj's output never leave the cache; CPU only, eager inference only.
 * ``add_rms_norm`` / ``add_rms_norm_backward``: the pre-norm step (float32 residual + RMSNorm) in one pass.
 * ``add_rms_norm_`` and ``rms_norm``: inference's pre-norm step, the residual updated in place, and the
   first block's, which has no residual yet (one op cannot do both: inductor cannot compile an optional
@@ -195,6 +197,9 @@ register_backward("bi_scan", saved_outputs=1)
 _define("bi_scan_", f"({_BI_ARGS.replace('Tensor u', 'Tensor(a!) u')}) -> ()", _SCAN_KERNELS, lambda *args: None)
 _define("bi_scan_inference", f"({_BI_ARGS}) -> Tensor", _SCAN_KERNELS, 
         lambda u, x_proj_out, dt_weight, A, D, z, bias: z.new_empty(z.shape))
+_define("mixer_core", "(Tensor x, Tensor z, Tensor conv_weight, Tensor conv_bias, Tensor x_proj_weight, "
+        "Tensor dt_weight, Tensor dt_bias, Tensor A, Tensor D) -> Tensor", {"cpu": _SCAN_KERNELS["cpu"]},
+        lambda x, z, *weights: x.new_empty(z.shape))
 
 # ------------------------------------------------------------------------------------------ the pre-norm step
 _define("add_rms_norm", "(Tensor hidden, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)",

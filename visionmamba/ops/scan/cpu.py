@@ -34,8 +34,9 @@ from visionmamba.ops.scan import toolchain
 from visionmamba.ops.scan.reference import compute_dtype
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("scan_rows.cpp", "scan_lanes.cpp", "conv_silu.cpp", "rms_norm.cpp", "bindings.cpp")
-HEADERS = ("selective_scan.h", "scan_math.h", "scan_lanes.h", "scan_lanes_backward.h", "conv_silu.h")
+SOURCES = ("scan_rows.cpp", "scan_lanes.cpp", "conv_silu.cpp", "mixer_core.cpp", "rms_norm.cpp", "bindings.cpp")
+HEADERS = ("selective_scan.h", "scan_math.h", "scan_lanes.h", "scan_lanes_backward.h", "conv_silu.h", "mixer_core.h",
+           "tensor_args.h")
 CHECKPOINT_STEPS = 32  # steps between the saved states: the lanes kernels' chunk (kPhaseSteps in scan_lanes.h)
 FLOAT32_ACTIVATIONS = True  # the mixer hands these kernels float32 activations (it casts first, autocast off)
 BF16_INFERENCE = True  # ... except in inference, where conv_silu and bi_scan_ also read and write bfloat16
@@ -213,6 +214,28 @@ def bi_scan_inference(u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torc
                       D: torch.Tensor, z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """:func:`bi_scan`'s result alone, without a backward (the op of traced and exported graphs)."""
     return bi_scan(u, x_proj_out, dt_weight, A, D, z, bias, 0)[0]
+
+
+def mixer_core(x: torch.Tensor, z: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
+               x_proj_weight: torch.Tensor, dt_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor,
+               D: torch.Tensor) -> torch.Tensor:
+    """The mixer core's inference forward in one pass of token tiles (``csrc/mixer_core.h``): conv + SiLU,
+    x_proj and the scan of both directions, per chunk of CHECKPOINT_STEPS tokens while its rows are in cache,
+    one batch row per task. Arguments as :func:`visionmamba.ops.scan.reference.bidirectional` (x_proj_weight
+    (2, R + 2N, E)); x and z float32 or bfloat16 (read and written as they are, computed in float32) -> (b, L, E)
+    in x's dtype. No gradient."""
+    act = _activations(x.dtype)
+    if act not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"mixer_core runs float32 or bfloat16 activations, got {x.dtype}")
+    f32 = torch.float32
+    columns = x_proj_weight.shape[1]
+    x_proj_t = torch.nn.functional.pad(x_proj_weight.to(f32).transpose(1, 2), (0, -columns % 16)).contiguous()
+    weights = [dt_weight.to(f32).transpose(1, 2).contiguous(), A.to(f32).transpose(1, 2).contiguous(),
+               D.to(f32).contiguous(), dt_bias.to(f32).contiguous()]
+    out = torch.empty(z.shape, dtype=act)
+    load().mixer_core(_lanes(x, act), conv_weight.to(f32).transpose(1, 2).contiguous(), conv_bias.to(f32).contiguous(),
+                      x_proj_t, _lanes(z, act), weights, out)
+    return out.to(x.dtype)
 
 
 def bi_scan_backward(dout: torch.Tensor, u: torch.Tensor, x_proj_out: torch.Tensor, dt_weight: torch.Tensor,

@@ -61,6 +61,9 @@ def _core_bf16(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_p
     sums float32), x_proj is a bf16 matrix product (oneDNN). Returns bf16."""
     bf16, f32 = torch.bfloat16, torch.float32
     ops = torch.ops.visionmamba
+    if _tiles_apply(x):
+        return ops.mixer_core(x.to(bf16), z.to(bf16), conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+                              dt_proj_bias, A, D)
     u = ops.conv_silu(x.to(bf16), conv_weight.to(f32), conv_bias.to(f32))  # (2, b, L, E) bf16
     x_proj_out = _x_proj(u, x_proj_weight.to(bf16))  # (2, b, L, R + 2N): a bf16 product
     ops.bi_scan_(u, x_proj_out, dt_proj_weight.to(f32), A.to(f32), D.to(f32), z.to(bf16), dt_proj_bias.to(f32))
@@ -75,10 +78,13 @@ def _core(float32: bool, checkpoint_steps: int, x, z, conv_weight, conv_bias, x_
         x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D = (
             t.to(ct) for t in (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D))
     ops = torch.ops.visionmamba
+    params = (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+    if not differentiable and x.dtype == torch.float32 and _tiles_apply(x):
+        return ops.mixer_core(*params).to(dtype)
     u = ops.conv_silu(x, conv_weight, conv_bias)  # (2, b, L, E)
     x_proj_out = _x_proj(u, x_proj_weight.to(u.dtype))  # (2, b, L, R + 2N)
     scan_args = (x_proj_out, dt_proj_weight, A, D, z, dt_proj_bias)
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (u, *scan_args))
     if differentiable or torch.jit.is_tracing():  # one op whatever the tracer's checks re-trace under
         out = ops.bi_scan(u, *scan_args, checkpoint_steps)[0]
     elif torch.compiler.is_exporting():
@@ -87,6 +93,19 @@ def _core(float32: bool, checkpoint_steps: int, x, z, conv_weight, conv_bias, x_
         ops.bi_scan_(u, *scan_args)
         out = u[0]
     return out.to(dtype)
+
+
+def _tiles_apply(x: torch.Tensor) -> bool:
+    """Whether inference takes the CPU's fused core (op ``mixer_core``, one batch row per task): eagerly, on the
+    CPU's own kernels, with at least a batch row per thread (fewer rows leave threads idle that the separate
+    ops, tasked by channels, keep busy)."""
+    if x.device.type != "cpu" or library.routed_to_cuda("cpu"):
+        return False
+    from visionmamba.ops.scan import exporting_onnx  # the package, imported by the time a model runs
+
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting() or exporting_onnx():
+        return False
+    return x.shape[0] >= torch.get_num_threads()
 
 
 def _x_proj(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_backward", &visionmamba::scan_backward, "one-direction scan, gradients");
   m.def("bi_forward", &visionmamba::bi_forward, "both directions of the mixer, forward (channels as lanes)");
   m.def("bi_backward", &visionmamba::bi_backward, "both directions of the mixer, gradients");
+  m.def("mixer_core", &visionmamba::mixer_core, "conv + SiLU, x_proj and both scans in token tiles, inference");
   m.def("conv_forward", &visionmamba::conv_forward, "depthwise conv + SiLU of both directions, forward");
   m.def("conv_backward", &visionmamba::conv_backward, "depthwise conv + SiLU of both directions, gradients");
   m.def("rms_norm_forward", &visionmamba::rms_norm_forward, "residual add + RMSNorm, forward");

@@ -5,6 +5,7 @@
 
 #include "conv_silu.h"
 #include "selective_scan.h"
+#include "tensor_args.h"
 
 namespace visionmamba {
 namespace {
@@ -13,6 +14,8 @@ using conv::conv_preact;
 using conv::conv_silu_row;
 using conv::ConvParams;
 using conv::tap_source;
+using tensor_args::conv_params;
+using tensor_args::data;
 
 // u (2, b, L, E) = silu(pre-activation), stored as S.
 template <typename T, typename S>
@@ -63,28 +66,6 @@ void conv_backward_direction(const ConvParams<T>& p, const ConvGrads<T>& o, int6
       }
     }
   }
-}
-
-template <typename T, typename S = T>
-ConvParams<T, S> conv_params(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
-  TORCH_CHECK(x.stride(2) == 1, "conv: x must have contiguous channels");
-  TORCH_CHECK(w.is_contiguous() && bias.is_contiguous(), "conv: w and bias must be contiguous");
-  TORCH_CHECK(w.scalar_type() == bias.scalar_type() && w.scalar_type() == c10::CppTypeToScalarType<T>::value,
-              "conv: w and bias must be of the compute dtype");
-  ConvParams<T, S> p;
-  if constexpr (std::is_same<S, bf16>::value)
-    p.x = reinterpret_cast<const bf16*>(x.data_ptr<at::BFloat16>());
-  else
-    p.x = x.data_ptr<T>();
-  p.sx_b = x.stride(0);
-  p.sx_t = x.stride(1);
-  p.w = w.data_ptr<T>();
-  p.bias = bias.data_ptr<T>();
-  p.batch = x.size(0);
-  p.L = x.size(1);
-  p.E = w.size(2);
-  p.K = w.size(1);
-  return p;
 }
 
 }  // namespace

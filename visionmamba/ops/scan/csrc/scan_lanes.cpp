@@ -5,67 +5,13 @@
 
 #include "scan_lanes_backward.h"
 #include "selective_scan.h"
+#include "tensor_args.h"
 
 namespace visionmamba {
 namespace {
 
-// A tensor's data as storage type S (bf16: c10::BFloat16's layout).
-template <typename S>
-S* data(const at::Tensor& t) {
-  if constexpr (std::is_same<S, bf16>::value)
-    return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>());
-  else
-    return t.data_ptr<S>();
-}
-
-// The forward's arguments by pointer: activations u, x_proj_out, z of storage type S, the rest of type T;
-// A2 receives A log2(e) and must outlive them.
-template <typename T, typename S>
-lanes::BiForwardArgs<T, S> forward_args(const at::Tensor& u, const at::Tensor& x_proj_out, const at::Tensor& z,
-                                        const std::vector<at::Tensor>& weights, const at::Tensor& checkpoints,
-                                        std::vector<T>& A2) {
-  TORCH_CHECK(weights.size() == 4, "bi_scan: weights are (W_t, A_t, D, bias)");
-  const at::Tensor &W_t = weights[0], &A_t = weights[1], &D = weights[2], &bias = weights[3];
-  const int64_t batch = u.size(1), L = u.size(2), E = u.size(3), N = A_t.size(1), R = W_t.size(1);
-  TORCH_CHECK(z.stride(2) == 1, "bi_scan: z must have contiguous channels");
-  TORCH_CHECK(x_proj_out.stride(3) == 1, "bi_scan: x_proj's output must have contiguous columns");
-  TORCH_CHECK(u.is_contiguous() && W_t.is_contiguous() && A_t.is_contiguous() && D.is_contiguous() &&
-                  bias.is_contiguous(),
-              "bi_scan: u, W_t, A, D and bias must be contiguous");
-  TORCH_CHECK(x_proj_out.scalar_type() == u.scalar_type() && z.scalar_type() == u.scalar_type(),
-              "bi_scan: u, x_proj_out and z must have one dtype");
-  TORCH_CHECK(W_t.scalar_type() == A_t.scalar_type() && D.scalar_type() == A_t.scalar_type() &&
-                  bias.scalar_type() == A_t.scalar_type() && A_t.scalar_type() == c10::CppTypeToScalarType<T>::value,
-              "bi_scan: the weights must be of the compute dtype");
-  TORCH_CHECK(checkpoints.numel() == 0 ||
-                  (checkpoints.is_contiguous() && checkpoints.scalar_type() == A_t.scalar_type() &&
-                   checkpoints.numel() == 2 * batch * lanes::chunk_count(L) * N * E),
-              "bi_scan: checkpoints must be empty or a contiguous (2, b, chunks, N, E) tensor of the compute dtype");
-  A2.resize(2 * N * E);
-  lanes::log2e_table(A_t.data_ptr<T>(), A2.data(), 2 * N * E);
-  lanes::BiForwardArgs<T, S> args;
-  args.u = data<S>(u);
-  args.W_t = W_t.data_ptr<T>();
-  args.A_t = A_t.data_ptr<T>();
-  args.A2 = A2.data();
-  args.x_proj_out = data<S>(x_proj_out);
-  args.sx_dir = x_proj_out.stride(0);
-  args.sx_b = x_proj_out.stride(1);
-  args.sx_t = x_proj_out.stride(2);
-  args.D = D.data_ptr<T>();
-  args.bias = bias.data_ptr<T>();
-  args.z = data<S>(z);
-  args.sz_b = z.stride(0);
-  args.sz_t = z.stride(1);
-  args.checkpoints = checkpoints.numel() ? checkpoints.data_ptr<T>() : nullptr;
-  args.task_blocks = lanes::task_blocks(batch, E, at::get_num_threads());
-  args.batch = batch;
-  args.L = L;
-  args.E = E;
-  args.N = N;
-  args.R = R;
-  return args;
-}
+using tensor_args::data;
+using tensor_args::forward_args;
 
 template <typename T, typename S>
 void run_forward(const at::Tensor& u, const at::Tensor& x_proj_out, const at::Tensor& z,

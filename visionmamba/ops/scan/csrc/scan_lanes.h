@@ -66,7 +66,21 @@ struct LaneDirection {
   int64_t N;
   int64_t R;
   bool reverse;
+  // u and x_proj_out hold the rows of steps [row0, row0 + kPhaseSteps) only (a token tile of the fused core,
+  // mixer_core.h), or all rows (row0 0, tile false: nothing of theirs to prefetch beyond the tile)
+  int64_t row0 = 0;
+  bool tile = false;
 };
+
+// Step t's row of u and of x_proj_out.
+template <typename T, typename S>
+inline const S* u_row(const LaneDirection<T, S>& p, int64_t t) {
+  return p.u + (t - p.row0) * p.E;
+}
+template <typename T, typename S>
+inline const S* x_proj_row(const LaneDirection<T, S>& p, int64_t t) {
+  return p.x_proj_out + (t - p.row0) * p.sx_t;
+}
 
 // Both directions of the mixer over a batch: the layouts of bi_forward in selective_scan.h, by pointer and
 // stride. u, W_t, A_t, A2 and out are contiguous; x_proj_out and z have contiguous last axes.
@@ -148,10 +162,11 @@ inline int64_t step_time(const LaneDirection<T, S>& p, int64_t i) {
 template <typename T, typename S>
 inline void prefetch_next_chunk(const LaneDirection<T, S>& p, int64_t e0, int64_t t) {
   const int64_t q = p.reverse ? t - kPhaseSteps : t + kPhaseSteps;
-  VM_PREFETCH(p.u + q * p.E + e0, 0);
   VM_PREFETCH(p.z + q * p.sz_t + e0, 0);
   VM_PREFETCH(p.out + q * p.E + e0, 1);
-  for (int64_t c = 0; c < p.R + 2 * p.N; c += 64 / sizeof(S)) VM_PREFETCH(p.x_proj_out + q * p.sx_t + c, 0);
+  if (p.tile) return;
+  VM_PREFETCH(u_row(p, q) + e0, 0);
+  for (int64_t c = 0; c < p.R + 2 * p.N; c += 64 / sizeof(S)) VM_PREFETCH(x_proj_row(p, q) + c, 0);
 }
 
 #ifdef VM_AVX512
@@ -173,7 +188,7 @@ inline void register_recurrence_avx512(const LaneDirection<float, S>& p, const L
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);
     if (!states && tile.i0 + kPhaseSteps + j < p.L) prefetch_next_chunk(p, tile.e0, t);
-    const S* __restrict Bt = p.x_proj_out + t * p.sx_t + p.R;
+    const S* __restrict Bt = x_proj_row(p, t) + p.R;
     const S* __restrict Ct = Bt + kRegisterStates;
     const __m512 vd = _mm512_load_ps(buf.d + j * kLanes), vdu = _mm512_load_ps(buf.du + j * kLanes);
     __m512 vacc = _mm512_load_ps(buf.acc + j * kLanes), vacc2 = _mm512_setzero_ps();
@@ -200,7 +215,7 @@ inline void register_recurrence_avx512(const LaneDirection<float, S>& p, const L
 // the rank: half the dependent-FMA chain).
 template <typename T, typename S>
 inline void raw_deltas(const LaneDirection<T, S>& p, int64_t t, int64_t e0, int64_t cnt, T* __restrict x) {
-  const S* __restrict dtr = p.x_proj_out + t * p.sx_t;
+  const S* __restrict dtr = x_proj_row(p, t);
   T x0[kLanes], x1[kLanes];
 #pragma omp simd
   for (int64_t e = 0; e < cnt; ++e) x0[e] = x1[e] = T(0);
@@ -242,7 +257,7 @@ inline void chunk_inputs_avx512(const LaneDirection<float, S>& p, const LaneTile
   const __m512 bias = _mm512_loadu_ps(p.bias + e0), D = _mm512_loadu_ps(p.D + e0);
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);
-    const S* __restrict dtr = p.x_proj_out + t * p.sx_t;
+    const S* __restrict dtr = x_proj_row(p, t);
     __m512 x0 = bias, x1 = _mm512_setzero_ps();  // two partial sums over the rank: half the dependent chain
     int64_t r = 0;
     for (; r + 1 < p.R; r += 2) {
@@ -250,7 +265,7 @@ inline void chunk_inputs_avx512(const LaneDirection<float, S>& p, const LaneTile
       x1 = _mm512_fmadd_ps(_mm512_set1_ps(widen(dtr[r + 1])), _mm512_loadu_ps(p.Wt + (r + 1) * p.E + e0), x1);
     }
     if (r < p.R) x0 = _mm512_fmadd_ps(_mm512_set1_ps(widen(dtr[r])), _mm512_loadu_ps(p.Wt + r * p.E + e0), x0);
-    const __m512 x = _mm512_add_ps(x0, x1), u = load16(p.u + t * p.E + e0);
+    const __m512 x = _mm512_add_ps(x0, x1), u = load16(u_row(p, t) + e0);
     __m512 decay;  // exp(-|x|)
     const __m512 d = softplus_avx512(x, decay);
     _mm512_store_ps(buf.d + j * kLanes, d);
@@ -296,7 +311,7 @@ void chunk_inputs(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffe
   const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0;
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);
-    const S* __restrict ut = p.u + t * p.E + e0;
+    const S* __restrict ut = u_row(p, t) + e0;
     T x[kLanes];
     raw_deltas(p, t, e0, cnt, x);
     T* __restrict dj = buf.d + j * kLanes;
@@ -338,7 +353,7 @@ void chunk_recurrence(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkB
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);
     if (!states && tile.i0 + kPhaseSteps + j < p.L) prefetch_next_chunk(p, e0, t);
-    const S* __restrict Bt = p.x_proj_out + t * p.sx_t + p.R;
+    const S* __restrict Bt = x_proj_row(p, t) + p.R;
     const S* __restrict Ct = Bt + p.N;
     const T* prev = states && j > 0 ? states + (j - 1) * NL : h;  // may be cur (in place): no __restrict
     T* cur = states ? states + j * NL : h;
@@ -457,11 +472,11 @@ int64_t bi_forward_scratch(const BiForwardArgs<T, S>& a) {
 template <typename T, typename S>
 LaneDirection<T, S> direction_of(const BiForwardArgs<T, S>& a, int64_t dir, int64_t b) {
   LaneDirection<T, S> p;
-  p.u = a.u + (dir * a.batch + b) * a.L * a.E;
+  p.u = a.u ? a.u + (dir * a.batch + b) * a.L * a.E : nullptr;  // none: the fused core's tiles (mixer_core.h)
   p.Wt = a.W_t + dir * a.R * a.E;
   p.A = a.A_t + dir * a.N * a.E;
   p.A2 = a.A2 + dir * a.N * a.E;
-  p.x_proj_out = a.x_proj_out + dir * a.sx_dir + b * a.sx_b;
+  p.x_proj_out = a.x_proj_out ? a.x_proj_out + dir * a.sx_dir + b * a.sx_b : nullptr;
   p.sx_t = a.sx_t;
   p.D = a.D + dir * a.E;
   p.bias = a.bias + dir * a.E;

@@ -249,7 +249,7 @@ void walk_back_chunk(const LaneDirection<T>& p, const LaneGrads<T>& o, const Lan
     const int64_t k = j * kLanes;
     const StepValues<T> v{buf.c.d + k,   buf.c.du + k,       buf.b.u + k,  buf.b.dsp + k,
                           buf.c.acc + k, s.hs + j * NL, s.hs + (j + 1) * NL, s.a + j * NL,
-                          p.x_proj_out + t * p.sx_t + p.R};
+                          x_proj_row(p, t) + p.R};
 #ifdef VM_AVX512
     if constexpr (FULL && std::is_same<T, float>::value) {
       walk_back_step_avx512(p, o, t, e0, v, s);

@@ -96,6 +96,13 @@ std::vector<at::Tensor> bi_backward(const at::Tensor& dout, const at::Tensor& u,
                                     const at::Tensor& z, const std::vector<at::Tensor>& weights,
                                     const at::Tensor& checkpoints);
 
+// The mixer core's inference forward in token tiles (mixer_core.cpp): conv + SiLU (conv_w (2, K, E), conv_b (2, E)),
+// x_proj (x_proj_t: its weight transposed, (2, E, P), zero columns from R + 2N to P, the next multiple of 16) and
+// bi_forward's scan with weights (W_t, A_t, D, bias), from x, z (b, L, E) into out (b, L, E), contiguous.
+// x, z, out: float32, or bfloat16 with float32 weights and arithmetic.
+void mixer_core(const at::Tensor& x, const at::Tensor& conv_w, const at::Tensor& conv_b, const at::Tensor& x_proj_t,
+                const at::Tensor& z, const std::vector<at::Tensor>& weights, const at::Tensor& out);
+
 // Depthwise conv + SiLU of both directions (conv_silu.cpp): returns u (2, b, L, E).
 at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias);
 // Returns dx (b, L, E), dw_part (b, 2, K, E), db_part (b, 2, E) (partial sums over the batch).
