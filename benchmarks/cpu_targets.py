@@ -5,14 +5,15 @@ Batch 8, the machine's threads: forward in float32 and under bf16 autocast (each
 the same precision) at 224 and 512, and one training step (forward, backward, AdamW) at 224. The two models
 run in turns within each repeat (medians), so that the drift of a shared machine hits them alike.
 
-The model roofline: Vim-Ti's time per part (the linears, the scan, conv + SiLU, the rest; PyTorch's profiler,
+The model roofline: Vim-Ti's time per part (the linears, the scan, conv + SiLU, the fused core where inference
+runs conv, x_proj and the scan as one op, the rest; PyTorch's profiler,
 self time per operator) beside the limit of that part measured on this CPU in the same run: the linears'
 multiply-adds at the machine's best matrix-product rate (the fastest of large square products, fp32 and bf16,
 the threads used; the rate at Vim-Ti's exact shapes is printed beside it), the scan's state elements at the
 scan roofline (``roofline.py``: the irreducible exp and multiply-adds, forward and backward), and conv + SiLU
 and the rest as the bytes they must move at the machine's copy bandwidth (a model of the traffic, said in
-the table). A part's fraction is its limit over its time; the model's is the sum of the limits over the sum
-of the times.
+the table); the fused core's limit is the sum of its three parts' limits. A part's fraction is its limit
+over its time; the model's is the sum of the limits over the sum of the times.
 
     python benchmarks/cpu_targets.py [--threads 2] [--repeats 5] [--quick] [--only roofline|targets]
 """
@@ -83,12 +84,14 @@ def compare(res: int, batch: int, mode: str, precision: str, repeats: int) -> Di
 
 
 ROOFLINE_TARGETS = {"infer": 0.75, "train": 0.5}  # Vim-Ti time as a fraction of its model roofline, at least
-PARTS = ("linears", "scan", "conv", "rest")
+PARTS = ("linears", "scan", "conv", "core", "rest")
 
 
 def part_of(op: str) -> str:
     """The part of the model a profiled operator belongs to (self times: nested operators count once; the patch
     embedding's convolution is a matrix product, counted with the linears)."""
+    if "mixer_core" in op:
+        return "core"
     if "bi_scan" in op:
         return "scan"
     if "conv_silu" in op:
@@ -151,9 +154,9 @@ def vim_work(model: torch.nn.Module, batch: int) -> Dict[str, float]:
     mixer, depth, dim = model.layers[0].mixer, len(model.layers), model.embed_dim
     tokens = batch * (model.patch_embed.num_patches + 1)
     inner, state, rank = mixer.d_inner, mixer.d_state, mixer.dt_rank
-    macs = depth * tokens * (dim * 2 * inner + 2 * inner * (rank + 2 * state) + inner * dim)
+    macs = depth * tokens * (dim * 2 * inner + inner * dim)
     macs += batch * model.patch_embed.num_patches * dim * 3 * 16 * 16 + batch * dim * model.num_classes
-    return {"macs": macs, "elements": depth * tokens * inner * state * 2,
+    return {"macs": macs, "x_proj_macs": depth * tokens * 2 * inner * (rank + 2 * state), "elements": depth * tokens * inner * state * 2,
             "conv_bytes": depth * tokens * inner * 3 * 4, "rest_bytes": depth * tokens * (4 * dim + 2 * inner) * 4,
             "shapes": [(tokens, dim, 2 * inner), (tokens, inner, rank + 2 * state), (tokens, inner, dim)]}
 
@@ -165,16 +168,22 @@ def model_roofline(res: int, batch: int, mode: str, precision: str, threads: int
     work = vim_work(model, batch)
     passes = 3 if mode == "train" else 1  # a backward is two products per forward one; conv/rest traffic likewise
     narrow = 0.5 if precision == "bf16" else 1.0  # bf16 activations move half the bytes
-    bound = {"linears": passes * work["macs"] / limits[f"matmul_{precision}"] * 1e3,
+    rate = limits[f"matmul_{precision}"]
+    bound = {"linears": passes * work["macs"] / rate * 1e3, "x_proj": passes * work["x_proj_macs"] / rate * 1e3,
              "scan": work["elements"] / limits["scan_fwd"] * 1e3
              + (work["elements"] / limits["scan_bwd"] * 1e3 if mode == "train" else 0.0),
              "conv": passes * narrow * work["conv_bytes"] / limits["bandwidth"] * 1e3,
-             "rest": passes * narrow * work["rest_bytes"] / limits["bandwidth"] * 1e3}
+             "core": 0.0, "rest": passes * narrow * work["rest_bytes"] / limits["bandwidth"] * 1e3}
+    if times["core"]:  # the fused core (inference): its parts' limits move to it
+        bound["core"] = bound.pop("x_proj") + bound["scan"] + bound["conv"]
+        bound["scan"] = bound["conv"] = 0.0
+    else:
+        bound["linears"] += bound.pop("x_proj")
     row: Dict = {"mode": mode, "precision": precision, "res": res}
     for part in PARTS:
         row[f"{part}_ms"] = times[part]
         row[f"{part}_limit_ms"] = bound[part]
-        row[f"{part}_fraction"] = bound[part] / times[part] if times[part] else float("nan")
+        row[f"{part}_fraction"] = bound[part] / times[part] if times[part] else "-"
     row["total_ms"], row["limit_ms"] = times["total"], sum(bound.values())
     row["fraction"] = row["limit_ms"] / row["total_ms"]
     row["target"] = f">= {ROOFLINE_TARGETS[mode]}"

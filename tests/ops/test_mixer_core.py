@@ -65,8 +65,8 @@ def test_bf16_fused_core_equals_the_separate_bf16_ops(length):
         want = separate_ops(*acts, *inputs[2:])
         exact = reference.bidirectional(*(t.double() for t in [*acts, *inputs[2:]]))
     assert got.dtype == torch.bfloat16
-    # both round u and x_proj's output to bf16 (the separate ops also x_proj's weight), then the output twice:
-    # within 4 bf16 ulps of the output's scale (0.4% measured)
+    # the separate ops round u, x_proj's weight and its output to bf16, the fused core keeps them float32; both
+    # round the output twice: within 4 bf16 ulps of the output's scale (0.4% measured)
     atol = 4 * 2.0**-8 * exact.abs().max().item()
     assert_close(got.float(), want.float(), atol=atol, name="bf16 fused vs separate")
     assert_close(got.float(), exact, atol=atol, name="bf16 fused vs float64")

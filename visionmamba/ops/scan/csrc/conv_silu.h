@@ -51,8 +51,8 @@ void conv_preact(const ConvParams<T, S>& p, int64_t dir, int64_t b, int64_t t, T
 
 #ifdef VM_AVX512
 // conv_silu_row's channels in whole vectors of 16 (float weights and arithmetic): returns how many it wrote.
-template <typename S>
-int64_t conv_silu_vectors_avx512(const ConvParams<float, S>& p, int64_t dir, int64_t b, int64_t t, S* out) {
+template <typename S, typename O>
+int64_t conv_silu_vectors_avx512(const ConvParams<float, S>& p, int64_t dir, int64_t b, int64_t t, O* out) {
   constexpr int64_t kMaxTaps = 16;  // more (no Vim has more than 4) are left to the portable loop
   if (p.K > kMaxTaps) return 0;
   const float* wk[kMaxTaps];  // the taps inside [0, L): their weights and x rows
@@ -74,10 +74,10 @@ int64_t conv_silu_vectors_avx512(const ConvParams<float, S>& p, int64_t dir, int
 }
 #endif
 
-// One output row (dir, b, t) of u: silu(pre-activation), E values; pre: E values of scratch (may be out when S
-// is T).
-template <typename T, typename S>
-void conv_silu_row(const ConvParams<T, S>& p, int64_t dir, int64_t b, int64_t t, T* pre, S* out) {
+// One output row (dir, b, t) of u: silu(pre-activation), E values stored as O (x's type S, or float for the
+// fused core's tiles); pre: E values of scratch (may be out when O is T).
+template <typename T, typename S, typename O = S>
+void conv_silu_row(const ConvParams<T, S>& p, int64_t dir, int64_t b, int64_t t, T* pre, O* out) {
   int64_t e0 = 0;
 #ifdef VM_AVX512
   if constexpr (std::is_same<T, float>::value) e0 = conv_silu_vectors_avx512(p, dir, b, t, out);
@@ -87,7 +87,7 @@ void conv_silu_row(const ConvParams<T, S>& p, int64_t dir, int64_t b, int64_t t,
 #pragma omp simd
   for (int64_t e = e0; e < p.E; ++e) {
     const T v = pre[e];
-    out[e] = narrow<S>(v * sigmoid(v));
+    out[e] = narrow<O>(v * sigmoid(v));
   }
 }
 

@@ -6,7 +6,9 @@
 //
 // Built from the ops' own kernels (conv_silu.h, scan_lanes.h): the tile changes where u and x_proj's output
 // live, not how they are computed, so the result is that of conv_silu, x_proj and bi_scan_ but for x_proj's
-// order of summation (here one sum per output, over the channels in order).
+// order of summation (here one sum per output, over the channels in order). The tiles are float32 whatever
+// the activations' dtype: with bf16 activations (x, z and the output) u and x_proj's output are not rounded
+// to bf16 on the way, as the separate ops must round them.
 #pragma once
 
 #include <algorithm>
@@ -37,23 +39,21 @@ struct CoreArgs {
 // The tiles and states one task works in (one set per thread, reused across its tasks).
 template <typename S>
 struct CoreScratch {
-  std::vector<S> u;        // (kPhaseSteps, E): the chunk's u, in time order
-  std::vector<float> rows;  // (kPhaseSteps, E): u widened to float for x_proj (S = bf16 only)
-  std::vector<S> x_proj;    // (kPhaseSteps, P): the chunk's x_proj output (dt_t, B_t, C_t)
+  std::vector<float> u;       // (kPhaseSteps, E): the chunk's u, in time order
+  std::vector<float> x_proj;  // (kPhaseSteps, P): the chunk's x_proj output (dt_t, B_t, C_t)
   std::vector<float> pre;   // (E,): a conv row's pre-activation
   std::vector<float> sums;  // (P,): x_proj's sums of one row (portable path)
   std::vector<float> h;     // (blocks, N, 16): the states
 
   explicit CoreScratch(const CoreArgs<S>& a)
-      : u(lanes::kPhaseSteps * a.scan.E), rows(std::is_same<S, float>::value ? 0 : lanes::kPhaseSteps * a.scan.E),
-        x_proj(lanes::kPhaseSteps * a.P), pre(a.scan.E), sums(a.P),
+      : u(lanes::kPhaseSteps * a.scan.E), x_proj(lanes::kPhaseSteps * a.P), pre(a.scan.E), sums(a.P),
         h((a.scan.E + lanes::kLanes - 1) / lanes::kLanes * a.scan.N * lanes::kLanes) {}
 };
 
 #ifdef VM_AVX512
 // ROWS rows of x_proj's output, VECTORS x 16 of its columns: ROWS x VECTORS sums in registers over the E channels.
-template <int ROWS, int VECTORS, typename S>
-inline void x_proj_block_avx512(const float* rows, int64_t E, const float* w, int64_t P, S* out) {
+template <int ROWS, int VECTORS>
+inline void x_proj_block_avx512(const float* rows, int64_t E, const float* w, int64_t P, float* out) {
   __m512 acc[ROWS][VECTORS];
 #pragma GCC unroll 8
   for (int i = 0; i < ROWS; ++i)
@@ -73,20 +73,20 @@ inline void x_proj_block_avx512(const float* rows, int64_t E, const float* w, in
 #pragma GCC unroll 8
   for (int i = 0; i < ROWS; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < VECTORS; ++j) store16(out + i * P + j * 16, acc[i][j]);
+    for (int j = 0; j < VECTORS; ++j) _mm512_storeu_ps(out + i * P + j * 16, acc[i][j]);
 }
 
-template <int VECTORS, typename S>
-inline void x_proj_columns_avx512(const float* rows, int64_t steps, int64_t E, const float* w, int64_t P, S* out) {
+template <int VECTORS>
+inline void x_proj_columns_avx512(const float* rows, int64_t steps, int64_t E, const float* w, int64_t P, float* out) {
   int64_t r = 0;
   for (; r + 8 <= steps; r += 8) x_proj_block_avx512<8, VECTORS>(rows + r * E, E, w, P, out + r * P);
   for (; r < steps; ++r) x_proj_block_avx512<1, VECTORS>(rows + r * E, E, w, P, out + r * P);
 }
 #endif
 
-// out (steps, P) = rows (steps, E) @ w (E, P), stored as S; sums: P floats of scratch.
-template <typename S>
-void x_proj_tile(const float* rows, int64_t steps, int64_t E, const float* w, int64_t P, S* out, float* sums) {
+// out (steps, P) = rows (steps, E) @ w (E, P); sums: P floats of scratch.
+inline void x_proj_tile(const float* rows, int64_t steps, int64_t E, const float* w, int64_t P, float* out,
+                        float* sums) {
 #ifdef VM_AVX512
   for (int64_t c = 0; c < P; c += 3 * kColumnBlock) {  // up to 3 vectors of columns at a time: 24 sums in registers
     const int64_t vectors = std::min<int64_t>(3, (P - c) / kColumnBlock);
@@ -106,7 +106,7 @@ void x_proj_tile(const float* rows, int64_t steps, int64_t E, const float* w, in
 #pragma omp simd
       for (int64_t c = 0; c < P; ++c) sums[c] += b * we[c];
     }
-    for (int64_t c = 0; c < P; ++c) out[r * P + c] = narrow<S>(sums[c]);
+    std::copy(sums, sums + P, out + r * P);
   }
 #endif
 }
@@ -116,7 +116,7 @@ void x_proj_tile(const float* rows, int64_t steps, int64_t E, const float* w, in
 template <typename S>
 void core_direction(const CoreArgs<S>& a, int64_t dir, int64_t b, CoreScratch<S>& s) {
   const int64_t L = a.scan.L, E = a.scan.E, N = a.scan.N, blocks = (E + lanes::kLanes - 1) / lanes::kLanes;
-  lanes::LaneDirection<float, S> p = lanes::direction_of(a.scan, dir, b);
+  lanes::LaneDirection<float, S, float> p = lanes::direction_of<float, S, float>(a.scan, dir, b);
   p.u = s.u.data();
   p.x_proj_out = s.x_proj.data();
   p.sx_t = a.P;
@@ -128,14 +128,7 @@ void core_direction(const CoreArgs<S>& a, int64_t dir, int64_t b, CoreScratch<S>
     const int64_t steps = std::min(lanes::kPhaseSteps, L - i0);
     p.row0 = dir == 0 ? i0 : L - i0 - steps;  // the tiles' rows in time order, whichever way the walk goes
     for (int64_t r = 0; r < steps; ++r) conv::conv_silu_row(a.conv, dir, b, p.row0 + r, s.pre.data(), &s.u[r * E]);
-    const float* rows = nullptr;
-    if constexpr (std::is_same<S, float>::value) {
-      rows = s.u.data();
-    } else {
-      for (int64_t i = 0; i < steps * E; ++i) s.rows[i] = widen(s.u[i]);
-      rows = s.rows.data();
-    }
-    x_proj_tile(rows, steps, E, x_proj_t, a.P, s.x_proj.data(), s.sums.data());
+    x_proj_tile(s.u.data(), steps, E, x_proj_t, a.P, s.x_proj.data(), s.sums.data());
     for (int64_t k = 0; k < blocks; ++k) {
       const int64_t eb = k * lanes::kLanes;
       const lanes::LaneTile tile{eb, std::min(lanes::kLanes, E - eb), i0, steps};

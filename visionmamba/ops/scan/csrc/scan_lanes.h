@@ -46,14 +46,15 @@ inline int64_t task_blocks(int64_t batch, int64_t E, int64_t threads) {
 constexpr int64_t kMaxTaskBlocks = 2 * kSumBlocks;
 
 // One direction of the bidirectional forward for one batch row, channels as the SIMD lanes. T: the compute
-// type; S: the activations' storage (T, or bf16 for CPU bf16 inference; the weights are T).
-template <typename T, typename S = T>
+// type; S: the activations' storage (T, or bf16 for CPU bf16 inference; the weights are T); I: u's and x_proj's
+// output's (S, or float in the fused core's tiles, mixer_core.h).
+template <typename T, typename S = T, typename I = S>
 struct LaneDirection {
-  const S* u;           // (L, E)
+  const I* u;           // (L, E)
   const T* Wt;          // dt_proj's weight, transposed (R, E): delta = softplus(W dt_t + bias) inside the kernel
   const T* A;           // (N, E)
   const T* A2;          // A log2(e) (N, E), for the base-2 exps of the AVX-512 path
-  const S* x_proj_out;  // x_proj's output at t = 0: dt_t in columns [0, R), B_t from R, C_t from R + N
+  const I* x_proj_out;  // x_proj's output at t = 0: dt_t in columns [0, R), B_t from R, C_t from R + N
   int64_t sx_t;
   const T* D;     // (E,)
   const T* bias;  // (E,)
@@ -73,12 +74,12 @@ struct LaneDirection {
 };
 
 // Step t's row of u and of x_proj_out.
-template <typename T, typename S>
-inline const S* u_row(const LaneDirection<T, S>& p, int64_t t) {
+template <typename T, typename S, typename I>
+inline const I* u_row(const LaneDirection<T, S, I>& p, int64_t t) {
   return p.u + (t - p.row0) * p.E;
 }
-template <typename T, typename S>
-inline const S* x_proj_row(const LaneDirection<T, S>& p, int64_t t) {
+template <typename T, typename S, typename I>
+inline const I* x_proj_row(const LaneDirection<T, S, I>& p, int64_t t) {
   return p.x_proj_out + (t - p.row0) * p.sx_t;
 }
 
@@ -132,10 +133,10 @@ struct LaneTile {
 // cur: the forward updates its states in place); acc += C_n cur. The exps by exp2_avx512 (scan_math.h) with
 // A2 = A log2 e. A2: this block's first channel of the (N, E) table; j: the step's row of the chunk buffers;
 // decays: where the backward keeps the step's exp(d A) ((N, 16)), or null.
-template <typename S>
-inline void states_avx512(const LaneDirection<float, S>& p, const float* A2, const S* Bt, ChunkBuffers<float>& buf,
+template <typename S, typename I>
+inline void states_avx512(const LaneDirection<float, S, I>& p, const float* A2, const I* Bt, ChunkBuffers<float>& buf,
                           int64_t j, const float* prev, float* cur, float* decays = nullptr) {
-  const S* Ct = Bt + p.N;
+  const I* Ct = Bt + p.N;
   const __m512 vd = _mm512_loadu_ps(buf.d + j * kLanes), vdu = _mm512_loadu_ps(buf.du + j * kLanes);
   __m512 vacc = _mm512_loadu_ps(buf.acc + j * kLanes), vacc2 = _mm512_setzero_ps();  // two sums: half the chain
   for (int64_t n = 0; n < p.N; ++n) {
@@ -153,20 +154,20 @@ inline void states_avx512(const LaneDirection<float, S>& p, const float* A2, con
 }
 #endif
 
-template <typename T, typename S>
-inline int64_t step_time(const LaneDirection<T, S>& p, int64_t i) {
+template <typename T, typename S, typename I>
+inline int64_t step_time(const LaneDirection<T, S, I>& p, int64_t i) {
   return p.reverse ? p.L - 1 - i : i;
 }
 
 // The next chunk's rows, whose strided addresses the hardware prefetcher would not guess.
-template <typename T, typename S>
-inline void prefetch_next_chunk(const LaneDirection<T, S>& p, int64_t e0, int64_t t) {
+template <typename T, typename S, typename I>
+inline void prefetch_next_chunk(const LaneDirection<T, S, I>& p, int64_t e0, int64_t t) {
   const int64_t q = p.reverse ? t - kPhaseSteps : t + kPhaseSteps;
   VM_PREFETCH(p.z + q * p.sz_t + e0, 0);
   VM_PREFETCH(p.out + q * p.E + e0, 1);
   if (p.tile) return;
   VM_PREFETCH(u_row(p, q) + e0, 0);
-  for (int64_t c = 0; c < p.R + 2 * p.N; c += 64 / sizeof(S)) VM_PREFETCH(x_proj_row(p, q) + c, 0);
+  for (int64_t c = 0; c < p.R + 2 * p.N; c += 64 / sizeof(I)) VM_PREFETCH(x_proj_row(p, q) + c, 0);
 }
 
 #ifdef VM_AVX512
@@ -177,8 +178,8 @@ constexpr int64_t kRegisterStates = 16;  // N of every Vim model: the recurrence
 // the backward's recomputation stores each step's states ((steps, N, 16); h is then left as it was), or null
 // for the forward (h gets the states after the chunk; the next chunk's rows are fetched meanwhile). decays:
 // where the backward keeps each step's exp(d A) ((steps, N, 16)), or null.
-template <typename S>
-inline void register_recurrence_avx512(const LaneDirection<float, S>& p, const LaneTile& tile,
+template <typename S, typename I>
+inline void register_recurrence_avx512(const LaneDirection<float, S, I>& p, const LaneTile& tile,
                                        ChunkBuffers<float>& buf, float* __restrict h,
                                        float* __restrict states = nullptr, float* __restrict decays = nullptr) {
   const float* A2 = p.A2 + tile.e0;
@@ -188,8 +189,8 @@ inline void register_recurrence_avx512(const LaneDirection<float, S>& p, const L
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);
     if (!states && tile.i0 + kPhaseSteps + j < p.L) prefetch_next_chunk(p, tile.e0, t);
-    const S* __restrict Bt = x_proj_row(p, t) + p.R;
-    const S* __restrict Ct = Bt + kRegisterStates;
+    const I* __restrict Bt = x_proj_row(p, t) + p.R;
+    const I* __restrict Ct = Bt + kRegisterStates;
     const __m512 vd = _mm512_load_ps(buf.d + j * kLanes), vdu = _mm512_load_ps(buf.du + j * kLanes);
     __m512 vacc = _mm512_load_ps(buf.acc + j * kLanes), vacc2 = _mm512_setzero_ps();
 #pragma GCC unroll 16
@@ -213,9 +214,9 @@ inline void register_recurrence_avx512(const LaneDirection<float, S>& p, const L
 
 // x = W dt_t + bias, delta before its softplus, for the channels [e0, e0 + cnt) of step t (two partial sums over
 // the rank: half the dependent-FMA chain).
-template <typename T, typename S>
-inline void raw_deltas(const LaneDirection<T, S>& p, int64_t t, int64_t e0, int64_t cnt, T* __restrict x) {
-  const S* __restrict dtr = x_proj_row(p, t);
+template <typename T, typename S, typename I>
+inline void raw_deltas(const LaneDirection<T, S, I>& p, int64_t t, int64_t e0, int64_t cnt, T* __restrict x) {
+  const I* __restrict dtr = x_proj_row(p, t);
   T x0[kLanes], x1[kLanes];
 #pragma omp simd
   for (int64_t e = 0; e < cnt; ++e) x0[e] = x1[e] = T(0);
@@ -250,14 +251,14 @@ struct BackwardInputs {
 
 #ifdef VM_AVX512
 // Phase 1 for 16 channels (chunk_inputs below): the softplus and the softplus derivative share one exp.
-template <typename S>
-inline void chunk_inputs_avx512(const LaneDirection<float, S>& p, const LaneTile& tile, ChunkBuffers<float>& buf,
+template <typename S, typename I>
+inline void chunk_inputs_avx512(const LaneDirection<float, S, I>& p, const LaneTile& tile, ChunkBuffers<float>& buf,
                                 BackwardInputs<float>* extra) {
   const int64_t e0 = tile.e0;
   const __m512 bias = _mm512_loadu_ps(p.bias + e0), D = _mm512_loadu_ps(p.D + e0);
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);
-    const S* __restrict dtr = x_proj_row(p, t);
+    const I* __restrict dtr = x_proj_row(p, t);
     __m512 x0 = bias, x1 = _mm512_setzero_ps();  // two partial sums over the rank: half the dependent chain
     int64_t r = 0;
     for (; r + 1 < p.R; r += 2) {
@@ -281,8 +282,8 @@ inline void chunk_inputs_avx512(const LaneDirection<float, S>& p, const LaneTile
 }
 
 // Phase 3 for 16 channels (chunk_output below).
-template <typename S>
-inline void chunk_output_avx512(const LaneDirection<float, S>& p, const LaneTile& tile,
+template <typename S, typename I>
+inline void chunk_output_avx512(const LaneDirection<float, S, I>& p, const LaneTile& tile,
                                 const ChunkBuffers<float>& buf) {
   const int64_t e0 = tile.e0;
   for (int64_t j = 0; j < tile.steps; ++j) {
@@ -299,8 +300,8 @@ inline void chunk_output_avx512(const LaneDirection<float, S>& p, const LaneTile
 
 // Phase 1: delta = softplus(W dt_t + bias), delta u and the D skip, for every step of the chunk (and, given
 // extra, the backward's values).
-template <typename T, typename S, bool FULL>
-void chunk_inputs(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffers<T>& buf,
+template <typename T, typename S, bool FULL, typename I>
+void chunk_inputs(const LaneDirection<T, S, I>& p, const LaneTile& tile, ChunkBuffers<T>& buf,
                   BackwardInputs<T>* extra = nullptr) {
 #ifdef VM_AVX512
   if constexpr (FULL && std::is_same<T, float>::value) {
@@ -311,7 +312,7 @@ void chunk_inputs(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffe
   const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0;
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);
-    const S* __restrict ut = u_row(p, t) + e0;
+    const I* __restrict ut = u_row(p, t) + e0;
     T x[kLanes];
     raw_deltas(p, t, e0, cnt, x);
     T* __restrict dj = buf.d + j * kLanes;
@@ -338,8 +339,8 @@ void chunk_inputs(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffe
 // Phase 2: the recurrence over the chunk; h: this block's (N, 16) states before it. states: null in the forward
 // (h is updated in place, the next chunk's rows fetched meanwhile), or where the backward's recomputation keeps
 // each step's states ((steps, N, 16)); decays: null, or where it keeps each step's exp(d A) ((steps, N, 16)).
-template <typename T, typename S, bool FULL>
-void chunk_recurrence(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffers<T>& buf, T* h,
+template <typename T, typename S, bool FULL, typename I>
+void chunk_recurrence(const LaneDirection<T, S, I>& p, const LaneTile& tile, ChunkBuffers<T>& buf, T* h,
                       T* states = nullptr, T* decays = nullptr) {
 #ifdef VM_AVX512
   if constexpr (FULL && std::is_same<T, float>::value) {
@@ -353,8 +354,8 @@ void chunk_recurrence(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkB
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j);
     if (!states && tile.i0 + kPhaseSteps + j < p.L) prefetch_next_chunk(p, e0, t);
-    const S* __restrict Bt = x_proj_row(p, t) + p.R;
-    const S* __restrict Ct = Bt + p.N;
+    const I* __restrict Bt = x_proj_row(p, t) + p.R;
+    const I* __restrict Ct = Bt + p.N;
     const T* prev = states && j > 0 ? states + (j - 1) * NL : h;  // may be cur (in place): no __restrict
     T* cur = states ? states + j * NL : h;
 #ifdef VM_AVX512
@@ -382,8 +383,8 @@ void chunk_recurrence(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkB
 }
 
 // Phase 3: the SiLU(z) gate and the average of the two directions.
-template <typename T, typename S, bool FULL>
-void chunk_output(const LaneDirection<T, S>& p, const LaneTile& tile, const ChunkBuffers<T>& buf) {
+template <typename T, typename S, bool FULL, typename I>
+void chunk_output(const LaneDirection<T, S, I>& p, const LaneTile& tile, const ChunkBuffers<T>& buf) {
 #ifdef VM_AVX512
   if constexpr (FULL && std::is_same<T, float>::value) {
     chunk_output_avx512(p, tile, buf);
@@ -412,24 +413,24 @@ void chunk_output(const LaneDirection<T, S>& p, const LaneTile& tile, const Chun
   }
 }
 
-template <typename T, typename S, bool FULL>
-void block_chunk(const LaneDirection<T, S>& p, const LaneTile& tile, ChunkBuffers<T>& buf, T* __restrict h) {
+template <typename T, typename S, bool FULL, typename I>
+void block_chunk(const LaneDirection<T, S, I>& p, const LaneTile& tile, ChunkBuffers<T>& buf, T* __restrict h) {
   chunk_inputs<T, S, FULL>(p, tile, buf);
   chunk_recurrence<T, S, FULL>(p, tile, buf, h);
   chunk_output<T, S, FULL>(p, tile, buf);
 }
 
 // The states of a block before the chunk that starts at step tile.i0, for the backward to restart from.
-template <typename T, typename S>
-void save_states(const LaneDirection<T, S>& p, const LaneTile& tile, const T* h) {
+template <typename T, typename S, typename I>
+void save_states(const LaneDirection<T, S, I>& p, const LaneTile& tile, const T* h) {
   T* dst = p.checkpoints + tile.i0 / kPhaseSteps * p.N * p.E + tile.e0;
   for (int64_t n = 0; n < p.N; ++n)
     for (int64_t e = 0; e < tile.width; ++e) dst[n * p.E + e] = h[n * kLanes + e];
 }
 
 // One direction over the channels [e0, e1); h: (blocks, N, 16) states.
-template <typename T, typename S>
-void lanes_direction(const LaneDirection<T, S>& p, int64_t e0, int64_t e1, T* __restrict h) {
+template <typename T, typename S, typename I>
+void lanes_direction(const LaneDirection<T, S, I>& p, int64_t e0, int64_t e1, T* __restrict h) {
   const int64_t blocks = (e1 - e0 + kLanes - 1) / kLanes;
   std::fill(h, h + blocks * p.N * kLanes, T(0));
   ChunkBuffers<T> buf;
@@ -469,14 +470,19 @@ int64_t bi_forward_scratch(const BiForwardArgs<T, S>& a) {
 }
 
 // Direction dir of batch row b of the mixer's layouts (the forward's and the backward's view of one walk).
-template <typename T, typename S>
-LaneDirection<T, S> direction_of(const BiForwardArgs<T, S>& a, int64_t dir, int64_t b) {
-  LaneDirection<T, S> p;
-  p.u = a.u ? a.u + (dir * a.batch + b) * a.L * a.E : nullptr;  // none: the fused core's tiles (mixer_core.h)
+// I other than S: u and x_proj_out are left for the caller's tiles (mixer_core.h).
+template <typename T, typename S, typename I = S>
+LaneDirection<T, S, I> direction_of(const BiForwardArgs<T, S>& a, int64_t dir, int64_t b) {
+  LaneDirection<T, S, I> p;
+  p.u = nullptr;
+  p.x_proj_out = nullptr;
+  if constexpr (std::is_same<I, S>::value) {
+    if (a.u) p.u = a.u + (dir * a.batch + b) * a.L * a.E;  // none: the fused core's tiles
+    if (a.x_proj_out) p.x_proj_out = a.x_proj_out + dir * a.sx_dir + b * a.sx_b;
+  }
   p.Wt = a.W_t + dir * a.R * a.E;
   p.A = a.A_t + dir * a.N * a.E;
   p.A2 = a.A2 + dir * a.N * a.E;
-  p.x_proj_out = a.x_proj_out ? a.x_proj_out + dir * a.sx_dir + b * a.sx_b : nullptr;
   p.sx_t = a.sx_t;
   p.D = a.D + dir * a.E;
   p.bias = a.bias + dir * a.E;
