@@ -26,6 +26,14 @@ void run_core(const at::Tensor& x, const at::Tensor& conv_w, const at::Tensor& c
               "mixer_core: out must be a contiguous (b, L, E) tensor of x's dtype, as z is");
   a.x_proj_t = x_proj_t.data_ptr<float>();
   a.P = x_proj_t.size(2);
+  std::vector<uint16_t> pairs;  // bf16 activations on a CPU with bf16 dot products: x_proj as bf16 products
+  if (std::is_same<S, bf16>::value && core::has_bf16_dot()) {
+    const int64_t per_direction = (E + 1) / 2 * 2 * a.P;
+    pairs.resize(2 * per_direction);
+    for (int64_t dir = 0; dir < 2; ++dir)
+      core::pack_bf16_pairs(a.x_proj_t + dir * E * a.P, E, a.P, pairs.data() + dir * per_direction);
+    a.x_proj_pairs = pairs.data();
+  }
   a.scan.out = tensor_args::data<S>(out);
   at::parallel_for(0, a.scan.batch, 1, [&](int64_t begin, int64_t end) {
     core::CoreScratch<S> scratch(a);
