@@ -192,7 +192,7 @@ def test_the_portable_hot_loops_are_vectorised(target, tmp_path):
         compiler = tool("g++")
         flags = toolchain.flags_for("gcc", "linux", "x86_64", "AVX2")
     report = compile_driver(compiler, flags, tmp_path / "driver", extra=("-fopt-info-vec-optimized",)).stderr
-    for header, marker in (("scan_lanes.h", "const T a = vexp(dj[e] * An[e]), hv ="), ("conv_silu.h", "out[e] = narrow<S>(v * sigmoid(v))")):
+    for header, marker in (("scan_lanes.h", "const T a = vexp(dj[e] * An[e]), hv ="), ("conv_silu.h", "out[e] = narrow<O>(v * sigmoid(v))")):
         lines = loop_lines(header, marker)
         assert any(f"{header}:{line}:" in row and "loop vectorized" in row for row in report.splitlines()
                    for line in lines), (header, lines, report[-3000:])
