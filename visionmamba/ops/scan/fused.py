@@ -27,7 +27,8 @@ def bidirectional(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, d
     fused (op ``bi_scan``; ``bi_scan_`` in place over u when there is nothing to differentiate, so that of
     the block's temporaries only u is as large as the activations; ``bi_scan`` in traced graphs and
     ``bi_scan_inference`` in exported ones, whose converters want ops without side effects). Token-major throughout: no transpose,
-    flip or copy of an activation.
+    flip or copy of an activation. Eager CPU inference with a batch row per thread runs the three as one op,
+    ``mixer_core``, in token tiles that stay in cache (:func:`_tiles_apply`).
     """
     params = (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
     float32, checkpoint_steps, bf16_inference = kernel_constants(x.device.type)
