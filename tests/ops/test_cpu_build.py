@@ -39,6 +39,12 @@ ref = scan.bidirectional(*ref_leaves, backend="reference")
 assert (out - ref).abs().max() <= 2e-5 * ref.abs().max(), (out - ref).abs().max()
 for a, b in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(ref.sum(), ref_leaves)):
     assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+torch.set_num_threads(1)
+with torch.no_grad():  # inference: the fused core (op mixer_core) with its portable x_proj, float32 and bf16
+    fused = torch.ops.visionmamba.mixer_core(x, z, *p)
+    assert (fused - ref).abs().max() <= 2e-5 * ref.abs().max(), (fused - ref).abs().max()
+    half = torch.ops.visionmamba.mixer_core(x.bfloat16(), z.bfloat16(), *p).float()
+    assert (half - ref).abs().max() <= 2e-2 * ref.abs().max(), (half - ref).abs().max()
 print("ok")
 """
 
