@@ -202,10 +202,10 @@ inline void pack_bf16_pairs(const float*, int64_t, int64_t, uint16_t*) {}
 #endif
 
 // One direction of batch row b: per chunk, conv + SiLU into the u tile, x_proj into its tile, then the chunk
-// of the scan for every block of 16 channels (the order of lanes_direction: results do not depend on tiling).
+// of the scan for every block of 16 channels (lanes_direction's blocks_chunk: results do not depend on tiling).
 template <typename S>
 void core_direction(const CoreArgs<S>& a, int64_t dir, int64_t b, CoreScratch<S>& s) {
-  const int64_t L = a.scan.L, E = a.scan.E, N = a.scan.N, blocks = (E + lanes::kLanes - 1) / lanes::kLanes;
+  const int64_t L = a.scan.L, E = a.scan.E;
   lanes::LaneDirection<float, S, float> p = lanes::direction_of<float, S, float>(a.scan, dir, b);
   p.u = s.u.data();
   p.x_proj_out = s.x_proj.data();
@@ -225,15 +225,7 @@ void core_direction(const CoreArgs<S>& a, int64_t dir, int64_t b, CoreScratch<S>
     else
 #endif
       x_proj_tile(s.u.data(), steps, E, x_proj_t, a.P, s.x_proj.data(), s.sums.data());
-    for (int64_t k = 0; k < blocks; ++k) {
-      const int64_t eb = k * lanes::kLanes;
-      const lanes::LaneTile tile{eb, std::min(lanes::kLanes, E - eb), i0, steps};
-      float* hk = s.h.data() + k * N * lanes::kLanes;
-      if (tile.width == lanes::kLanes)
-        lanes::block_chunk<float, S, true>(p, tile, buf, hk);
-      else
-        lanes::block_chunk<float, S, false>(p, tile, buf, hk);
-    }
+    lanes::blocks_chunk(p, 0, E, i0, buf, s.h.data());
   }
 }
 

@@ -428,25 +428,30 @@ void save_states(const LaneDirection<T, S, I>& p, const LaneTile& tile, const T*
     for (int64_t e = 0; e < tile.width; ++e) dst[n * p.E + e] = h[n * kLanes + e];
 }
 
+// The chunk of steps [i0, i0 + kPhaseSteps) (or to L) over the channels [e0, e1), block by block; h: the
+// blocks' (blocks, N, 16) states, kept (with the states before the chunk saved) when p has checkpoints.
+template <typename T, typename S, typename I>
+void blocks_chunk(const LaneDirection<T, S, I>& p, int64_t e0, int64_t e1, int64_t i0, ChunkBuffers<T>& buf,
+                  T* __restrict h) {
+  const int64_t blocks = (e1 - e0 + kLanes - 1) / kLanes, steps = std::min(kPhaseSteps, p.L - i0);
+  for (int64_t k = 0; k < blocks; ++k) {
+    const int64_t eb = e0 + k * kLanes;
+    const LaneTile tile{eb, std::min(kLanes, e1 - eb), i0, steps};
+    T* hk = h + k * p.N * kLanes;
+    if (p.checkpoints) save_states(p, tile, hk);
+    if (tile.width == kLanes)
+      block_chunk<T, S, true>(p, tile, buf, hk);
+    else
+      block_chunk<T, S, false>(p, tile, buf, hk);
+  }
+}
+
 // One direction over the channels [e0, e1); h: (blocks, N, 16) states.
 template <typename T, typename S, typename I>
 void lanes_direction(const LaneDirection<T, S, I>& p, int64_t e0, int64_t e1, T* __restrict h) {
-  const int64_t blocks = (e1 - e0 + kLanes - 1) / kLanes;
-  std::fill(h, h + blocks * p.N * kLanes, T(0));
+  std::fill(h, h + (e1 - e0 + kLanes - 1) / kLanes * p.N * kLanes, T(0));
   ChunkBuffers<T> buf;
-  for (int64_t i0 = 0; i0 < p.L; i0 += kPhaseSteps) {
-    const int64_t steps = std::min(kPhaseSteps, p.L - i0);
-    for (int64_t k = 0; k < blocks; ++k) {
-      const int64_t eb = e0 + k * kLanes;
-      const LaneTile tile{eb, std::min(kLanes, e1 - eb), i0, steps};
-      T* hk = h + k * p.N * kLanes;
-      if (p.checkpoints) save_states(p, tile, hk);
-      if (tile.width == kLanes)
-        block_chunk<T, S, true>(p, tile, buf, hk);
-      else
-        block_chunk<T, S, false>(p, tile, buf, hk);
-    }
-  }
+  for (int64_t i0 = 0; i0 < p.L; i0 += kPhaseSteps) blocks_chunk(p, e0, e1, i0, buf, h);
 }
 
 
