@@ -149,21 +149,33 @@ def _activations(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype == torch.bfloat16 else compute_dtype(dtype)
 
 
+def _conv_weights(weight: torch.Tensor, bias: torch.Tensor, ct: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The conv's weight (2, E, K) as the kernels take it, (2, K, E) (channels contiguous), and its bias, in ``ct``."""
+    return weight.to(ct).transpose(1, 2).contiguous(), bias.to(ct).contiguous()
+
+
+def _scan_weights(dt_weight: torch.Tensor, A: torch.Tensor, D: torch.Tensor, bias: torch.Tensor,
+                  ct: torch.dtype) -> List[torch.Tensor]:
+    """The scan's weights as the lanes kernels take them, in ``ct``: (W_t (2, R, E), A_t (2, N, E), D, bias),
+    channels contiguous (the lanes)."""
+    return [dt_weight.to(ct).transpose(1, 2).contiguous(), A.to(ct).transpose(1, 2).contiguous(),
+            D.to(ct).contiguous(), bias.to(ct).contiguous()]
+
+
 def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Depthwise conv + SiLU of both directions: x (b, L, E) token-major (a strided view of contiguous
     channels is fine); weight (2, E, K); bias (2, E) -> u (2, b, L, E) in x's dtype (bfloat16 read and
     written as it is, computed in float32)."""
     ct = compute_dtype(x.dtype)
-    u = load().conv_forward(_lanes(x, _activations(x.dtype)), weight.to(ct).transpose(1, 2).contiguous(),
-                            bias.to(ct).contiguous())
+    u = load().conv_forward(_lanes(x, _activations(x.dtype)), *_conv_weights(weight, bias, ct))
     return u.to(x.dtype)
 
 
 def conv_silu_backward(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> List[torch.Tensor]:
     """(dx (b, L, E), dweight (2, E, K), dbias (2, E)) of :func:`conv_silu`, contiguous, in their dtypes."""
     ct = compute_dtype(x.dtype)
-    dx, dw_part, db_part = load().conv_backward(_lanes(x, ct), weight.to(ct).transpose(1, 2).contiguous(),
-                                                bias.to(ct).contiguous(), du.to(ct).contiguous())
+    dx, dw_part, db_part = load().conv_backward(_lanes(x, ct), *_conv_weights(weight, bias, ct),
+                                                du.to(ct).contiguous())
     return [dx.to(x.dtype), dw_part.sum(0).transpose(1, 2).contiguous().to(weight.dtype), db_part.sum(0).to(bias.dtype)]
 
 
@@ -176,9 +188,7 @@ def _bi_forward(u, x_proj_out, dt_weight, A, D, z, bias, out, checkpoints) -> No
     """Both directions into ``out`` (b, L, E) contiguous, of the activations' dtype (may be ``u[0]``), the
     states before every chunk into ``checkpoints`` (2, b, chunks, N, E) unless it is empty."""
     act, ct = out.dtype, compute_dtype(out.dtype)
-    A_t = A.to(ct).transpose(1, 2).contiguous()  # (2, N, E): channels contiguous, the lanes
-    W_t = dt_weight.to(ct).transpose(1, 2).contiguous()  # (2, R, E)
-    weights = [W_t, A_t, D.to(ct).contiguous(), bias.to(ct).contiguous()]
+    weights = _scan_weights(dt_weight, A, D, bias, ct)
     load().bi_forward(u.to(act).contiguous(), x_proj_out.to(act).contiguous(), _lanes(z, act), weights, out, checkpoints)
 
 
@@ -230,11 +240,9 @@ def mixer_core(x: torch.Tensor, z: torch.Tensor, conv_weight: torch.Tensor, conv
     f32 = torch.float32
     columns = x_proj_weight.shape[1]
     x_proj_t = torch.nn.functional.pad(x_proj_weight.to(f32).transpose(1, 2), (0, -columns % 16)).contiguous()
-    weights = [dt_weight.to(f32).transpose(1, 2).contiguous(), A.to(f32).transpose(1, 2).contiguous(),
-               D.to(f32).contiguous(), dt_bias.to(f32).contiguous()]
     out = torch.empty(z.shape, dtype=act)
-    load().mixer_core(_lanes(x, act), conv_weight.to(f32).transpose(1, 2).contiguous(), conv_bias.to(f32).contiguous(),
-                      x_proj_t, _lanes(z, act), weights, out)
+    load().mixer_core(_lanes(x, act), *_conv_weights(conv_weight, conv_bias, f32), x_proj_t, _lanes(z, act),
+                      _scan_weights(dt_weight, A, D, dt_bias, f32), out)
     return out.to(x.dtype)
 
 
@@ -249,9 +257,7 @@ def bi_scan_backward(dout: torch.Tensor, u: torch.Tensor, x_proj_out: torch.Tens
     ct = compute_dtype(u.dtype)
     inputs = (u, x_proj_out, dt_weight, A, D, z, bias)
     xdbl, W = x_proj_out.to(ct).contiguous(), dt_weight.to(ct)
-    A_t = A.to(ct).transpose(1, 2).contiguous()
-    W_t = W.transpose(1, 2).contiguous()
-    weights = [W_t, A_t, D.to(ct).contiguous(), bias.to(ct).contiguous()]
+    weights = _scan_weights(W, A, D, bias, ct)
     du, ddelta, dz, dA_part, dBC_part, dD_part, dbias_part = load().bi_backward(
         dout.to(ct).contiguous(), u.to(ct).contiguous(), xdbl, _lanes(z, ct), weights, checkpoints.to(ct).contiguous())
     rows = ddelta.view(2, -1, ddelta.shape[-1])  # (2, b L, E)
