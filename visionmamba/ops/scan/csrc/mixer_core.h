@@ -41,12 +41,12 @@ struct CoreArgs {
 // The tiles and states one task works in (one set per thread, reused across its tasks).
 template <typename S>
 struct CoreScratch {
-  std::vector<float> u;       // (kPhaseSteps, E): the chunk's u, in time order
-  std::vector<float> x_proj;  // (kPhaseSteps, P): the chunk's x_proj output (dt_t, B_t, C_t)
-  std::vector<float> pre;   // (E,): a conv row's pre-activation
-  std::vector<float> sums;  // (P,): x_proj's sums of one row (portable path)
-  std::vector<uint16_t> u_pairs;  // (kPhaseSteps, E rounded up to even) bf16: u for bf16 products, or none
-  std::vector<float> h;     // (blocks, N, 16): the states
+  lanes::Scratch<float> u;       // (kPhaseSteps, E): the chunk's u, in time order
+  lanes::Scratch<float> x_proj;  // (kPhaseSteps, P): the chunk's x_proj output (dt_t, B_t, C_t)
+  lanes::Scratch<float> pre;   // (E,): a conv row's pre-activation
+  lanes::Scratch<float> sums;  // (P,): x_proj's sums of one row (portable path)
+  lanes::Scratch<uint16_t> u_pairs;  // (kPhaseSteps, E rounded up to even) bf16: u for bf16 products, or none
+  lanes::Scratch<float> h;     // (blocks, N, 16): the states
 
   explicit CoreScratch(const CoreArgs<S>& a)
       : u(lanes::kPhaseSteps * a.scan.E), x_proj(lanes::kPhaseSteps * a.P), pre(a.scan.E), sums(a.P),

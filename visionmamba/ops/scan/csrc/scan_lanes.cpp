@@ -20,7 +20,7 @@ void run_forward(const at::Tensor& u, const at::Tensor& x_proj_out, const at::Te
   lanes::BiForwardArgs<T, S> args = forward_args<T, S>(u, x_proj_out, z, weights, checkpoints, A2);
   args.out = data<S>(out);
   at::parallel_for(0, lanes::bi_forward_tasks(args), 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> h(lanes::bi_forward_scratch(args));
+    lanes::Scratch<T> h(lanes::bi_forward_scratch(args));
     for (int64_t task = begin; task < end; ++task) lanes::bi_forward_task(args, task, h.data());
   });
 }
@@ -70,7 +70,7 @@ std::vector<at::Tensor> bi_backward(const at::Tensor& dout, const at::Tensor& u,
     args.dbias = dbias_part.data_ptr<T>();
     args.dBC = dBC_part.data_ptr<T>();
     at::parallel_for(0, lanes::bi_forward_tasks(args.f), 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> scratch(lanes::bi_backward_scratch(args.f));
+      lanes::Scratch<T> scratch(lanes::bi_backward_scratch(args.f));
       for (int64_t task = begin; task < end; ++task) lanes::bi_backward_task(args, task, scratch.data());
     });
   });

@@ -11,7 +11,9 @@
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -31,6 +33,22 @@
 
 namespace visionmamba {
 namespace lanes {
+
+// Allocates on cache lines: the kernels' scratch rows are read and written as whole 64-byte vectors, which
+// cost about twice as much where they straddle two lines (malloc aligns to 16 bytes only).
+template <typename T>
+struct LineAllocator {
+  using value_type = T;
+  LineAllocator() = default;
+  template <typename U>
+  LineAllocator(const LineAllocator<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  bool operator==(const LineAllocator&) const { return true; }
+  bool operator!=(const LineAllocator&) const { return false; }
+};
+template <typename T>
+using Scratch = std::vector<T, LineAllocator<T>>;
 
 constexpr int64_t kLanes = 16;       // channels per block: the SIMD lanes
 constexpr int64_t kPhaseSteps = 32;  // steps per three-phase chunk
@@ -247,6 +265,11 @@ template <typename T>
 struct BackwardInputs {
   alignas(64) T u[kPhaseSteps * kLanes];
   alignas(64) T dsp[kPhaseSteps * kLanes];
+  // the AVX-512 walk's per-step values between its passes: dy = dL/dy before the gate, sum_n A_n q_n and
+  // sum_n g_n B_n (scan_lanes_backward.h)
+  alignas(64) T dy[kPhaseSteps * kLanes];
+  alignas(64) T dd[kPhaseSteps * kLanes];
+  alignas(64) T duu[kPhaseSteps * kLanes];
 };
 
 #ifdef VM_AVX512

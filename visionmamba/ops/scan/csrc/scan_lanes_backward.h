@@ -6,7 +6,8 @@
 // each block-chunk in three phases: (1) the chunk's inputs (delta, the softplus derivative, delta u, u); (2)
 // its states and decays exp(delta A), recomputed from the chunk's checkpoint into buffers that stay in cache,
 // with the pre-gate output <C, h> + D u that the z gradient needs; (3) the adjoint walk back through the chunk,
-// g = dL/dh carried to the block's previous chunk. The walk reads the decays (no second exp) and forms the
+// g = dL/dh carried to the block's previous chunk (under AVX-512 in three passes: the gate of every step, the
+// walk, then the per-step gradients, so that only the walk is sequential). The walk reads the decays (no second exp) and forms the
 // delta gradient as sum_n A_n g_n a_n h_n' + u sum_n g_n B_n, the second sum being the one du needs anyway.
 // dA, dD and d(bias) are sums over steps, kept per lane; dB_t and dC_t are sums over channels, reduced over
 // the 16 lanes at every step and added to the task's (L, 2N) partial rows.
@@ -104,69 +105,87 @@ inline __m512 lane_sums16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_ps(g[0], g[1], 0x88), _mm512_shuffle_ps(g[0], g[1], 0xDD));
 }
 
-// Phase 3's state loop for 16 channels at one step: the adjoint update, dA, the lane sums of dB_t and dC_t
-// (added to dbc), and the sums over n that delta and u need (added to dd, duu; delta's u B_t term is
-// u * duu, added by the caller).
+// Phase 3's state loop for 16 channels at one step, in groups of 8 states: the adjoint update, dA, the lane
+// sums of dB_t and dC_t (one transpose-and-add tree for both, added to dbc), and the sums over n that delta
+// and u need (returned in dd, duu; delta's u B_t term is u * duu).
 inline void walk_step_avx512(const LaneDirection<float>& p, const StepValues<float>& v, int64_t e0, __m512 dy,
                              BlockScratch<float>& s, float* dbc, __m512& dd, __m512& duu) {
   const float *A = p.A + e0, *Bt = v.Bt, *Ct = v.Bt + p.N;
   const __m512 vd = _mm512_load_ps(v.d), vdu = _mm512_load_ps(v.du);
   __m512 dd2 = _mm512_setzero_ps(), duu2 = _mm512_setzero_ps();
-  for (int64_t n0 = 0; n0 < p.N; n0 += 16) {
-    const int64_t count = std::min<int64_t>(16, p.N - n0);
-    __m512 pB[16], pC[16];
-#pragma GCC unroll 16
-    for (int64_t i = 0; i < 16; ++i) {
+  dd = duu = _mm512_setzero_ps();
+  for (int64_t n0 = 0; n0 < p.N; n0 += 8) {
+    const int64_t count = std::min<int64_t>(8, p.N - n0);
+    __m512 parts[16];  // dB terms of the group's states, then dC terms
+#pragma GCC unroll 8
+    for (int64_t i = 0; i < 8; ++i) {
       const int64_t n = n0 + i;
       if (i >= count) {
-        pB[i] = pC[i] = _mm512_setzero_ps();
+        parts[i] = parts[8 + i] = _mm512_setzero_ps();
         continue;
       }
-      const __m512 a = _mm512_loadu_ps(v.a + n * 16), bn = _mm512_set1_ps(Bt[n]);
-      const __m512 ahp = _mm512_mul_ps(a, _mm512_loadu_ps(v.prev + n * 16));
       const __m512 gn = _mm512_fmadd_ps(dy, _mm512_set1_ps(Ct[n]), _mm512_loadu_ps(s.g + n * 16));
-      pC[i] = _mm512_mul_ps(dy, _mm512_loadu_ps(v.cur + n * 16));
-      pB[i] = _mm512_mul_ps(gn, vdu);
-      const __m512 q = _mm512_mul_ps(gn, ahp);  // dL/d(delta A_n), per lane
+      const __m512 ga = _mm512_mul_ps(gn, _mm512_loadu_ps(v.a + n * 16));  // the adjoint carried back
+      const __m512 q = _mm512_mul_ps(ga, _mm512_loadu_ps(v.prev + n * 16));  // dL/d(delta A_n), per lane
+      parts[i] = _mm512_mul_ps(gn, vdu);
+      parts[8 + i] = _mm512_mul_ps(dy, _mm512_loadu_ps(v.cur + n * 16));
       if (i & 1) {  // two sums each: half the dependent chain
         dd2 = _mm512_fmadd_ps(_mm512_loadu_ps(A + n * p.E), q, dd2);
-        duu2 = _mm512_fmadd_ps(gn, bn, duu2);
+        duu2 = _mm512_fmadd_ps(gn, _mm512_set1_ps(Bt[n]), duu2);
       } else {
         dd = _mm512_fmadd_ps(_mm512_loadu_ps(A + n * p.E), q, dd);
-        duu = _mm512_fmadd_ps(gn, bn, duu);
+        duu = _mm512_fmadd_ps(gn, _mm512_set1_ps(Bt[n]), duu);
       }
       _mm512_storeu_ps(s.dA + n * 16, _mm512_fmadd_ps(vd, q, _mm512_loadu_ps(s.dA + n * 16)));
-      _mm512_storeu_ps(s.g + n * 16, _mm512_mul_ps(gn, a));
+      _mm512_storeu_ps(s.g + n * 16, ga);
     }
+    const __m512 sums = lane_sums16(parts), high = _mm512_shuffle_f32x4(sums, sums, 0x4E);
     const __mmask16 m = static_cast<__mmask16>((1u << count) - 1u);
-    _mm512_mask_storeu_ps(dbc + n0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dbc + n0), lane_sums16(pB)));
-    _mm512_mask_storeu_ps(dbc + p.N + n0, m,
-                          _mm512_add_ps(_mm512_maskz_loadu_ps(m, dbc + p.N + n0), lane_sums16(pC)));
+    _mm512_mask_storeu_ps(dbc + n0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dbc + n0), sums));
+    _mm512_mask_storeu_ps(dbc + p.N + n0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dbc + p.N + n0), high));
   }
   dd = _mm512_add_ps(dd, dd2);
   duu = _mm512_add_ps(duu, duu2);
 }
 
-// One step of phase 3 for 16 channels, all in registers: the gate, the state loop, then du, ddelta, dD and
-// d(bias). (Vectors the compiler's 256-bit loops wrote just before would be read back as 512-bit loads, which
-// the core cannot forward from two stores: a stall per step.)
-inline void walk_back_step_avx512(const LaneDirection<float>& p, const LaneGrads<float>& o, int64_t t, int64_t e0,
-                                  const StepValues<float>& v, BlockScratch<float>& s) {
-  const __m512 zv = _mm512_loadu_ps(p.z + t * p.sz_t + e0), sg = sigmoid_avx512(zv), one = _mm512_set1_ps(1.0f);
-  const __m512 dyr = _mm512_mul_ps(_mm512_set1_ps(0.5f), _mm512_loadu_ps(o.dout + t * p.E + e0));
-  const __m512 dzv = _mm512_mul_ps(_mm512_mul_ps(dyr, _mm512_load_ps(v.y)),
-                                   _mm512_mul_ps(sg, _mm512_fmadd_ps(zv, _mm512_sub_ps(one, sg), one)));
-  float* dzt = o.dz + t * p.E + e0;
-  _mm512_storeu_ps(dzt, p.reverse ? _mm512_add_ps(_mm512_loadu_ps(dzt), dzv) : dzv);
-  const __m512 dy = _mm512_mul_ps(dyr, _mm512_mul_ps(zv, sg));
-  __m512 dd = _mm512_setzero_ps(), duu = _mm512_setzero_ps();
-  walk_step_avx512(p, v, e0, dy, s, o.dBC + t * 2 * p.N, dd, duu);
-  const __m512 vd = _mm512_load_ps(v.d), vu = _mm512_load_ps(v.u);
-  const __m512 ddv = _mm512_mul_ps(_mm512_fmadd_ps(vu, duu, dd), _mm512_load_ps(v.dsp));
-  _mm512_storeu_ps(o.ddelta + t * p.E + e0, ddv);
-  _mm512_storeu_ps(o.du + t * p.E + e0, _mm512_fmadd_ps(duu, vd, _mm512_mul_ps(dy, _mm512_loadu_ps(p.D + e0))));
-  _mm512_storeu_ps(s.dD, _mm512_fmadd_ps(dy, vu, _mm512_loadu_ps(s.dD)));
-  _mm512_storeu_ps(s.dbias, _mm512_add_ps(ddv, _mm512_loadu_ps(s.dbias)));
+// Phase 3 for 16 channels in three passes, so that only the adjoint walk is sequential: the gate of every step
+// (dz, and dy = dL/dy before the gate), the walk back, then du, ddelta, dD and d(bias) of every step.
+inline void walk_back_avx512(const LaneDirection<float>& p, const LaneGrads<float>& o, const LaneTile& tile,
+                             BackwardBuffers<float>& buf, BlockScratch<float>& s) {
+  const int64_t e0 = tile.e0, NL = p.N * kLanes;
+  const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+  for (int64_t j = 0; j < tile.steps; ++j) {
+    const int64_t t = step_time(p, tile.i0 + j);
+    const __m512 zv = _mm512_loadu_ps(p.z + t * p.sz_t + e0), sg = sigmoid_avx512(zv);
+    const __m512 dyr = _mm512_mul_ps(half, _mm512_loadu_ps(o.dout + t * p.E + e0));
+    const __m512 dzv = _mm512_mul_ps(_mm512_mul_ps(dyr, _mm512_load_ps(buf.c.acc + j * kLanes)),
+                                     _mm512_mul_ps(sg, _mm512_fmadd_ps(zv, _mm512_sub_ps(one, sg), one)));
+    float* dzt = o.dz + t * p.E + e0;
+    _mm512_storeu_ps(dzt, p.reverse ? _mm512_add_ps(_mm512_loadu_ps(dzt), dzv) : dzv);
+    _mm512_store_ps(buf.b.dy + j * kLanes, _mm512_mul_ps(dyr, _mm512_mul_ps(zv, sg)));
+  }
+  for (int64_t j = tile.steps - 1; j >= 0; --j) {
+    const int64_t t = step_time(p, tile.i0 + j), k = j * kLanes;
+    const StepValues<float> v{buf.c.d + k, buf.c.du + k, buf.b.u + k, buf.b.dsp + k, buf.c.acc + k,
+                              s.hs + j * NL, s.hs + (j + 1) * NL, s.a + j * NL, x_proj_row(p, t) + p.R};
+    __m512 dd, duu;
+    walk_step_avx512(p, v, e0, _mm512_load_ps(buf.b.dy + k), s, o.dBC + t * 2 * p.N, dd, duu);
+    _mm512_store_ps(buf.b.dd + k, dd);
+    _mm512_store_ps(buf.b.duu + k, duu);
+  }
+  const __m512 D = _mm512_loadu_ps(p.D + e0);
+  __m512 dD = _mm512_loadu_ps(s.dD), dbias = _mm512_loadu_ps(s.dbias);
+  for (int64_t j = 0; j < tile.steps; ++j) {
+    const int64_t t = step_time(p, tile.i0 + j), k = j * kLanes;
+    const __m512 vu = _mm512_load_ps(buf.b.u + k), duu = _mm512_load_ps(buf.b.duu + k), dy = _mm512_load_ps(buf.b.dy + k);
+    const __m512 ddv = _mm512_mul_ps(_mm512_fmadd_ps(vu, duu, _mm512_load_ps(buf.b.dd + k)), _mm512_load_ps(buf.b.dsp + k));
+    _mm512_storeu_ps(o.ddelta + t * p.E + e0, ddv);
+    _mm512_storeu_ps(o.du + t * p.E + e0, _mm512_fmadd_ps(duu, _mm512_load_ps(buf.c.d + k), _mm512_mul_ps(dy, D)));
+    dD = _mm512_fmadd_ps(dy, vu, dD);
+    dbias = _mm512_add_ps(ddv, dbias);
+  }
+  _mm512_storeu_ps(s.dD, dD);
+  _mm512_storeu_ps(s.dbias, dbias);
 }
 #endif
 
@@ -242,7 +261,13 @@ inline void walk_states(const LaneDirection<T>& p, const StepValues<T>& v, int64
 // Phase 3: the adjoint walk back through the chunk, through h_t = a_t h_{t-1} + delta_t u_t B_t.
 template <typename T, bool FULL>
 void walk_back_chunk(const LaneDirection<T>& p, const LaneGrads<T>& o, const LaneTile& tile,
-                     const BackwardBuffers<T>& buf, BlockScratch<T>& s) {
+                     BackwardBuffers<T>& buf, BlockScratch<T>& s) {
+#ifdef VM_AVX512
+  if constexpr (FULL && std::is_same<T, float>::value) {
+    walk_back_avx512(p, o, tile, buf, s);
+    return;
+  }
+#endif
   const int64_t cnt = FULL ? kLanes : tile.width, e0 = tile.e0, NL = p.N * kLanes;
   for (int64_t j = tile.steps - 1; j >= 0; --j) {
     const int64_t t = step_time(p, tile.i0 + j);
@@ -250,12 +275,6 @@ void walk_back_chunk(const LaneDirection<T>& p, const LaneGrads<T>& o, const Lan
     const StepValues<T> v{buf.c.d + k,   buf.c.du + k,       buf.b.u + k,  buf.b.dsp + k,
                           buf.c.acc + k, s.hs + j * NL, s.hs + (j + 1) * NL, s.a + j * NL,
                           x_proj_row(p, t) + p.R};
-#ifdef VM_AVX512
-    if constexpr (FULL && std::is_same<T, float>::value) {
-      walk_back_step_avx512(p, o, t, e0, v, s);
-      continue;
-    }
-#endif
     T dy[kLanes], dd[kLanes], duu[kLanes];
     gate_backward(p, o, t, e0, cnt, v.y, dy);
 #pragma omp simd
