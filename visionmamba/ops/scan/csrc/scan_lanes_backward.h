@@ -7,8 +7,9 @@
 // its states and decays exp(delta A), recomputed from the chunk's checkpoint into buffers that stay in cache,
 // with the pre-gate output <C, h> + D u that the z gradient needs; (3) the adjoint walk back through the chunk,
 // g = dL/dh carried to the block's previous chunk (under AVX-512 in three passes: the gate of every step, the
-// walk, then the per-step gradients, so that only the walk is sequential). The walk reads the decays (no second exp) and forms the
-// delta gradient as sum_n A_n g_n a_n h_n' + u sum_n g_n B_n, the second sum being the one du needs anyway.
+// walk, then the per-step gradients, so that only the walk is sequential). The walk reads the decays (no
+// second exp) and forms the delta gradient as sum_n A_n g_n a_n h_n' + u sum_n g_n B_n, the second sum being
+// the one du needs anyway.
 // dA, dD and d(bias) are sums over steps, kept per lane; dB_t and dC_t are sums over channels, reduced over
 // the 16 lanes at every step and added to the task's (L, 2N) partial rows.
 #pragma once
