@@ -178,8 +178,10 @@ inline void walk_back_avx512(const LaneDirection<float>& p, const LaneGrads<floa
   __m512 dD = _mm512_loadu_ps(s.dD), dbias = _mm512_loadu_ps(s.dbias);
   for (int64_t j = 0; j < tile.steps; ++j) {
     const int64_t t = step_time(p, tile.i0 + j), k = j * kLanes;
-    const __m512 vu = _mm512_load_ps(buf.b.u + k), duu = _mm512_load_ps(buf.b.duu + k), dy = _mm512_load_ps(buf.b.dy + k);
-    const __m512 ddv = _mm512_mul_ps(_mm512_fmadd_ps(vu, duu, _mm512_load_ps(buf.b.dd + k)), _mm512_load_ps(buf.b.dsp + k));
+    const __m512 vu = _mm512_load_ps(buf.b.u + k), duu = _mm512_load_ps(buf.b.duu + k);
+    const __m512 dy = _mm512_load_ps(buf.b.dy + k);
+    const __m512 ddv =
+        _mm512_mul_ps(_mm512_fmadd_ps(vu, duu, _mm512_load_ps(buf.b.dd + k)), _mm512_load_ps(buf.b.dsp + k));
     _mm512_storeu_ps(o.ddelta + t * p.E + e0, ddv);
     _mm512_storeu_ps(o.du + t * p.E + e0, _mm512_fmadd_ps(duu, _mm512_load_ps(buf.c.d + k), _mm512_mul_ps(dy, D)));
     dD = _mm512_fmadd_ps(dy, vu, dD);
